@@ -1,0 +1,103 @@
+"""The public entry point: vlmux.pipeline(model) -> a captioner that gives all its VRAM back when closed."""
+from __future__ import annotations
+
+from dataclasses import fields
+from typing import Any, Sequence
+
+from vlmux import vram
+from vlmux.config import DEFAULT_PROMPT, GenerationSpec, ModelSpec, PoolConfig
+from vlmux.images import ImageError, ImageInput
+from vlmux.pool import ModelPool
+
+_GENERATION_OPTIONS = {f.name for f in fields(GenerationSpec)}
+_POOL_OPTIONS = {f.name for f in fields(PoolConfig)}
+
+
+class Pipeline:
+    """Captions and chats with one model held in its own worker process. Use it with `with`, or call close()."""
+
+    def __init__(self, spec: ModelSpec, pool_config: PoolConfig, generation: GenerationSpec) -> None:
+        self.spec = spec
+        self.generation = generation
+        self.release: vram.Release | None = None
+        self._pool = ModelPool(pool_config)
+        try:
+            self._name = self._pool.load(spec)
+        except BaseException:
+            self._pool.close()
+            raise
+
+    def __call__(
+        self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options: Any
+    ) -> str | list[str]:
+        """One caption per image; a single image gives a single string. A bad image raises ImageError."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        prompts = _prompts(prompt or self.generation.prompt, len(items))
+        results = self._pool.caption(self._loaded(), items, prompts, self._generation(options))
+        for index, result in enumerate(results):
+            if result.error is not None:
+                raise ImageError(f"image {index}: {result.error}")
+        captions = [result.caption for result in results]
+        return captions[0] if single else captions
+
+    def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
+        """OpenAI-style messages; an image item is {"type": "image", "image": path | bytes | PIL image}."""
+        return self._pool.chat(self._loaded(), messages, self._generation(options))
+
+    def close(self) -> vram.Release | None:
+        """Stop the worker; returns after NVML shows the memory back. Safe to call twice."""
+        if self._name is not None:
+            name, self._name = self._name, None
+            self.release = self._pool.unload(name) if name in self._pool else self._pool.last_release.get(name)
+            self._pool.close()
+        return self.release
+
+    @property
+    def status(self):
+        return self._pool.status()
+
+    def _loaded(self) -> str:
+        if self._name is None:
+            raise RuntimeError("this pipeline is closed")
+        return self._pool.load(self.spec, self._name)  # reloads after a worker crash, else a lookup
+
+    def _generation(self, options: dict[str, Any]) -> GenerationSpec:
+        unknown = set(options) - _GENERATION_OPTIONS
+        if unknown:
+            raise TypeError(f"unknown generation options {sorted(unknown)}; known: {sorted(_GENERATION_OPTIONS)}")
+        values = {f.name: getattr(self.generation, f.name) for f in fields(GenerationSpec)}
+        return GenerationSpec(**{**values, **options})
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._name is None else "open"
+        return f"Pipeline({self.spec.model!r}, device={self.spec.device!r}, {state})"
+
+
+def pipeline(model: str, device: str = "auto", dtype: str = "auto", **options: Any) -> Pipeline:
+    """Load `model` (hub id or folder) in a worker process. Options: generation settings (prompt,
+    max_new_tokens, do_sample, ...), pool settings (isolation, max_batch_size, ...) or batch_size."""
+    if "batch_size" in options:
+        options["max_batch_size"] = options.pop("batch_size")
+    spec_options = {k: options.pop(k) for k in ("revision", "trust_remote_code") if k in options}
+    pool_options = {k: options.pop(k) for k in list(options) if k in _POOL_OPTIONS}
+    unknown = set(options) - _GENERATION_OPTIONS
+    if unknown:
+        raise TypeError(f"unknown options {sorted(unknown)}")
+    options.setdefault("prompt", DEFAULT_PROMPT)
+    return Pipeline(ModelSpec(model, device, dtype, **spec_options), PoolConfig(**pool_options), GenerationSpec(**options))
+
+
+def _prompts(prompt: str | Sequence[str], count: int) -> list[str]:
+    if isinstance(prompt, str):
+        return [prompt] * count
+    prompts = list(prompt)
+    if len(prompts) != count:
+        raise ValueError(f"{len(prompts)} prompts for {count} images")
+    return prompts

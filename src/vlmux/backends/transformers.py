@@ -1,0 +1,119 @@
+"""The default backend: any AutoModelForImageTextToText model through Hugging Face transformers."""
+from __future__ import annotations
+
+import gc
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmux.backends.base import OutOfMemory
+from vlmux.config import GenerationSpec, ModelSpec
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+    return "cuda:0" if device == "cuda" else device
+
+
+def resolve_dtype(dtype: str, device: str) -> torch.dtype:
+    if dtype != "auto":
+        return _DTYPES[dtype]
+    if device.startswith("cuda"):
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+class TransformersBackend:
+    def __init__(self, spec: ModelSpec, path: str) -> None:
+        self.device = resolve_device(spec.device)
+        self.torch_dtype = resolve_dtype(spec.dtype, self.device)
+        self.dtype = str(self.torch_dtype).removeprefix("torch.")
+        # The parent resolved `path` to a local folder already: nothing here reaches the network.
+        common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+        self.processor = AutoProcessor.from_pretrained(path, **common)
+        self.model = AutoModelForImageTextToText.from_pretrained(
+            path, dtype=self.torch_dtype, device_map=self.device, **common
+        ).eval()
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"  # decoder-only batches need the prompt ends aligned
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self._host_state: dict[str, torch.Tensor] | None = None
+
+    def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:
+        texts = [self._prompt_text([{"type": "image"}, {"type": "text", "text": p}]) for p in prompts]
+        return self._generate(texts, [[image] for image in images], gen)
+
+    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return self._generate([text], [images] if images else None, gen)[0]
+
+    def _prompt_text(self, content: list[dict[str, Any]]) -> str:
+        messages = [{"role": "user", "content": content}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    @torch.inference_mode()
+    def _generate(self, texts: list[str], images: list[list[Image.Image]] | None, gen: GenerationSpec) -> list[str]:
+        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
+        inputs = inputs.to(self.device, dtype=self.torch_dtype)
+        if gen.seed is not None:
+            torch.manual_seed(gen.seed)
+        options: dict[str, Any] = {
+            "max_new_tokens": gen.max_new_tokens,
+            "do_sample": gen.do_sample,
+            "pad_token_id": self.tokenizer.pad_token_id,
+        }
+        if gen.do_sample:
+            options.update(temperature=gen.temperature, top_p=gen.top_p)
+        else:
+            options.update(temperature=None, top_p=None, top_k=None)
+        if gen.ignore_eos:
+            options["min_new_tokens"] = gen.max_new_tokens
+        try:
+            output = self.model.generate(**inputs, **options)
+        except torch.OutOfMemoryError as e:
+            del inputs
+            torch.cuda.empty_cache()
+            raise OutOfMemory(str(e).splitlines()[0]) from None
+        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def sleep(self) -> None:
+        if self._host_state is not None or not self.device.startswith("cuda"):
+            return
+        self._host_state = {}
+        for name, tensor in self._tensors():
+            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            host.copy_(tensor.data, non_blocking=True)
+            self._host_state[name] = host
+        torch.cuda.synchronize()
+        for _, tensor in self._tensors():
+            tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
+        torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        if self._host_state is None:
+            return
+        for name, tensor in self._tensors():
+            tensor.data = self._host_state[name].to(self.device, non_blocking=True)
+        torch.cuda.synchronize()
+        self._host_state = None
+
+    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
+        # named_* drop duplicates, so a tied embedding moves once and stays tied.
+        return [*self.model.named_parameters(), *self.model.named_buffers()]
+
+    def close(self) -> None:
+        self.model = None
+        self.processor = None
+        self._host_state = None
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()

@@ -1,0 +1,110 @@
+"""A caption job: every image through each model in turn, the previous model's VRAM verified back in between."""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from tqdm import tqdm
+
+from vlmux import vram
+from vlmux.caption.sinks import Record, Sink
+from vlmux.caption.sources import ImageRef
+from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+from vlmux.pool import ModelPool
+
+IN_FLIGHT = 2  # batches queued at the worker, so it never waits for the parent between batches
+
+
+@dataclass(frozen=True)
+class CaptionJob:
+    images: list[ImageRef]
+    models: list[ModelSpec]
+    generation: GenerationSpec
+    sinks: list[Sink]
+    batch_size: int = 8
+    prefix: str = ""
+    suffix: str = ""
+    overwrite: bool = False
+
+
+@dataclass
+class ModelReport:
+    model: str
+    captioned: int = 0
+    errors: int = 0
+    skipped: int = 0
+    load_seconds: float = 0.0
+    caption_seconds: float = 0.0
+    release: vram.Release | None = None
+    error_samples: list[str] = field(default_factory=list)
+
+    @property
+    def images_per_second(self) -> float:
+        done = self.captioned + self.errors
+        return done / self.caption_seconds if self.caption_seconds else 0.0
+
+
+def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True) -> list[ModelReport]:
+    reports = []
+    with ModelPool(pool_config) as pool:
+        for spec in job.models:
+            reports.append(_run_model(job, spec, pool, progress))
+    return reports
+
+
+def _run_model(job: CaptionJob, spec: ModelSpec, pool: ModelPool, progress: bool) -> ModelReport:
+    report = ModelReport(spec.model)
+    if job.overwrite:
+        for sink in job.sinks:
+            sink.forget({(ref.key, spec.model) for ref in job.images})
+    todo = [ref for ref in job.images if not all(sink.done(ref, spec.model) for sink in job.sinks)]
+    report.skipped = len(job.images) - len(todo)
+    if not todo:
+        return report
+    start = time.perf_counter()
+    name = pool.load(spec)
+    report.load_seconds = time.perf_counter() - start
+    bar = tqdm(total=len(todo), desc=spec.model, unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        in_flight: deque = deque()
+        for offset in range(0, len(todo), job.batch_size):
+            refs = todo[offset : offset + job.batch_size]
+            items = [str(ref.path) for ref in refs]
+            in_flight.append((refs, pool.submit_caption(name, items, [job.generation.prompt] * len(refs), job.generation, job.batch_size)))
+            if len(in_flight) >= IN_FLIGHT:
+                _finish(in_flight.popleft(), job, spec, report, bar)
+        while in_flight:
+            _finish(in_flight.popleft(), job, spec, report, bar)
+    finally:
+        bar.close()
+        report.caption_seconds = time.perf_counter() - start
+        report.release = pool.unload(name)
+    return report
+
+
+def _finish(batch, job: CaptionJob, spec: ModelSpec, report: ModelReport, bar: tqdm) -> None:
+    refs, future = batch
+    pairs = []
+    for ref, result in zip(refs, future.result()):
+        caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
+        pairs.append((ref, Record(ref.key, spec.model, caption, result.error)))
+        if result.error is None:
+            report.captioned += 1
+        else:
+            report.errors += 1
+            if len(report.error_samples) < 5:
+                report.error_samples.append(f"{ref.key}: {result.error}")
+    for sink in job.sinks:
+        sink.write(pairs)
+    bar.update(len(refs))
+
+
+def summary_line(report: ModelReport) -> str:
+    parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
+    if report.caption_seconds:
+        parts.append(f"{report.images_per_second:.1f} images/s, load {report.load_seconds:.1f} s")
+    if report.release is not None:
+        parts.append(str(report.release))
+    return ", ".join(parts)

@@ -1,0 +1,121 @@
+"""Where captions go: a JSONL file and sidecar text files. Every sink knows what it already holds, so a rerun
+resumes, and writes so that a kill at any moment leaves only whole records."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from vlmux.caption.sources import ImageRef, UsageError
+
+
+@dataclass(frozen=True)
+class Record:
+    file: str
+    model: str
+    caption: str | None
+    error: str | None
+
+
+class Sink(Protocol):
+    def done(self, ref: ImageRef, model: str) -> bool: ...
+    def write(self, pairs: list[tuple[ImageRef, Record]]) -> None: ...
+    def forget(self, keys: set[tuple[str, str]]) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink:
+    """One JSON object per line, appended and flushed per batch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._done: set[tuple[str, str]] = set()
+        if path.exists():
+            self._recover()
+        self._file = open(path, "a", encoding="utf-8")
+
+    def _recover(self) -> None:
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):  # a kill mid-write leaves a partial last line: drop it
+            data = data[: data.rfind(b"\n") + 1]
+            _atomic_write(self.path, data)
+        for line in data.decode("utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                self._done.add((record["file"], record["model"]))
+
+    def done(self, ref: ImageRef, model: str) -> bool:
+        return (ref.key, model) in self._done
+
+    def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
+        lines = "".join(json.dumps(asdict(record), ensure_ascii=False) + "\n" for _, record in pairs)
+        self._file.write(lines)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._done.update((record.file, record.model) for _, record in pairs)
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        """Drop the records of these (file, model) pairs, for --overwrite."""
+        if not keys & self._done:
+            return
+        self._file.close()
+        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+                if line.strip() and (json.loads(line)["file"], json.loads(line)["model"]) not in keys]
+        _atomic_write(self.path, "".join(kept).encode("utf-8"))
+        self._done -= keys
+        self._file = open(self.path, "a", encoding="utf-8")
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class SidecarSink:
+    """IMAGE.EXT beside each image; `{model}` in EXT tells several models' captions apart."""
+
+    def __init__(self, extension: str, models: list[str]) -> None:
+        extension = extension.lstrip(".")
+        if len(models) > 1 and "{model}" not in extension:
+            raise UsageError(f"--sidecar {extension} with {len(models)} models would overwrite; put {{model}} in it, e.g. '{{model}}.txt'")
+        self.extension = extension
+
+    def path_for(self, ref: ImageRef, model: str) -> Path:
+        return ref.path.with_name(f"{ref.path.name.rsplit('.', 1)[0]}.{self.extension.format(model=model_tag(model))}")
+
+    def done(self, ref: ImageRef, model: str) -> bool:
+        return self.path_for(ref, model).exists()
+
+    def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
+        for ref, record in pairs:
+            if record.caption is not None:
+                _atomic_write(self.path_for(ref, record.model), (record.caption + "\n").encode("utf-8"))
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        pass  # overwritten in place when the new caption is written
+
+    def close(self) -> None:
+        pass
+
+
+def model_tag(model: str) -> str:
+    """A short, file-name-safe name for a model: 'Qwen/Qwen2-VL-2B-Instruct' -> 'Qwen2-VL-2B-Instruct'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name) or "model"
+
+
+def open_output(path: Path) -> Sink:
+    if not path.parent.exists():
+        raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
+    if path.suffix.lower() == ".jsonl":
+        return JsonlSink(path)
+    raise UsageError(f"{path}: unsupported output format {path.suffix!r}; use .jsonl (or --sidecar txt)")
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.vlmux-tmp")
+    with open(temporary, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)

@@ -1,0 +1,68 @@
+"""Frozen configuration records shared by the parent and the workers."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_PROMPT = "Describe this image in one sentence."
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to load: a hub id or a local folder, where, and in which precision."""
+
+    model: str
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | bfloat16 | float16 | float32
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if not _is_device(self.device):
+            raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    """How to caption: the prompt and the decoding settings."""
+
+    prompt: str = DEFAULT_PROMPT
+    max_new_tokens: int = 64
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+    ignore_eos: bool = False  # benchmarks use it so random weights cannot stop early
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How the pool holds models: its VRAM budget, eviction and worker lifecycle."""
+
+    vram_budget: str | float | int | None = None  # "0.9" of the device, "40GiB", bytes, or None for all
+    keep_alive: float | None = None  # seconds an idle model stays loaded; None keeps it until evicted
+    max_batch_size: int = 8
+    unload_grace: float = 5.0  # seconds a worker may take to exit before it is killed
+    release_timeout: float = 10.0  # seconds to wait for NVML to show the memory back
+    isolation: str = "process"  # process | none
+    spare_worker: bool = True
+    worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("process", "none"):
+            raise ValueError("isolation must be 'process' or 'none'")
+        if self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+
+
+def _is_device(device: str) -> bool:
+    if device in ("auto", "cpu", "cuda"):
+        return True
+    head, _, index = device.partition(":")
+    return head == "cuda" and index.isdigit()

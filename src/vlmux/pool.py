@@ -1,0 +1,398 @@
+"""ModelPool: models in worker processes under a VRAM budget, with queues, eviction and verified release."""
+from __future__ import annotations
+
+import atexit
+import threading
+import time
+import weakref
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from vlmux import vram
+from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+from vlmux.estimate import Estimate, estimate
+from vlmux.hub import resolve_model
+from vlmux.images import ImageInput
+from vlmux.worker.inprocess import InProcessWorker
+from vlmux.worker.process import Spawner, WorkerDied, WorkerProcess
+from vlmux.worker.protocol import Caption, Captions, Chat, Chatted, Failed, ItemResult, Load, Loaded, Sleep, Wake
+
+
+class ModelLoadError(RuntimeError):
+    """The worker could not load the model; the message carries the worker's reason."""
+
+
+class PoolFull(RuntimeError):
+    """The model does not fit the VRAM budget even after evicting every idle model."""
+
+
+class ModelNotLoaded(KeyError):
+    pass
+
+
+@dataclass
+class _Request:
+    payload: Caption | Chat
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.payload.items) if isinstance(self.payload, Caption) else 1
+
+
+@dataclass
+class _Resident:
+    name: str
+    spec: ModelSpec
+    path: Path
+    worker: WorkerProcess | InProcessWorker
+    gpu: int | None
+    estimate: Estimate
+    loaded: Loaded
+    state: str = "ready"  # ready | asleep | dead | closing
+    busy: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+    pending: deque = field(default_factory=deque)
+    condition: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    model: str
+    state: str
+    device: str
+    dtype: str
+    pid: int
+    estimate_bytes: int
+    idle_seconds: float
+    holds_device_context: bool
+
+
+class ModelPool:
+    def __init__(self, config: PoolConfig = PoolConfig()) -> None:
+        self.config = config
+        self._residents: dict[str, _Resident] = {}
+        self._baselines: dict[int, int] = {}  # per GPU: device memory used before our first model there
+        self._lock = threading.RLock()
+        self._closed = False
+        in_process = config.isolation == "none"
+        self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
+        self.last_release: dict[str, vram.Release] = {}
+        if config.keep_alive is not None:
+            threading.Thread(target=self._expire_idle, name="vlmux-keep-alive", daemon=True).start()
+        _POOLS.add(self)
+
+    # -- loading and unloading ---------------------------------------------------------------------------
+
+    def load(self, model: str | ModelSpec, name: str | None = None) -> str:
+        spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
+        name = name or spec.model
+        with self._lock:
+            self._check_open()
+            resident = self._residents.get(name)
+            if resident is not None and resident.state != "dead":
+                if resident.state == "asleep":
+                    self.wake(name)
+                return name
+            path = resolve_model(spec.model, spec.revision)
+            device = self._place(spec.device)
+            gpu = vram.physical_index(device)
+            worker_spec = replace(spec, device="cpu" if gpu is None else "cuda:0")
+            need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
+            if gpu is not None:
+                self._make_room(gpu, need, name)
+                self._baselines.setdefault(gpu, vram.gpu_memory(gpu).used)
+            worker = self._new_worker()
+            env = {"CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+            reply = worker.call(Load(worker_spec, str(path), env))
+            if not isinstance(reply, Loaded):
+                worker.stop(self.config.unload_grace)
+                self._forget_gpu_if_empty(gpu)
+                raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
+            resident = _Resident(name, spec, path, worker, gpu, need, reply)
+            resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
+            self._residents[name] = resident
+            resident.thread.start()
+            return name
+
+    def unload(self, name: str) -> vram.Release:
+        """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
+        with self._lock:
+            resident = self._residents.pop(name, None)
+            if resident is None:
+                raise ModelNotLoaded(f"{name} is not loaded")
+            with resident.condition:
+                resident.state = "closing"
+                resident.condition.notify_all()
+            expected = self._expected_after(resident)
+        if resident.thread is not threading.current_thread():
+            resident.thread.join()
+        resident.worker.stop(self.config.unload_grace)
+        release = self._verify_release(resident, expected)
+        self.last_release[name] = release
+        return release
+
+    def sleep(self, name: str) -> None:
+        resident = self._get(name)
+        resident.worker.call(Sleep())
+        resident.state = "asleep"
+
+    def wake(self, name: str) -> None:
+        resident = self._get(name)
+        if resident.state == "asleep":
+            resident.worker.call(Wake())
+            resident.state = "ready"
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            names = list(self._residents)
+        for name in names:
+            self.unload(name)
+        if self._spawner is not None:
+            self._spawner.close()
+
+    # -- requests -----------------------------------------------------------------------------------------
+
+    def submit(self, name: str, payload: Caption | Chat) -> Future:
+        """Queue a request; concurrent callers of one model are served together in batches."""
+        resident = self._get(name)
+        request = _Request(payload)
+        with resident.condition:
+            if resident.state in ("closing", "dead"):
+                raise ModelNotLoaded(f"{name} is being unloaded")
+            resident.pending.append(request)
+            resident.condition.notify()
+        return request.future
+
+    def submit_caption(
+        self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec, batch_size: int | None = None
+    ) -> Future:
+        """Queue images for captioning; the future gives one ItemResult per image."""
+        return self.submit(name, Caption(list(items), list(prompts), gen, batch_size or self.config.max_batch_size))
+
+    def caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec) -> list[ItemResult]:
+        return self.submit_caption(name, items, prompts, gen).result()
+
+    def chat(self, name: str, messages: list[dict], gen: GenerationSpec) -> str:
+        return self.submit(name, Chat(messages, gen)).result()
+
+    def status(self) -> list[ModelStatus]:
+        now = time.monotonic()
+        with self._lock:
+            return [
+                ModelStatus(
+                    r.name, r.spec.model, r.state, r.loaded.device if r.gpu is None else f"cuda:{r.gpu}",
+                    r.loaded.dtype, r.worker.pid, r.estimate.total, now - r.last_used,
+                    holds_device_context=r.gpu is not None,
+                )
+                for r in self._residents.values()
+            ]
+
+    def __contains__(self, name: str) -> bool:
+        with self._lock:
+            resident = self._residents.get(name)
+            return resident is not None and resident.state != "dead"
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _get(self, name: str) -> _Resident:
+        with self._lock:
+            resident = self._residents.get(name)
+            if resident is None:
+                raise ModelNotLoaded(f"{name} is not loaded; call load() first")
+            if resident.state == "dead":  # its worker died: bring the model back on the next request
+                self._residents.pop(name)
+                self.load(resident.spec, name)
+                return self._residents[name]
+            return resident
+
+    def _dispatch(self, resident: _Resident) -> None:
+        while True:
+            with resident.condition:
+                while not resident.pending and resident.state not in ("closing", "dead"):
+                    resident.condition.wait()
+                if resident.state in ("closing", "dead"):
+                    self._fail_pending(resident, ModelNotLoaded(f"{resident.name} was unloaded"))
+                    return
+                batch = self._take_batch(resident)
+                resident.busy = True
+            try:
+                if resident.state == "asleep":
+                    self.wake(resident.name)
+                self._serve(resident, batch)
+            except WorkerDied as e:
+                self._on_death(resident, batch, e)
+                return
+            finally:
+                resident.busy = False
+                resident.last_used = time.monotonic()
+
+    def _take_batch(self, resident: _Resident) -> list[_Request]:
+        first = resident.pending.popleft()
+        batch = [first]
+        if isinstance(first.payload, Caption):
+            room = max(self.config.max_batch_size, first.size) - first.size
+            while resident.pending and isinstance(resident.pending[0].payload, Caption):
+                follower = resident.pending[0]
+                if follower.payload.gen != first.payload.gen or follower.size > room:
+                    break
+                batch.append(resident.pending.popleft())
+                room -= follower.size
+        return batch
+
+    def _serve(self, resident: _Resident, batch: list[_Request]) -> None:
+        first = batch[0].payload
+        if isinstance(first, Chat):
+            reply = resident.worker.call(first)
+            _settle(batch[0].future, reply.text if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
+            return
+        items = [item for request in batch for item in request.payload.items]
+        prompts = [prompt for request in batch for prompt in request.payload.prompts]
+        reply = resident.worker.call(Caption(items, prompts, first.gen, first.batch_size))
+        if not isinstance(reply, Captions):
+            for request in batch:
+                _settle(request.future, RuntimeError(_message(reply)))
+            return
+        offset = 0
+        for request in batch:
+            _settle(request.future, reply.results[offset : offset + request.size])
+            offset += request.size
+
+    def _on_death(self, resident: _Resident, batch: list[_Request], error: WorkerDied) -> None:
+        failure = WorkerDied(f"{resident.name}: {error}; the request failed, the next one reloads the model")
+        with resident.condition:
+            resident.state = "dead"
+            for request in batch:
+                _settle(request.future, failure)
+            self._fail_pending(resident, failure)
+        with self._lock:
+            expected = self._expected_after(resident)  # it stays listed as dead until _get reloads it
+        resident.worker.stop(0)
+        self.last_release[resident.name] = self._verify_release(resident, expected)
+
+    def _fail_pending(self, resident: _Resident, error: Exception) -> None:
+        while resident.pending:
+            _settle(resident.pending.popleft().future, error)
+
+    def _expected_after(self, resident: _Resident) -> int | None:
+        """Device memory we expect once this worker is gone: the pre-load baseline when it is our last model
+        on that GPU, otherwise what the device holds now less what NVML books to the worker."""
+        if resident.gpu is None:
+            return None
+        others = [r for r in self._residents.values() if r.gpu == resident.gpu and r is not resident]
+        if not others:
+            return self._baselines.pop(resident.gpu, vram.gpu_memory(resident.gpu).used)
+        held = vram.process_memory(resident.gpu).get(resident.worker.pid, 0)
+        return vram.gpu_memory(resident.gpu).used - held
+
+    def _verify_release(self, resident: _Resident, expected: int | None) -> vram.Release:
+        if isinstance(resident.worker, InProcessWorker):
+            return resident.worker.release_report(resident.gpu, expected)
+        if resident.gpu is None:
+            return vram.NO_GPU
+        return vram.wait_for_release(resident.gpu, resident.worker.pid, expected, self.config.release_timeout)
+
+    def _place(self, device: str) -> str:
+        if device == "auto":
+            return "cuda:0" if vram.available() else "cpu"
+        if device.startswith("cuda") and not vram.available():
+            raise ModelLoadError(f"device {device} asked for, but {vram.nvml_status()}; use --device cpu")
+        return "cuda:0" if device == "cuda" else device
+
+    def _make_room(self, gpu: int, need: Estimate, name: str) -> None:
+        budget = self._budget(gpu)
+        while True:
+            ours = sum(r.estimate.total for r in self._residents.values() if r.gpu == gpu)
+            free = vram.gpu_memory(gpu).free
+            if ours + need.total <= budget and need.total <= free:
+                return
+            idle = [r for r in self._residents.values() if r.gpu == gpu and not r.busy and not r.pending]
+            if not idle:
+                resident = ", ".join(f"{r.name} (~{r.estimate.total / 2**30:.1f} GiB, busy)" for r in self._residents.values() if r.gpu == gpu)
+                raise PoolFull(
+                    f"{name} needs ~{need.total / 2**30:.1f} GiB on GPU {gpu}; budget {budget / 2**30:.1f} GiB, "
+                    f"free {free / 2**30:.1f} GiB; resident: {resident or 'none'}. "
+                    "Raise --vram-budget, lower --batch-size, or unload a model."
+                )
+            self.unload(min(idle, key=lambda r: r.last_used).name)
+
+    def _budget(self, gpu: int) -> int:
+        total = vram.gpu_memory(gpu).total
+        budget = self.config.vram_budget
+        if budget is None:
+            return total
+        return parse_budget(budget, total)
+
+    def _new_worker(self) -> WorkerProcess | InProcessWorker:
+        return InProcessWorker() if self._spawner is None else self._spawner.take()
+
+    def _forget_gpu_if_empty(self, gpu: int | None) -> None:
+        if gpu is not None and not any(r.gpu == gpu for r in self._residents.values()):
+            self._baselines.pop(gpu, None)
+
+    def _expire_idle(self) -> None:
+        while not self._closed:
+            time.sleep(min(1.0, self.config.keep_alive / 4 or 0.05))
+            now = time.monotonic()
+            with self._lock:
+                expired = [r.name for r in self._residents.values()
+                           if not r.busy and not r.pending and now - r.last_used > self.config.keep_alive]
+            for name in expired:
+                try:
+                    self.unload(name)
+                except ModelNotLoaded:
+                    pass
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this ModelPool is closed")
+
+    def __enter__(self) -> ModelPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def parse_budget(budget: str | float | int, total: int) -> int:
+    """0.8 -> 80 % of the device; "40GiB", "40GB", "4000MiB" -> bytes; an int above 1 -> bytes."""
+    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
+        return int(budget * total) if budget <= 1 else int(budget)
+    text = str(budget).strip()
+    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "TB": 10**12, "GB": 10**9, "MB": 10**6, "%": total / 100}
+    for unit, scale in units.items():
+        if text.upper().endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    return parse_budget(float(text), total)
+
+
+def _settle(future: Future, outcome) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)
+
+
+def _message(reply) -> str:
+    return reply.message if isinstance(reply, Failed) else f"unexpected reply {type(reply).__name__}"
+
+
+_POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_POOLS):
+        try:
+            pool.close()
+        except Exception:  # noqa: BLE001 - at exit, one pool's failure must not keep the others' workers alive
+            pass

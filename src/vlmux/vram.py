@@ -1,0 +1,147 @@
+"""NVML accounting: what the device holds, what each process holds, and waiting until a worker's memory is back.
+
+NVML reads the driver's books without creating a CUDA context, so the parent may call all of this.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+
+MIB = 1024 * 1024
+
+_init_lock = threading.Lock()
+_init_error: str | None = None
+_initialised = False
+
+
+def nvml_status() -> str | None:
+    """None when NVML works; otherwise why not (no driver, no NVIDIA GPU)."""
+    global _initialised, _init_error
+    with _init_lock:
+        if not _initialised and _init_error is None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                if pynvml.nvmlDeviceGetCount() == 0:
+                    _init_error = "NVML sees no NVIDIA GPU"
+                else:
+                    _initialised = True
+            except Exception as e:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, driver errors
+                _init_error = f"no NVIDIA GPU to account for ({type(e).__name__}: {e})"
+        return _init_error
+
+
+def available() -> bool:
+    return nvml_status() is None
+
+
+@dataclass(frozen=True)
+class GpuMemory:
+    index: int  # NVML index, PCI bus order
+    name: str
+    total: int
+    used: int
+
+    @property
+    def free(self) -> int:
+        return self.total - self.used
+
+
+def _handle(index: int):
+    import pynvml
+
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
+
+
+def gpus() -> list[GpuMemory]:
+    if not available():
+        return []
+    import pynvml
+
+    return [gpu_memory(i) for i in range(pynvml.nvmlDeviceGetCount())]
+
+
+def gpu_memory(index: int) -> GpuMemory:
+    import pynvml
+
+    handle = _handle(index)
+    info = pynvml.nvmlDeviceGetMemoryInfo(handle)
+    name = pynvml.nvmlDeviceGetName(handle)
+    return GpuMemory(index, name.decode() if isinstance(name, bytes) else name, info.total, info.used)
+
+
+def process_memory(index: int) -> dict[int, int]:
+    """Bytes held on the device by each process with a context there (pid -> bytes; 0 where NVML hides it)."""
+    import pynvml
+
+    handle = _handle(index)
+    usage: dict[int, int] = {}
+    for query in (pynvml.nvmlDeviceGetComputeRunningProcesses, pynvml.nvmlDeviceGetGraphicsRunningProcesses):
+        try:
+            for process in query(handle):
+                usage[process.pid] = usage.get(process.pid, 0) + (process.usedGpuMemory or 0)
+        except pynvml.NVMLError:
+            continue
+    return usage
+
+
+def physical_index(device: str) -> int | None:
+    """The NVML index behind a torch-style device name as this process would see it, or None for the CPU."""
+    if not device.startswith("cuda"):
+        return None
+    ordinal = int(device.partition(":")[2] or 0)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is None:
+        return ordinal
+    entries = [entry.strip() for entry in visible.split(",") if entry.strip()]
+    if ordinal >= len(entries):
+        raise ValueError(f"{device} is not visible: CUDA_VISIBLE_DEVICES={visible!r}")
+    entry = entries[ordinal]
+    if entry.isdigit():
+        return int(entry)
+    import pynvml
+
+    return pynvml.nvmlDeviceGetIndex(pynvml.nvmlDeviceGetHandleByUUID(entry))
+
+
+@dataclass(frozen=True)
+class Release:
+    """What an unload gave back. `verified` is None where there was no GPU to check."""
+
+    verified: bool | None
+    process_gone: bool | None
+    residue_mib: float | None  # device memory still above what was expected, in MiB
+    seconds: float
+    note: str = ""
+
+    def __str__(self) -> str:
+        if self.verified is None:
+            return f"released ({self.note})"
+        state = "verified" if self.verified else "NOT verified"
+        return f"release {state}: process gone={self.process_gone}, residue {self.residue_mib:.0f} MiB, {self.seconds:.2f} s"
+
+
+NO_GPU = Release(None, None, None, 0.0, "CPU only: nothing on a GPU to give back")
+
+
+def wait_for_release(index: int, pid: int, expected_used: int, timeout: float, poll: float = 0.01) -> Release:
+    """Poll until `pid` has no NVML process entry on GPU `index` and the device's used memory is at most
+    `expected_used`. Reports the two separately: on a shared GPU other tenants move the device total."""
+    start = time.perf_counter()
+    deadline = start + timeout
+    process_gone = False
+    while True:
+        if not process_gone:
+            process_gone = pid not in process_memory(index)
+        used = gpu_memory(index).used
+        residue = max(0, used - expected_used) / MIB
+        now = time.perf_counter()
+        if (process_gone and residue == 0) or now >= deadline:
+            note = "" if process_gone else f"pid {pid} still holds a context after {timeout:.1f} s"
+            if process_gone and residue:
+                note = f"{residue:.0f} MiB above the baseline after {timeout:.1f} s (another process on this GPU?)"
+            return Release(process_gone and residue == 0, process_gone, residue, now - start, note)
+        time.sleep(poll)

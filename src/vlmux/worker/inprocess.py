@@ -1,0 +1,38 @@
+"""isolation="none": the worker's handler run inside the caller's process, for those who insist.
+
+Nothing can take back a context that this process owns, so the release report says honestly what stayed.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+from vlmux import vram
+from vlmux.worker.handler import Handler
+from vlmux.worker.protocol import Reply, Request
+
+
+class InProcessWorker:
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.alive = True
+        self._handler = Handler()
+        self._lock = threading.Lock()
+
+    def call(self, request: Request) -> Reply:
+        with self._lock:
+            return self._handler.handle(request)
+
+    def stop(self, grace: float) -> None:
+        with self._lock:
+            self._handler.close()  # del, gc.collect(), torch.cuda.empty_cache(): the usual recipe
+            self.alive = False
+
+    def release_report(self, gpu: int | None, expected_used: int | None) -> vram.Release:
+        if gpu is None:
+            return vram.Release(None, None, None, 0.0, "isolation='none' on the CPU: host memory is the allocator's")
+        residue = max(0, vram.gpu_memory(gpu).used - expected_used) / vram.MIB
+        return vram.Release(
+            residue == 0, False, residue, 0.0,
+            f"isolation='none': this process keeps its CUDA context and torch's cache ({residue:.0f} MiB stay)",
+        )

@@ -1,0 +1,41 @@
+"""The worker process's side: it owns the device context and serves requests until told to exit."""
+from __future__ import annotations
+
+import os
+import threading
+import time
+from multiprocessing.connection import Connection
+
+from vlmux.worker.handler import Handler
+from vlmux.worker.protocol import Exit
+
+PARENT_POLL_SECONDS = 0.5
+
+
+def serve(conn: Connection, parent_pid: int) -> None:
+    _exit_when_orphaned(parent_pid)
+    handler = Handler()
+    while True:
+        try:
+            request = conn.recv()
+        except (EOFError, OSError):
+            break
+        if isinstance(request, Exit):
+            break
+        conn.send(handler.handle(request))
+    conn.close()
+    # Skip interpreter and CUDA teardown: the OS takes everything back faster, and that is the point.
+    os._exit(0)
+
+
+def _exit_when_orphaned(parent_pid: int) -> None:
+    # Workers fork from the fork server, not from the parent, so they watch the parent's pid themselves.
+    def watch() -> None:
+        while True:
+            time.sleep(PARENT_POLL_SECONDS)
+            try:
+                os.kill(parent_pid, 0)
+            except ProcessLookupError:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="vlmux-orphan-watch", daemon=True).start()

@@ -1,0 +1,86 @@
+"""Messages between the parent and a worker. Both ends are vlmux processes of one user, so pickle is safe here."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.images import ImageInput
+
+
+@dataclass(frozen=True)
+class Load:
+    spec: ModelSpec
+    path: str
+    env: dict[str, str]  # applied before CUDA starts: CUDA_VISIBLE_DEVICES places the worker
+
+
+@dataclass(frozen=True)
+class Caption:
+    items: list[ImageInput]
+    prompts: list[str]
+    gen: GenerationSpec
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Chat:
+    messages: list[dict[str, Any]]
+    gen: GenerationSpec
+
+
+@dataclass(frozen=True)
+class Sleep:
+    pass
+
+
+@dataclass(frozen=True)
+class Wake:
+    pass
+
+
+@dataclass(frozen=True)
+class Exit:
+    pass
+
+
+Request = Union[Load, Caption, Chat, Sleep, Wake, Exit]
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    caption: str | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Loaded:
+    seconds: float
+    device: str
+    dtype: str
+
+
+@dataclass(frozen=True)
+class Captions:
+    results: list[ItemResult]
+    seconds: float
+    generated: int  # images that reached the model, for rates
+
+
+@dataclass(frozen=True)
+class Chatted:
+    text: str
+
+
+@dataclass(frozen=True)
+class Done:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Failed:
+    kind: str  # load | oom | request
+    message: str
+
+
+Reply = Union[Loaded, Captions, Chatted, Done, Failed]
