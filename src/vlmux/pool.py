@@ -53,6 +53,8 @@ class _Resident:
     loaded: Loaded
     state: str = "ready"  # ready | asleep | dead | closing
     busy: bool = False
+    requests: int = 0
+    batches: int = 0
     last_used: float = field(default_factory=time.monotonic)
     pending: deque = field(default_factory=deque)
     condition: threading.Condition = field(default_factory=threading.Condition)
@@ -70,15 +72,19 @@ class ModelStatus:
     estimate_bytes: int
     idle_seconds: float
     holds_device_context: bool
+    requests: int  # requests answered
+    batches: int  # worker calls that answered them: fewer than requests when callers were batched together
 
 
 class ModelPool:
     def __init__(self, config: PoolConfig = PoolConfig()) -> None:
         self.config = config
         self._residents: dict[str, _Resident] = {}
-        self._baselines: dict[int, int] = {}  # per GPU: device memory used before our first model there
+        self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first model
         self._lock = threading.RLock()
         self._closed = False
+        self._releasing: set[Future] = set()  # unloads under way; a load that needs room waits for them
+        self._releasing_lock = threading.Lock()
         in_process = config.isolation == "none"
         self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
         self.last_release: dict[str, vram.Release] = {}
@@ -101,17 +107,14 @@ class ModelPool:
             path = resolve_model(spec.model, spec.revision)
             device = self._place(spec.device)
             gpu = vram.physical_index(device)
-            worker_spec = replace(spec, device="cpu" if gpu is None else "cuda:0")
             need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
             if gpu is not None:
                 self._make_room(gpu, need, name)
-                self._baselines.setdefault(gpu, vram.gpu_memory(gpu).used)
-            worker = self._new_worker()
-            env = {"CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-            reply = worker.call(Load(worker_spec, str(path), env))
+                self._baselines.setdefault(gpu, vram.unattributed(gpu))
+            worker = self._new_worker(gpu)
+            reply = worker.call(self._load_request(worker, spec, path, device, gpu))
             if not isinstance(reply, Loaded):
                 worker.stop(self.config.unload_grace)
-                self._forget_gpu_if_empty(gpu)
                 raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
             resident = _Resident(name, spec, path, worker, gpu, need, reply)
             resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
@@ -121,6 +124,10 @@ class ModelPool:
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
+        return self.unload_async(name).result()
+
+    def unload_async(self, name: str) -> Future:
+        """Start unloading `name`; the future gives its Release. Loads that need the room wait for it."""
         with self._lock:
             resident = self._residents.pop(name, None)
             if resident is None:
@@ -128,13 +135,32 @@ class ModelPool:
             with resident.condition:
                 resident.state = "closing"
                 resident.condition.notify_all()
-            expected = self._expected_after(resident)
-        if resident.thread is not threading.current_thread():
-            resident.thread.join()
-        resident.worker.stop(self.config.unload_grace)
-        release = self._verify_release(resident, expected)
-        self.last_release[name] = release
-        return release
+            future: Future = Future()
+            with self._releasing_lock:
+                self._releasing.add(future)
+
+        def release() -> None:
+            try:
+                if resident.thread is not threading.current_thread():
+                    resident.thread.join()
+                resident.worker.stop(self.config.unload_grace)
+                self.last_release[name] = self._verify_release(resident)
+                future.set_result(self.last_release[name])
+            except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
+                future.set_exception(e)
+            finally:
+                with self._releasing_lock:
+                    self._releasing.discard(future)
+
+        threading.Thread(target=release, name=f"vlmux-unload-{name}", daemon=True).start()
+        return future
+
+    def switch(self, old: str, new: str | ModelSpec, name: str | None = None) -> tuple[str, vram.Release]:
+        """Unload `old` and load `new` at once: the new worker starts its device context and reads its weights
+        while the old one's memory is being returned and verified."""
+        releasing = self.unload_async(old)
+        loaded = self.load(new, name)
+        return loaded, releasing.result()
 
     def sleep(self, name: str) -> None:
         resident = self._get(name)
@@ -153,8 +179,8 @@ class ModelPool:
                 return
             self._closed = True
             names = list(self._residents)
-        for name in names:
-            self.unload(name)
+        for releasing in [self.unload_async(name) for name in names]:
+            releasing.result()
         if self._spawner is not None:
             self._spawner.close()
 
@@ -190,10 +216,15 @@ class ModelPool:
                 ModelStatus(
                     r.name, r.spec.model, r.state, r.loaded.device if r.gpu is None else f"cuda:{r.gpu}",
                     r.loaded.dtype, r.worker.pid, r.estimate.total, now - r.last_used,
-                    holds_device_context=r.gpu is not None,
+                    holds_device_context=r.gpu is not None, requests=r.requests, batches=r.batches,
                 )
                 for r in self._residents.values()
             ]
+
+    def load_info(self, name: str) -> dict[str, float]:
+        """Seconds the worker spent loading `name`: total and its parts."""
+        loaded = self._get(name).loaded
+        return {"total": round(loaded.seconds, 3), **{k: round(v, 3) for k, v in loaded.timings.items()}}
 
     def __contains__(self, name: str) -> bool:
         with self._lock:
@@ -227,6 +258,8 @@ class ModelPool:
                 if resident.state == "asleep":
                     self.wake(resident.name)
                 self._serve(resident, batch)
+                resident.requests += len(batch)
+                resident.batches += 1
             except WorkerDied as e:
                 self._on_death(resident, batch, e)
                 return
@@ -272,32 +305,20 @@ class ModelPool:
             for request in batch:
                 _settle(request.future, failure)
             self._fail_pending(resident, failure)
-        with self._lock:
-            expected = self._expected_after(resident)  # it stays listed as dead until _get reloads it
-        resident.worker.stop(0)
-        self.last_release[resident.name] = self._verify_release(resident, expected)
+        resident.worker.stop(0)  # it stays listed as dead until _get reloads it
+        self.last_release[resident.name] = self._verify_release(resident)
 
     def _fail_pending(self, resident: _Resident, error: Exception) -> None:
         while resident.pending:
             _settle(resident.pending.popleft().future, error)
 
-    def _expected_after(self, resident: _Resident) -> int | None:
-        """Device memory we expect once this worker is gone: the pre-load baseline when it is our last model
-        on that GPU, otherwise what the device holds now less what NVML books to the worker."""
-        if resident.gpu is None:
-            return None
-        others = [r for r in self._residents.values() if r.gpu == resident.gpu and r is not resident]
-        if not others:
-            return self._baselines.pop(resident.gpu, vram.gpu_memory(resident.gpu).used)
-        held = vram.process_memory(resident.gpu).get(resident.worker.pid, 0)
-        return vram.gpu_memory(resident.gpu).used - held
-
-    def _verify_release(self, resident: _Resident, expected: int | None) -> vram.Release:
+    def _verify_release(self, resident: _Resident) -> vram.Release:
         if isinstance(resident.worker, InProcessWorker):
-            return resident.worker.release_report(resident.gpu, expected)
+            return resident.worker.release_report()
         if resident.gpu is None:
             return vram.NO_GPU
-        return vram.wait_for_release(resident.gpu, resident.worker.pid, expected, self.config.release_timeout)
+        baseline = self._baselines[resident.gpu]
+        return vram.wait_for_release(resident.gpu, resident.worker.pid, baseline, self.config.release_timeout)
 
     def _place(self, device: str) -> str:
         if device == "auto":
@@ -313,6 +334,12 @@ class ModelPool:
             free = vram.gpu_memory(gpu).free
             if ours + need.total <= budget and need.total <= free:
                 return
+            with self._releasing_lock:
+                releasing = list(self._releasing)
+            if releasing:  # memory on its way back may be enough; release threads never take self._lock
+                for future in releasing:
+                    future.exception()
+                continue
             idle = [r for r in self._residents.values() if r.gpu == gpu and not r.busy and not r.pending]
             if not idle:
                 resident = ", ".join(f"{r.name} (~{r.estimate.total / 2**30:.1f} GiB, busy)" for r in self._residents.values() if r.gpu == gpu)
@@ -330,12 +357,16 @@ class ModelPool:
             return total
         return parse_budget(budget, total)
 
-    def _new_worker(self) -> WorkerProcess | InProcessWorker:
-        return InProcessWorker() if self._spawner is None else self._spawner.take()
+    @staticmethod
+    def _load_request(worker, spec: ModelSpec, path: Path, device: str, gpu: int | None) -> Load:
+        if isinstance(worker, InProcessWorker):  # the caller's process: leave its environment alone
+            return Load(replace(spec, device=device), str(path), {})
+        # A worker sees only its own GPU, as cuda:0, and a CPU worker sees none, so it cannot create a context.
+        env = {"CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        return Load(replace(spec, device="cpu" if gpu is None else "cuda:0"), str(path), env)
 
-    def _forget_gpu_if_empty(self, gpu: int | None) -> None:
-        if gpu is not None and not any(r.gpu == gpu for r in self._residents.values()):
-            self._baselines.pop(gpu, None)
+    def _new_worker(self, gpu: int | None) -> WorkerProcess | InProcessWorker:
+        return InProcessWorker(gpu) if self._spawner is None else self._spawner.take()
 
     def _expire_idle(self) -> None:
         while not self._closed:

@@ -53,6 +53,8 @@ class GpuMemory:
 def _handle(index: int):
     import pynvml
 
+    if not available():
+        raise RuntimeError(nvml_status())
     return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
@@ -113,7 +115,7 @@ class Release:
 
     verified: bool | None
     process_gone: bool | None
-    residue_mib: float | None  # device memory still above what was expected, in MiB
+    residue_mib: float | None  # memory left behind, in MiB
     seconds: float
     note: str = ""
 
@@ -121,27 +123,38 @@ class Release:
         if self.verified is None:
             return f"released ({self.note})"
         state = "verified" if self.verified else "NOT verified"
-        return f"release {state}: process gone={self.process_gone}, residue {self.residue_mib:.0f} MiB, {self.seconds:.2f} s"
+        residue = "unknown" if self.residue_mib is None else f"{self.residue_mib:.0f} MiB"
+        text = f"release {state}: process gone={self.process_gone}, residue {residue}, {self.seconds:.2f} s"
+        return f"{text} ({self.note})" if self.note else text
 
 
 NO_GPU = Release(None, None, None, 0.0, "CPU only: nothing on a GPU to give back")
 
 
-def wait_for_release(index: int, pid: int, expected_used: int, timeout: float, poll: float = 0.01) -> Release:
-    """Poll until `pid` has no NVML process entry on GPU `index` and the device's used memory is at most
-    `expected_used`. Reports the two separately: on a shared GPU other tenants move the device total."""
+def unattributed(index: int) -> int:
+    """Device memory that NVML books to no running process: driver reservations, and anything a dead
+    process failed to give back. Unlike the device total, other processes loading at the same time
+    (the next model, another tenant) do not move it."""
+    return gpu_memory(index).used - sum(process_memory(index).values())
+
+
+def wait_for_release(index: int, pid: int, baseline_unattributed: int, timeout: float, poll: float = 0.01) -> Release:
+    """Poll until `pid` has no NVML process entry on GPU `index` and the memory booked to no process is back
+    to its baseline; report the two separately."""
     start = time.perf_counter()
     deadline = start + timeout
     process_gone = False
     while True:
         if not process_gone:
             process_gone = pid not in process_memory(index)
-        used = gpu_memory(index).used
-        residue = max(0, used - expected_used) / MIB
+        residue = max(0, unattributed(index) - baseline_unattributed) / MIB if process_gone else None
         now = time.perf_counter()
         if (process_gone and residue == 0) or now >= deadline:
-            note = "" if process_gone else f"pid {pid} still holds a context after {timeout:.1f} s"
-            if process_gone and residue:
-                note = f"{residue:.0f} MiB above the baseline after {timeout:.1f} s (another process on this GPU?)"
+            if not process_gone:
+                note = f"pid {pid} still holds a context after {timeout:.1f} s"
+            elif residue:
+                note = f"{residue:.0f} MiB booked to no process after {timeout:.1f} s"
+            else:
+                note = ""
             return Release(process_gone and residue == 0, process_gone, residue, now - start, note)
         time.sleep(poll)

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import gc
+import threading
+import time
 from typing import Any
 
 import torch
@@ -30,6 +32,14 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+def _start_cuda(device: str) -> threading.Thread | None:
+    if not device.startswith("cuda"):
+        return None
+    thread = threading.Thread(target=lambda: torch.empty(1, device=device), name="vlmux-cuda-init", daemon=True)
+    thread.start()
+    return thread
+
+
 class TransformersBackend:
     def __init__(self, spec: ModelSpec, path: str) -> None:
         self.device = resolve_device(spec.device)
@@ -37,10 +47,18 @@ class TransformersBackend:
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         # The parent resolved `path` to a local folder already: nothing here reaches the network.
         common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
+        self.timings: dict[str, float] = {}
+        start = time.perf_counter()
+        context = _start_cuda(self.device)  # ~0.3 s of driver work, overlapped with reading the processor
         self.processor = AutoProcessor.from_pretrained(path, **common)
+        self.timings["processor"] = time.perf_counter() - start
+        if context is not None:
+            context.join()
+        self.timings["cuda_init"] = time.perf_counter() - start
         self.model = AutoModelForImageTextToText.from_pretrained(
             path, dtype=self.torch_dtype, device_map=self.device, **common
         ).eval()
+        self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"  # decoder-only batches need the prompt ends aligned
         if self.tokenizer.pad_token_id is None:

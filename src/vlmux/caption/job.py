@@ -48,31 +48,46 @@ class ModelReport:
 def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True) -> list[ModelReport]:
     reports = []
     with ModelPool(pool_config) as pool:
+        resident: tuple[str, ModelReport] | None = None  # the model still loaded from the previous turn
         for spec in job.models:
-            reports.append(_run_model(job, spec, pool, progress))
+            report = ModelReport(spec.model)
+            reports.append(report)
+            todo = _todo(job, spec, report)
+            if not todo:
+                continue
+            start = time.perf_counter()
+            if resident is None:
+                name = pool.load(spec)
+            else:  # the next worker loads while the previous one's memory is returned and verified
+                name, resident[1].release = pool.switch(resident[0], spec)
+            report.load_seconds = time.perf_counter() - start
+            resident = (name, report)
+            _caption_all(job, spec, name, todo, pool, report, progress)
+        if resident is not None:
+            resident[1].release = pool.unload(resident[0])
     return reports
 
 
-def _run_model(job: CaptionJob, spec: ModelSpec, pool: ModelPool, progress: bool) -> ModelReport:
-    report = ModelReport(spec.model)
+def _todo(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:
     if job.overwrite:
         for sink in job.sinks:
             sink.forget({(ref.key, spec.model) for ref in job.images})
     todo = [ref for ref in job.images if not all(sink.done(ref, spec.model) for sink in job.sinks)]
     report.skipped = len(job.images) - len(todo)
-    if not todo:
-        return report
-    start = time.perf_counter()
-    name = pool.load(spec)
-    report.load_seconds = time.perf_counter() - start
+    return todo
+
+
+def _caption_all(job: CaptionJob, spec: ModelSpec, name: str, todo: list[ImageRef], pool: ModelPool,
+                 report: ModelReport, progress: bool) -> None:
     bar = tqdm(total=len(todo), desc=spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    prompts = [job.generation.prompt] * job.batch_size
     try:
         in_flight: deque = deque()
         for offset in range(0, len(todo), job.batch_size):
             refs = todo[offset : offset + job.batch_size]
-            items = [str(ref.path) for ref in refs]
-            in_flight.append((refs, pool.submit_caption(name, items, [job.generation.prompt] * len(refs), job.generation, job.batch_size)))
+            future = pool.submit_caption(name, [str(ref.path) for ref in refs], prompts[: len(refs)], job.generation, job.batch_size)
+            in_flight.append((refs, future))
             if len(in_flight) >= IN_FLIGHT:
                 _finish(in_flight.popleft(), job, spec, report, bar)
         while in_flight:
@@ -80,8 +95,6 @@ def _run_model(job: CaptionJob, spec: ModelSpec, pool: ModelPool, progress: bool
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
-        report.release = pool.unload(name)
-    return report
 
 
 def _finish(batch, job: CaptionJob, spec: ModelSpec, report: ModelReport, bar: tqdm) -> None:

@@ -50,7 +50,7 @@ class Handler:
             self.backend = TransformersBackend(request.spec, request.path)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
-        return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype)
+        return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
 
     def _caption(self, request: Caption, start: float) -> Reply:
         decoded = list(self._decoder.map(_decode, request.items))

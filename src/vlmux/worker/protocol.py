@@ -58,6 +58,7 @@ class Loaded:
     seconds: float
     device: str
     dtype: str
+    timings: dict[str, float]  # where the load time went: processor, cuda_init, weights
 
 
 @dataclass(frozen=True)

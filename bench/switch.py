@@ -1,0 +1,198 @@
+"""Switch benchmark (DESIGN.md section 5): A (2B shape) -> B (7B shape) -> A ..., seconds from "unload the
+current model" to "the next one answered its first request", and NVML residue after every unload.
+
+Three ways, in one run:
+  vlmux        ModelPool: the worker is killed, release verified by NVML, the next model loads in a spare worker
+  in_process   one process: del + gc.collect() + torch.cuda.empty_cache(), then from_pretrained (what users do)
+  cold_worker  a fresh Python process per model, as a naive isolation would do (pays the imports every time)
+
+Usage (on a GPU machine): python bench/switch.py [--rounds 10] [--baseline-rounds 3] [--models /tmp/vlmux-bench]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, summarise, write_result  # noqa: E402
+
+from vlmux import vram  # noqa: E402
+from vlmux.config import GenerationSpec, ModelSpec, PoolConfig  # noqa: E402
+
+PROMPT = "Describe this image in one short sentence for a caption dataset, please."
+FIRST_ANSWER = GenerationSpec(PROMPT, max_new_tokens=8)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--baseline-rounds", type=int, default=3)
+    parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"))
+    parser.add_argument("--shapes", default="2b,7b")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    shapes = args.shapes.split(",")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, str(Path(__file__).parent / "shapes.py"), str(args.models), *shapes], check=True)
+    build_seconds = time.perf_counter() - start
+    models = [args.models / f"qwen2-vl-{shape}" for shape in shapes]
+    from shapes import write_jpegs
+
+    image = write_jpegs(args.models / "images", 1)[0]
+    for model in models:  # warm page cache: the benchmark is about the switch, not the disk
+        for file in model.glob("*.safetensors"):
+            with open(file, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+    result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
+              "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
+    result["vlmux"] = run_vlmux(models, image, args.rounds)
+    result["in_process"] = run_child("in_process", models, image, args.baseline_rounds)
+    result["cold_worker"] = run_cold(models, image, args.baseline_rounds)
+    for method in ("vlmux", "in_process", "cold_worker"):
+        switches = result[method]["switches"]
+        result[method]["summary"] = {
+            shape: summarise([s["switch_seconds"] for s in switches if s["to"] == shape]) for shape in shapes
+        }
+        result[method]["max_residue_mib"] = max([s["residue_mib"] or 0 for s in switches] or [float("nan")])
+    write_result("switch", result, args.out)
+    print(f"{'method':<12} {'to':<4} {'median s':>9} {'min s':>7} {'max s':>7} {'max residue MiB':>16}")
+    for method in ("vlmux", "in_process", "cold_worker"):
+        for shape, stats in result[method]["summary"].items():
+            if not stats:
+                continue
+            print(f"{method:<12} {shape:<4} {stats['median']:>9.3f} {stats['min']:>7.3f} {stats['max']:>7.3f} "
+                  f"{result[method]['max_residue_mib']:>16.0f}")
+
+
+def _order(models: list[Path], rounds: int) -> list[tuple[Path, Path]]:
+    pairs = []
+    for _ in range(rounds):
+        pairs += [(models[0], models[1]), (models[1], models[0])]
+    return pairs
+
+
+def _shape(model: Path) -> str:
+    return model.name.rsplit("-", 1)[-1]
+
+
+def run_vlmux(models: list[Path], image: Path, rounds: int) -> dict:
+    from vlmux.pool import ModelPool
+    from vlmux.worker.process import warm_fork_server
+
+    start = time.perf_counter()
+    warm_fork_server()
+    fork_server_seconds = time.perf_counter() - start
+    switches = []
+    with ModelPool(PoolConfig(max_batch_size=1)) as pool:
+        current = pool.load(ModelSpec(str(models[0]), device="cuda"))
+        pool.caption(current, [str(image)], [PROMPT], FIRST_ANSWER)
+        for source, target in _order(models, rounds):
+            t0 = time.perf_counter()
+            current, release = pool.switch(str(source), ModelSpec(str(target), device="cuda"))
+            t1 = time.perf_counter()
+            pool.caption(current, [str(image)], [PROMPT], FIRST_ANSWER)
+            t2 = time.perf_counter()
+            load = pool.load_info(current)
+            switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
+                             "unload_and_load_seconds": t1 - t0, "release_wait_seconds": release.seconds,
+                             "first_answer_seconds": t2 - t1, "worker_load": load,
+                             "residue_mib": release.residue_mib, "release_verified": release.verified})
+            print(f"vlmux {switches[-1]['from']}->{switches[-1]['to']}: {t2 - t0:.3f} s (unload+load {t1 - t0:.3f} "
+                  f"{load}, answer {t2 - t1:.3f}), {release}", file=sys.stderr)
+    return {"fork_server_start_seconds": fork_server_seconds, "switches": switches}
+
+
+def run_child(mode: str, models: list[Path], image: Path, rounds: int) -> dict:
+    command = [sys.executable, __file__, "--child", mode, str(image), str(rounds), *map(str, models)]
+    output = subprocess.run(command, capture_output=True, text=True)
+    sys.stderr.write(output.stderr[-3000:])
+    if output.returncode != 0:
+        return {"error": output.stderr[-1000:], "switches": []}
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def in_process_child(image: Path, rounds: int, models: list[Path]) -> dict:
+    import gc
+
+    import torch
+
+    from vlmux.backends.transformers import TransformersBackend
+    from vlmux.images import load_image
+
+    picture = load_image(image)
+    gpu = vram.physical_index("cuda:0")
+    baseline = vram.gpu_memory(gpu).used
+    backend = TransformersBackend(ModelSpec(str(models[0]), device="cuda"), str(models[0]))
+    backend.caption([picture], [PROMPT], FIRST_ANSWER)
+    switches = []
+    for source, target in _order(models, rounds):
+        t0 = time.perf_counter()
+        backend.model = backend.processor = None
+        del backend
+        gc.collect()
+        torch.cuda.empty_cache()
+        t1 = time.perf_counter()
+        residue = (vram.gpu_memory(gpu).used - baseline) / vram.MIB
+        backend = TransformersBackend(ModelSpec(str(target), device="cuda"), str(target))
+        t2 = time.perf_counter()
+        backend.caption([picture], [PROMPT], FIRST_ANSWER)
+        t3 = time.perf_counter()
+        switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t3 - t0,
+                         "unload_seconds": t1 - t0, "load_seconds": t2 - t1, "first_answer_seconds": t3 - t2,
+                         "residue_mib": residue})
+        print(f"in_process {_shape(source)}->{_shape(target)}: {t3 - t0:.3f} s, residue {residue:.0f} MiB", file=sys.stderr)
+    return {"switches": switches}
+
+
+COLD_CHILD = """
+import sys, time
+from vlmux.backends.transformers import TransformersBackend
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.images import load_image
+backend = TransformersBackend(ModelSpec(sys.argv[1], device="cuda"), sys.argv[1])
+backend.caption([load_image(sys.argv[2])], [sys.argv[3]], GenerationSpec(sys.argv[3], max_new_tokens=8))
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def run_cold(models: list[Path], image: Path, rounds: int) -> dict:
+    gpu = vram.physical_index("cuda:0")
+    baseline = vram.unattributed(gpu)
+
+    def start(model: Path) -> subprocess.Popen:
+        child = subprocess.Popen([sys.executable, "-c", COLD_CHILD, str(model), str(image), PROMPT],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert child.stdout.readline().strip() == "ready"
+        return child
+
+    current = start(models[0])
+    switches = []
+    for source, target in _order(models, rounds):
+        t0 = time.perf_counter()
+        current.kill()
+        current.wait()
+        release = vram.wait_for_release(gpu, current.pid, baseline, timeout=10)
+        t1 = time.perf_counter()
+        current = start(target)
+        t2 = time.perf_counter()
+        switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
+                         "unload_seconds": t1 - t0, "load_and_first_answer_seconds": t2 - t1,
+                         "residue_mib": release.residue_mib, "release_verified": release.verified})
+        print(f"cold {_shape(source)}->{_shape(target)}: {t2 - t0:.3f} s, {release}", file=sys.stderr)
+    current.kill()
+    return {"switches": switches}
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 2 and sys.argv[1] == "--child":
+        _, _, mode, image, rounds, *models = sys.argv
+        print(json.dumps(in_process_child(Path(image), int(rounds), [Path(m) for m in models])))
+    else:
+        main()

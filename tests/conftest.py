@@ -1,0 +1,44 @@
+import os
+
+# No test may reach a hub: models are built here, and hub code paths run against a loopback server.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from vlmux import vram  # noqa: E402
+from vlmux.testing.tiny import ARCHITECTURES, build_tiny, draw_sample_images  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if vram.available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA GPU: {vram.nvml_status()}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {arch: build_tiny(root / arch, arch, seed=0) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_models) -> Path:
+    return tiny_models["llava"]
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen(tiny_models) -> Path:
+    return tiny_models["qwen2_vl"]
+
+
+@pytest.fixture()
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    draw_sample_images(folder, count=5, seed=1)
+    return folder

@@ -1,0 +1,103 @@
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+import vlmux
+from vlmux import ImageError, pipeline
+from vlmux.hub import ModelNotFound
+
+
+def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout)
+
+
+def test_images_as_paths_bytes_and_pil_give_the_same_captions(tiny_llava, image_dir):
+    path = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=6) as pipe:
+        from_path = pipe(path)
+        assert pipe(str(path)) == from_path
+        assert pipe(path.read_bytes()) == from_path
+        assert pipe(Image.open(path)) == from_path
+        assert pipe([path, path]) == [from_path, from_path]
+
+
+def test_a_bad_image_raises_image_error_naming_its_position(tiny_llava, image_dir):
+    good = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=4) as pipe:
+        with pytest.raises(ImageError, match="image 1: not an image"):
+            pipe([good, b"this is not a picture"])
+        assert isinstance(pipe(good), str)  # the pipeline is still usable
+
+
+def test_chat_answers_with_an_image(tiny_qwen, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_qwen), device="cpu", max_new_tokens=5) as pipe:
+        messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "What is it?"}]}]
+        answer = pipe.chat(messages)
+        assert isinstance(answer, str) and answer
+        assert pipe.chat(messages) == answer
+
+
+def test_closed_pipeline_refuses_work_and_close_is_idempotent(tiny_llava, image_dir):
+    pipe = pipeline(str(tiny_llava), device="cpu")
+    first = pipe.close()
+    assert first is not None and pipe.close() is first
+    with pytest.raises(RuntimeError, match="closed"):
+        pipe(sorted(image_dir.iterdir())[0])
+
+
+def test_unknown_model_raises_before_any_worker_starts():
+    with pytest.raises(ModelNotFound, match="HF_HUB_OFFLINE"):
+        pipeline("nobody/no-such-model")
+
+
+def test_unknown_option_is_a_type_error(tiny_llava):
+    with pytest.raises(TypeError, match="unknown options"):
+        pipeline(str(tiny_llava), device="cpu", temprature=0.5)
+
+
+def test_parent_never_imports_torch(tiny_llava, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    run = run_python(f"""
+        import sys, vlmux
+        with vlmux.pipeline({str(tiny_llava)!r}, device="cpu", max_new_tokens=3) as pipe:
+            print(pipe({str(image)!r}))
+        assert "torch" not in sys.modules, "the parent imported torch"
+        print("clean")
+    """)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip().endswith("clean")
+
+
+def test_pipeline_left_open_is_cleaned_up_at_exit(tiny_llava):
+    start = time.monotonic()
+    run = run_python(f"""
+        import vlmux
+        pipe = vlmux.pipeline({str(tiny_llava)!r}, device="cpu")
+        print(pipe.status[0].pid)
+    """, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert time.monotonic() - start < 60
+    pid = int(run.stdout.split()[-1])
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not Path(f"/proc/{pid}").exists()
+
+
+def test_isolation_none_says_what_it_could_not_give_back(tiny_llava, image_dir):
+    with pipeline(str(tiny_llava), device="cpu", isolation="none", max_new_tokens=3) as pipe:
+        assert pipe.status[0].pid == os.getpid()
+        assert isinstance(pipe(sorted(image_dir.iterdir())[0]), str)
+    assert "isolation='none'" in pipe.release.note
+
+
+def test_public_names():
+    assert callable(vlmux.pipeline) and vlmux.ModelPool and vlmux.Release

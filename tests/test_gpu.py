@@ -1,0 +1,55 @@
+"""GPU behaviour of the pool: run on the device with `python -m pytest -m gpu`."""
+import os
+
+import pytest
+
+from vlmux import GenerationSpec, ModelPool, ModelSpec, PoolConfig, PoolFull, pipeline, vram
+
+pytestmark = pytest.mark.gpu
+
+
+def test_twenty_cycles_of_two_models_give_back_every_byte(tiny_llava, tiny_qwen, image_dir):
+    images = sorted(image_dir.iterdir())
+    baseline = vram.gpu_memory(0).used
+    residues = []
+    for cycle in range(20):
+        model = tiny_llava if cycle % 2 == 0 else tiny_qwen
+        with pipeline(str(model), device="cuda", max_new_tokens=8) as pipe:
+            assert len(pipe(images)) == len(images)
+            worker = pipe.status[0].pid
+            usage = vram.process_memory(0)
+            assert worker in usage and os.getpid() not in usage  # the worker holds the context, never the parent
+        release = pipe.release
+        residues.append(release.residue_mib)
+        assert release.verified and release.process_gone, release
+        assert vram.gpu_memory(0).used <= baseline, f"cycle {cycle}: {vram.gpu_memory(0).used - baseline} bytes above"
+    print(f"\nNVML residue per cycle (MiB): {residues}; baseline {baseline / vram.MIB:.0f} MiB")
+    assert residues == [0.0] * 20
+
+
+def test_sleep_keeps_the_context_but_frees_the_weights_and_wake_answers_the_same(tiny_qwen, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    gen = GenerationSpec(max_new_tokens=8)
+    with ModelPool(PoolConfig(spare_worker=False)) as pool:
+        name = pool.load(ModelSpec(str(tiny_qwen), device="cuda"))
+        before = pool.caption(name, [image], ["Describe."], gen)[0].caption
+        pid = pool.status()[0].pid
+        awake = vram.process_memory(0)[pid]
+        pool.sleep(name)
+        assert pool.status()[0].state == "asleep" and pool.status()[0].holds_device_context
+        assert vram.process_memory(0)[pid] <= awake
+        assert pool.caption(name, [image], ["Describe."], gen)[0].caption == before  # a request wakes it
+        assert pool.status()[0].state == "ready"
+
+
+def test_a_budget_for_one_model_evicts_the_idle_one_first(tiny_llava, tiny_qwen):
+    from vlmux.estimate import estimate
+
+    one = max(estimate(path, "auto", 8, 64).total for path in (tiny_llava, tiny_qwen))
+    with ModelPool(PoolConfig(vram_budget=int(one * 1.5), spare_worker=False)) as pool:
+        first = pool.load(ModelSpec(str(tiny_llava), device="cuda"))
+        pool.load(ModelSpec(str(tiny_qwen), device="cuda"))
+        assert first not in pool and pool.last_release[first].verified
+    with ModelPool(PoolConfig(vram_budget=one // 2, spare_worker=False)) as pool:
+        with pytest.raises(PoolFull, match="Raise --vram-budget"):
+            pool.load(ModelSpec(str(tiny_llava), device="cuda"))

@@ -1,0 +1,117 @@
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from vlmux import GenerationSpec, ModelLoadError, ModelPool, ModelSpec, PoolConfig, pipeline
+from vlmux.pool import ModelNotLoaded, parse_budget
+from vlmux.worker.process import WorkerDied
+
+
+def rss_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def gone(pid: int, within: float = 5.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_twenty_load_close_cycles_leave_no_workers_and_no_parent_growth(tiny_llava, tiny_qwen, image_dir):
+    images = sorted(image_dir.iterdir())[:2]
+    pids, rss = [], []
+    for cycle in range(20):
+        model = tiny_llava if cycle % 2 == 0 else tiny_qwen
+        with pipeline(str(model), device="cpu", max_new_tokens=4) as pipe:
+            assert len(pipe(images)) == 2
+            pids.append(pipe.status[0].pid)
+        assert pipe.close() is pipe.release  # closing again is a no-op
+        rss.append(rss_kib())
+    assert len(set(pids)) == 20 and os.getpid() not in pids
+    assert all(gone(pid) for pid in pids)
+    # After warm-up, twenty cycles must not grow the parent: it holds no model state at all.
+    assert rss[-1] - rss[4] < 20 * 1024, rss
+
+
+def test_sigkilled_worker_fails_its_request_clearly_and_the_pool_recovers(tiny_llava, image_dir):
+    images = sorted(image_dir.iterdir())
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=4) as pipe:
+        before = pipe(images[0])
+        pid = pipe.status[0].pid
+        errors: list[BaseException] = []
+
+        def long_request():
+            try:
+                pipe(images * 40, max_new_tokens=200, ignore_eos=True)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+        caller = threading.Thread(target=long_request)
+        caller.start()
+        time.sleep(1.0)
+        os.kill(pid, signal.SIGKILL)
+        caller.join(30)
+        assert not caller.is_alive()
+        assert len(errors) == 1 and isinstance(errors[0], WorkerDied)
+        assert "SIGKILL" in str(errors[0]) and "reloads" in str(errors[0])
+        assert pipe(images[0]) == before  # the next request loads the model again and answers the same
+        assert pipe.status[0].pid != pid
+
+
+def test_concurrent_callers_are_served_in_batches(tiny_qwen, image_dir):
+    images = sorted(image_dir.iterdir())
+    gen = GenerationSpec(max_new_tokens=6)
+    with ModelPool(PoolConfig(max_batch_size=8, spare_worker=False)) as pool:
+        name = pool.load(ModelSpec(str(tiny_qwen), device="cpu"))
+        alone = [pool.caption(name, [image], ["Describe."], gen)[0].caption for image in images]
+        with ThreadPoolExecutor(len(images) * 2) as callers:
+            futures = [callers.submit(pool.caption, name, [image], ["Describe."], gen) for image in images * 2]
+            together = [future.result()[0].caption for future in futures]
+        assert together == alone * 2
+        status = pool.status()[0]
+        assert status.requests == len(images) * 3
+        assert status.batches < status.requests  # some callers shared a worker call
+
+
+def test_a_model_that_fails_to_load_is_a_clear_error_and_leaves_no_worker(tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llava"}')
+    with ModelPool(PoolConfig(spare_worker=False)) as pool:
+        with pytest.raises(ModelLoadError, match="could not load"):
+            pool.load(ModelSpec(str(broken), device="cpu"))
+        assert pool.status() == []
+
+
+def test_idle_models_expire_after_keep_alive(tiny_llava):
+    with ModelPool(PoolConfig(keep_alive=0.3, spare_worker=False)) as pool:
+        name = pool.load(ModelSpec(str(tiny_llava), device="cpu"))
+        pid = pool.status()[0].pid
+        deadline = time.monotonic() + 10
+        while name in pool and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert name not in pool
+        assert gone(pid)
+        with pytest.raises(ModelNotLoaded):
+            pool.caption(name, [], [], GenerationSpec())
+
+
+def test_budget_parsing():
+    total = 80 * 2**30
+    assert parse_budget(0.5, total) == 40 * 2**30
+    assert parse_budget("0.25", total) == 20 * 2**30
+    assert parse_budget("10GiB", total) == 10 * 2**30
+    assert parse_budget("1500MiB", total) == 1500 * 2**20
+    assert parse_budget("50%", total) == 40 * 2**30
+    assert parse_budget(3 * 2**30, total) == 3 * 2**30
