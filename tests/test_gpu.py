@@ -53,3 +53,21 @@ def test_a_budget_for_one_model_evicts_the_idle_one_first(tiny_llava, tiny_qwen)
     with ModelPool(PoolConfig(vram_budget=one // 2, spare_worker=False)) as pool:
         with pytest.raises(PoolFull, match="Raise --vram-budget"):
             pool.load(ModelSpec(str(tiny_llava), device="cuda"))
+
+
+def test_streamed_weights_caption_like_from_pretrained_on_the_gpu(tiny_models, image_dir):
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmux.backends.transformers import TransformersBackend
+    from vlmux.images import load_image
+
+    images = [load_image(path) for path in sorted(image_dir.iterdir())]
+    gen = GenerationSpec(max_new_tokens=8)
+    for arch, path in tiny_models.items():
+        backend = TransformersBackend(ModelSpec(str(path), device="cuda", dtype="bfloat16"), str(path))
+        assert backend.loader == "stream", backend.loader
+        streamed = backend.caption(images, ["Describe."] * len(images), gen)
+        backend.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
+        assert backend.caption(images, ["Describe."] * len(images), gen) == streamed, arch
+        backend.close()

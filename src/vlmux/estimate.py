@@ -2,14 +2,11 @@
 from __future__ import annotations
 
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-DTYPE_BYTES = {
-    "F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1, "BOOL": 1,
-}
+from vlmux.checkpoint import read_index
+
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, measured on the H200
 IMAGE_TOKENS = 1024  # visual tokens per image budgeted for (896x896 on Qwen2-VL; most models use fewer)
@@ -29,22 +26,9 @@ class Estimate:
 
 
 def count_parameters(model_dir: Path) -> tuple[int, int]:
-    """(parameters, bytes on disk) from the safetensors headers: an 8-byte length, then JSON. The format is
-    that simple, so reading the header beats importing a framework in the parent."""
-    parameters = stored = 0
-    for file in sorted(model_dir.glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            count = 1
-            for size in entry["shape"]:
-                count *= size
-            parameters += count
-            stored += count * DTYPE_BYTES.get(entry["dtype"], 2)
-    return parameters, stored
+    """(parameters, bytes on disk) from the safetensors headers."""
+    entries = read_index(model_dir).values()
+    return sum(e.numel for e in entries), sum(e.end - e.start for e in entries)
 
 
 def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, on_gpu: bool = True) -> Estimate:

@@ -156,11 +156,11 @@ class ModelPool:
         return future
 
     def switch(self, old: str, new: str | ModelSpec, name: str | None = None) -> tuple[str, vram.Release]:
-        """Unload `old` and load `new` at once: the new worker starts its device context and reads its weights
-        while the old one's memory is being returned and verified."""
-        releasing = self.unload_async(old)
-        loaded = self.load(new, name)
-        return loaded, releasing.result()
+        """Unload `old`, verify its memory is back, then load `new` in the spare worker. The release is verified
+        before the new context exists on purpose: NVML cannot tell two contexts' memory apart while one of them
+        is being created, so verifying during the next load would only measure noise."""
+        release = self.unload(old)
+        return self.load(new, name), release
 
     def sleep(self, name: str) -> None:
         resident = self._get(name)

@@ -1,0 +1,55 @@
+"""Weight loading throughput from a warm page cache (run on a GPU): from_pretrained against vlmux's streaming
+loader at a few reader settings, each in a fresh process so no run inherits another's warm allocator.
+
+Usage: python bench/load.py MODEL_DIR [MODEL_DIR ...]   (prints one JSON line per run)
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+CHILD = """
+import json, sys, time, torch
+from pathlib import Path
+path, method, readers, chunk = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+torch.empty(1, device="cuda"); torch.cuda.synchronize()
+start = time.perf_counter()
+if method == "from_pretrained":
+    from transformers import AutoModelForImageTextToText
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
+    size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+else:
+    from vlmux.backends.loader import StreamConfig, empty_model, stream_weights
+    model = empty_model(path, torch.bfloat16, "cuda:0", False)
+    built = time.perf_counter() - start
+    size = stream_weights(model, path, StreamConfig(readers, chunk << 20))
+torch.cuda.synchronize()
+seconds = time.perf_counter() - start
+print(json.dumps({"model": path.name, "method": method, "readers": readers, "chunk_mib": chunk,
+                  "seconds": round(seconds, 3), "gb": round(size / 1e9, 2), "gb_per_s": round(size / 1e9 / seconds, 1)}))
+"""
+
+VARIANTS = [("from_pretrained", 0, 0), ("stream", 4, 32), ("stream", 8, 32), ("stream", 8, 64), ("stream", 16, 16)]
+
+
+def main(models: list[str]) -> list[dict]:
+    results = []
+    for model in models:
+        for file in Path(model).glob("*.safetensors"):  # warm the page cache
+            with open(file, "rb") as f:
+                while f.read(64 << 20):
+                    pass
+        for method, readers, chunk in VARIANTS:
+            out = subprocess.run([sys.executable, "-c", CHILD, model, method, str(readers), str(chunk)],
+                                 capture_output=True, text=True)
+            line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps({"model": model, "method": method, "error": out.stderr[-500:]})
+            print(line, flush=True)
+            results.append(json.loads(line))
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

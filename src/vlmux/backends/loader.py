@@ -1,0 +1,183 @@
+"""Weight streaming: build the model with empty device tensors, then read the safetensors bytes from the page
+cache straight into them, several reader threads at once, each through two small pinned staging buffers.
+
+Why our own and not from_pretrained: it reads tensor by tensor through pageable memory (~4.4 GB/s measured
+on the H200 for the 2B shape), while pinned copies run at ~55 GB/s; and building the model empty first lets
+the caller warm the kernels up while the bytes are still arriving.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vlmux.checkpoint import TensorEntry, read_index
+
+TORCH_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I64": torch.int64,
+    "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    readers: int = 8
+    chunk_bytes: int = 32 << 20  # per staging buffer; two per reader
+
+
+class Unsupported(Exception):
+    """This checkpoint needs from_pretrained (renamed or missing tensors, remote code, quantisation)."""
+
+
+def empty_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: bool) -> nn.Module:
+    """The model with uninitialised parameters on `device` and its computed buffers (rotary tables) in place."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForImageTextToText, GenerationConfig
+
+    if trust_remote_code:
+        raise Unsupported("remote code may initialise weights its own way")
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if getattr(config, "quantization_config", None) is not None:
+        raise Unsupported("quantised checkpoint")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    replaced: dict[int, nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None:
+                if id(param) not in replaced:  # tied weights share one tensor, and keep sharing it
+                    empty = torch.empty(param.shape, dtype=param.dtype, device=device)
+                    replaced[id(param)] = nn.Parameter(empty, requires_grad=False)
+                module._parameters[name] = replaced[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = buffer.to(device)
+    if (path / "generation_config.json").exists():
+        model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
+    return model.eval()
+
+
+def stream_weights(model: nn.Module, path: Path, config: StreamConfig = StreamConfig()) -> int:
+    """Fill the model's tensors from the folder's safetensors files; returns the bytes read."""
+    matched = _match(model, read_index(path))
+    casts: list[tuple[torch.Tensor, torch.Tensor]] = []
+    pieces: list[tuple[Path, int, torch.Tensor]] = []
+    for name, (entry, target) in matched.items():
+        source_dtype = TORCH_DTYPES.get(entry.dtype)
+        if source_dtype is None:
+            raise Unsupported(f"{name}: dtype {entry.dtype}")
+        if source_dtype != target.dtype:  # read as stored, cast on the device
+            staged = torch.empty(entry.shape, dtype=source_dtype, device=target.device)
+            casts.append((target, staged))
+            target = staged
+        flat = target.reshape(-1).view(torch.uint8)
+        for offset in range(0, entry.end - entry.start, config.chunk_bytes):
+            length = min(config.chunk_bytes, entry.end - entry.start - offset)
+            pieces.append((entry.file, entry.start + offset, flat[offset : offset + length]))
+    pieces.sort(key=lambda piece: (str(piece[0]), piece[1]))
+    device = next(iter(matched.values()))[1].device
+    errors: list[BaseException] = []
+    readers = [
+        threading.Thread(target=_read, args=(pieces[i :: config.readers], device, config, errors), daemon=True)
+        for i in range(min(config.readers, len(pieces)))
+    ]
+    for reader in readers:
+        reader.start()
+    for reader in readers:
+        reader.join()
+    if errors:
+        raise errors[0]
+    with torch.no_grad():
+        for target, staged in casts:
+            target.copy_(staged)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return sum(entry.end - entry.start for entry, _ in matched.values())
+
+
+def _renamed(model: nn.Module, index: dict[str, TensorEntry]) -> dict[str, TensorEntry]:
+    """Checkpoint names as the model calls them, through transformers' own renaming rules (hub checkpoints keep
+    older layouts). Rules that transform tensors, not just names, are left to from_pretrained."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if isinstance(t, WeightConverter)]
+        meta = model.state_dict()
+        renamed = {}
+        for key, entry in index.items():
+            name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+            if converter is not None:
+                raise Unsupported(f"{key} needs a tensor conversion")
+            renamed[name] = entry
+        return renamed
+    except (ImportError, TypeError, AttributeError) as e:  # another transformers version's internals
+        raise Unsupported(f"cannot map checkpoint names with this transformers: {e}") from None
+
+
+def _match(model: nn.Module, index: dict[str, TensorEntry]) -> dict[str, tuple[TensorEntry, torch.Tensor]]:
+    """Pair each checkpoint tensor with the model tensor it fills, by the model's names."""
+    state = model.state_dict(keep_vars=True)
+    if any(name not in state for name in index):
+        index = _renamed(model, index)
+    unexpected = [name for name in index if name not in state]
+    covered = {id(state[name]) for name in index if name in state}
+    missing = [name for name, tensor in state.items() if name not in index and id(tensor) not in covered]
+    if unexpected or missing:
+        example = (unexpected or missing)[0]
+        raise Unsupported(f"checkpoint names differ from the model's ({len(unexpected)} unexpected, "
+                          f"{len(missing)} missing, e.g. {example})")
+    for name, entry in index.items():
+        if tuple(state[name].shape) != entry.shape:
+            raise Unsupported(f"{name}: shape {entry.shape} in the checkpoint, {tuple(state[name].shape)} in the model")
+    return {name: (entry, state[name].data) for name, entry in index.items()}
+
+
+def _read(pieces: list[tuple[Path, int, torch.Tensor]], device: torch.device, config: StreamConfig,
+          errors: list[BaseException]) -> None:
+    files: dict[Path, int] = {}
+    try:
+        if device.type != "cuda":
+            for file, offset, target in pieces:
+                _pread_into(_fd(files, file), memoryview(target.numpy()), offset)
+            return
+        stream = torch.cuda.Stream(device)
+        buffers = [torch.empty(config.chunk_bytes, dtype=torch.uint8, pin_memory=True) for _ in range(2)]
+        done: list[torch.cuda.Event | None] = [None, None]
+        for step, (file, offset, target) in enumerate(pieces):
+            slot = step % 2
+            if done[slot] is not None:
+                done[slot].synchronize()  # the copy out of this buffer has finished: it may be refilled
+            staging = buffers[slot][: target.numel()]
+            _pread_into(_fd(files, file), memoryview(staging.numpy()), offset)
+            with torch.cuda.stream(stream):
+                target.copy_(staging, non_blocking=True)
+                done[slot] = torch.cuda.Event()
+                done[slot].record(stream)
+        stream.synchronize()
+    except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread
+        errors.append(e)
+    finally:
+        for fd in files.values():
+            os.close(fd)
+
+
+def _fd(files: dict[Path, int], file: Path) -> int:
+    if file not in files:
+        files[file] = os.open(file, os.O_RDONLY)
+    return files[file]
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+    view = view.cast("B")
+    while view.nbytes:
+        count = os.preadv(fd, [view], offset)
+        if count == 0:
+            raise OSError(f"unexpected end of file at byte {offset}")
+        view, offset = view[count:], offset + count

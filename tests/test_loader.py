@@ -1,0 +1,48 @@
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from vlmux.backends.loader import StreamConfig, Unsupported, empty_model, stream_weights
+from vlmux.testing.tiny import ARCHITECTURES
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamed_weights_equal_from_pretrained(tiny_models, arch, dtype):
+    path = tiny_models[arch]
+    reference = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+    model = empty_model(path, dtype, "cpu", trust_remote_code=False)
+    read = stream_weights(model, path, StreamConfig(readers=3, chunk_bytes=4096))  # many pieces per tensor
+    assert read == sum(f.stat().st_size for f in path.glob("*.safetensors")) - _header_bytes(path)
+    expected, actual = reference.state_dict(), model.state_dict()
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert actual[name].dtype == expected[name].dtype, name
+        assert torch.equal(actual[name], expected[name]), name
+    if getattr(reference.config, "tie_word_embeddings", False):
+        assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_renamed_checkpoints_fall_back(tiny_llava, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for file in tiny_llava.iterdir():
+        if file.suffix != ".safetensors":
+            (renamed / file.name).write_bytes(file.read_bytes())
+    tensors = load_file(tiny_llava / "model.safetensors")
+    save_file({f"legacy.{name}": tensor for name, tensor in tensors.items()}, renamed / "model.safetensors")
+    model = empty_model(renamed, torch.float32, "cpu", trust_remote_code=False)
+    with pytest.raises(Unsupported, match="names differ"):
+        stream_weights(model, renamed)
+
+
+def _header_bytes(path) -> int:
+    import struct
+
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            total += 8 + struct.unpack("<Q", f.read(8))[0]
+    return total
