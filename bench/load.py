@@ -32,7 +32,7 @@ print(json.dumps({"model": path.name, "method": method, "readers": readers, "chu
                   "seconds": round(seconds, 3), "gb": round(size / 1e9, 2), "gb_per_s": round(size / 1e9 / seconds, 1)}))
 """
 
-VARIANTS = [("from_pretrained", 0, 0), ("stream", 4, 32), ("stream", 8, 32), ("stream", 8, 64), ("stream", 16, 16)]
+VARIANTS = [("from_pretrained", 0, 0), ("stream", 8, 32), ("stream", 16, 16)]
 
 
 def main(models: list[str]) -> list[dict]:
