@@ -118,30 +118,38 @@ def run_child(mode: str, models: list[Path], image: Path, rounds: int) -> dict:
 
 
 def in_process_child(image: Path, rounds: int, models: list[Path]) -> dict:
+    """What users do today in one process: from_pretrained, generate, then del + gc.collect() + empty_cache()."""
     import gc
 
     import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from vlmux.backends.transformers import TransformersBackend
     from vlmux.images import load_image
 
     picture = load_image(image)
     gpu = vram.physical_index("cuda:0")
     baseline = vram.gpu_memory(gpu).used
-    backend = TransformersBackend(ModelSpec(str(models[0]), device="cuda"), str(models[0]))
-    backend.caption([picture], [PROMPT], FIRST_ANSWER)
+
+    def load_and_answer(path: Path):
+        processor = AutoProcessor.from_pretrained(path)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
+        loaded = time.perf_counter()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = processor(text=[text], images=[[picture]], return_tensors="pt").to("cuda:0", dtype=torch.bfloat16)
+        model.generate(**inputs, max_new_tokens=FIRST_ANSWER.max_new_tokens, do_sample=False)
+        return model, processor, loaded
+
+    model, processor, _ = load_and_answer(models[0])
     switches = []
     for source, target in _order(models, rounds):
         t0 = time.perf_counter()
-        backend.model = backend.processor = None
-        del backend
+        del model, processor
         gc.collect()
         torch.cuda.empty_cache()
         t1 = time.perf_counter()
         residue = (vram.gpu_memory(gpu).used - baseline) / vram.MIB
-        backend = TransformersBackend(ModelSpec(str(target), device="cuda"), str(target))
-        t2 = time.perf_counter()
-        backend.caption([picture], [PROMPT], FIRST_ANSWER)
+        model, processor, t2 = load_and_answer(target)
         t3 = time.perf_counter()
         switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t3 - t0,
                          "unload_seconds": t1 - t0, "load_seconds": t2 - t1, "first_answer_seconds": t3 - t2,

@@ -46,3 +46,24 @@ def _header_bytes(path) -> int:
         with open(file, "rb") as f:
             total += 8 + struct.unpack("<Q", f.read(8))[0]
     return total
+
+
+def test_tied_embeddings_stay_tied_and_load_once(tiny_qwen, tmp_path):
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    tied = tmp_path / "tied"
+    shutil.copytree(tiny_qwen, tied)
+    config = json.loads((tied / "config.json").read_text())
+    config["tie_word_embeddings"] = config["text_config"]["tie_word_embeddings"] = True
+    (tied / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(tied)).save_pretrained(tied)
+    reference = AutoModelForImageTextToText.from_pretrained(tied)
+    model = empty_model(tied, torch.float32, "cpu", trust_remote_code=False)
+    stream_weights(model, tied)
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    for (name, expected), actual in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(actual, expected), name

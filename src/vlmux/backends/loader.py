@@ -56,6 +56,7 @@ def empty_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: 
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
                 module._buffers[name] = buffer.to(device)
+    model.tie_weights()  # some transformers versions tie only when loading weights, not in from_config
     if (path / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(path, local_files_only=True)
     return model.eval()
@@ -133,6 +134,9 @@ def _match(model: nn.Module, index: dict[str, TensorEntry]) -> dict[str, tuple[T
         example = (unexpected or missing)[0]
         raise Unsupported(f"checkpoint names differ from the model's ({len(unexpected)} unexpected, "
                           f"{len(missing)} missing, e.g. {example})")
+    filled = [id(state[name]) for name in index]
+    if len(set(filled)) != len(filled):
+        raise Unsupported("the checkpoint stores tied weights twice; from_pretrained decides which to keep")
     for name, entry in index.items():
         if tuple(state[name].shape) != entry.shape:
             raise Unsupported(f"{name}: shape {entry.shape} in the checkpoint, {tuple(state[name].shape)} in the model")
