@@ -8,7 +8,13 @@ def test_without_a_gpu_it_says_so(monkeypatch):
         pytest.skip("this machine has an NVIDIA GPU")
     assert "GPU" in vram.nvml_status()
     assert vram.gpus() == []
-    assert vram.NO_GPU.verified is None and "CPU" in str(vram.NO_GPU)
+
+
+
+def test_a_cpu_release_says_what_the_host_got_back():
+    release = vram.cpu_release(1234, alive=False, host_bytes=300 * vram.MIB)
+    assert release.verified is None and release.process_gone
+    assert str(release) == "released (CPU worker 1234 exited, its 300 MiB of host memory returned; no GPU memory to verify)"
 
 
 def test_physical_index_follows_cuda_visible_devices(monkeypatch):

@@ -111,9 +111,16 @@ def _caption(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _quiet_transformers() -> None:
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # "Writing model shards" bars say nothing about a few-MB model
+
+
 def _make_tiny(args: argparse.Namespace) -> int:
     from vlmux.testing.tiny import build_tiny
 
+    _quiet_transformers()
     path = build_tiny(args.out_dir, args.arch, args.seed)
     print(f"wrote a tiny {args.arch} model to {path}")
     return EXIT_OK
@@ -122,6 +129,7 @@ def _make_tiny(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from vlmux.demo import run_demo
 
+    _quiet_transformers()
     return run_demo(args.out, args.device)
 
 

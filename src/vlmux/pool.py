@@ -143,8 +143,9 @@ class ModelPool:
             try:
                 if resident.thread is not threading.current_thread():
                     resident.thread.join()
+                host_bytes = getattr(resident.worker, "private_bytes", lambda: None)()
                 resident.worker.stop(self.config.unload_grace)
-                self.last_release[name] = self._verify_release(resident)
+                self.last_release[name] = self._verify_release(resident, host_bytes)
                 future.set_result(self.last_release[name])
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(e)
@@ -312,11 +313,11 @@ class ModelPool:
         while resident.pending:
             _settle(resident.pending.popleft().future, error)
 
-    def _verify_release(self, resident: _Resident) -> vram.Release:
+    def _verify_release(self, resident: _Resident, host_bytes: int | None = None) -> vram.Release:
         if isinstance(resident.worker, InProcessWorker):
             return resident.worker.release_report()
         if resident.gpu is None:
-            return vram.NO_GPU
+            return vram.cpu_release(resident.worker.pid, resident.worker.alive, host_bytes)
         baseline = self._baselines[resident.gpu]
         return vram.wait_for_release(resident.gpu, resident.worker.pid, baseline, self.config.release_timeout)
 

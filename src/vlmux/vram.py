@@ -128,7 +128,11 @@ class Release:
         return f"{text} ({self.note})" if self.note else text
 
 
-NO_GPU = Release(None, None, None, 0.0, "CPU only: nothing on a GPU to give back")
+def cpu_release(pid: int, alive: bool, host_bytes: int | None) -> Release:
+    """A CPU worker holds no device memory; say what its exit gave back to the host instead."""
+    held = "" if host_bytes is None else f", its {host_bytes / MIB:.0f} MiB of host memory returned"
+    state = "still running" if alive else f"exited{held}"
+    return Release(None, not alive, None, 0.0, f"CPU worker {pid} {state}; no GPU memory to verify")
 
 
 def unattributed(index: int) -> int:

@@ -48,6 +48,15 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self.process.is_alive()
 
+    def private_bytes(self) -> int | None:
+        """Host memory only this worker holds (what its exit gives back; pages shared with the fork server are
+        not counted), from /proc; None where that cannot be read."""
+        try:
+            with open(f"/proc/{self.pid}/smaps_rollup") as f:
+                return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
+        except OSError:
+            return None
+
     def call(self, request: Request) -> Reply:
         """Send one request and wait for its reply; raises WorkerDied if the worker ends first."""
         with self._lock:
