@@ -2,6 +2,7 @@ import os
 
 # No test may reach a hub: models are built here, and hub code paths run against a loopback server.
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

@@ -39,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption images with one or more models in turn")
     caption.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
     caption.add_argument("-m", "--model", action="append", required=True, dest="models", help="hub id or local folder; repeat for several")
-    caption.add_argument("-o", "--output", type=Path, help="results file: .jsonl")
+    caption.add_argument("-o", "--output", type=Path, action="append", default=[], help="results file: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv (repeatable)")
     caption.add_argument("--sidecar", metavar="EXT", help="write IMAGE.EXT beside each image ({model} names models apart)")
     caption.add_argument("-r", "--recursive", action="store_true", help="search folders recursively")
     caption.add_argument("--prompt", help=f"instruction for the model (default: {DEFAULT_PROMPT!r})")
@@ -74,6 +74,7 @@ def _parser() -> argparse.ArgumentParser:
 def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.job import CaptionJob, run_job, summary_line
     from vlmux.caption.sinks import SidecarSink, open_output
+    from vlmux.caption.tables import MetadataSink
     from vlmux.caption.sources import UsageError, collect_images
     from vlmux.hub import resolve_model
 
@@ -88,10 +89,14 @@ def _caption(args: argparse.Namespace) -> int:
     specs = [ModelSpec(model, args.device, args.dtype) for model in dict.fromkeys(args.models)]
     for spec in specs:
         resolve_model(spec.model)  # fail on a misspelt model now, not after the first model's hour
-    sinks = []
-    if args.output is not None:
-        sinks.append(open_output(args.output))
-    if args.sidecar is not None or args.output is None:
+    if len(set(args.output)) != len(args.output):
+        raise UsageError("the same -o file is given twice")
+    sinks = [open_output(path) for path in args.output]
+    for sink in sinks:
+        if isinstance(sink, MetadataSink):
+            for ref in images:
+                sink.key(ref)  # every image must sit under the metadata file's folder: say so before any work
+    if args.sidecar is not None or not args.output:
         default = "txt" if len(specs) == 1 else "{model}.txt"
         sinks.append(SidecarSink(args.sidecar or default, [s.model for s in specs]))
     generation = GenerationSpec(prompt, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
@@ -105,7 +110,7 @@ def _caption(args: argparse.Namespace) -> int:
         print(summary_line(report))
         for sample in report.error_samples:
             print(f"  error: {sample}")
-    where = [str(args.output)] if args.output else []
+    where = [str(path) for path in args.output]
     where += [f"sidecar files *.{sink.extension}" for sink in sinks if isinstance(sink, SidecarSink)]
     print(f"{len(images)} images, {len(specs)} model(s); results in {', '.join(where)}")
     return EXIT_OK

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from tqdm import tqdm
@@ -12,6 +13,8 @@ from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
+from vlmux.worker.process import WorkerDied
+from vlmux.worker.protocol import ItemResult
 
 IN_FLIGHT = 2  # batches queued at the worker, so it never waits for the parent between batches
 
@@ -81,26 +84,44 @@ def _caption_all(job: CaptionJob, spec: ModelSpec, name: str, todo: list[ImageRe
                  report: ModelReport, progress: bool) -> None:
     bar = tqdm(total=len(todo), desc=spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    prompts = [job.generation.prompt] * job.batch_size
     try:
         in_flight: deque = deque()
         for offset in range(0, len(todo), job.batch_size):
             refs = todo[offset : offset + job.batch_size]
-            future = pool.submit_caption(name, [str(ref.path) for ref in refs], prompts[: len(refs)], job.generation, job.batch_size)
-            in_flight.append((refs, future))
+            in_flight.append((refs, _submit(job, pool, name, refs)))
             if len(in_flight) >= IN_FLIGHT:
-                _finish(in_flight.popleft(), job, spec, report, bar)
+                _finish(*in_flight.popleft(), job, spec, name, pool, report, bar)
         while in_flight:
-            _finish(in_flight.popleft(), job, spec, report, bar)
+            _finish(*in_flight.popleft(), job, spec, name, pool, report, bar)
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
+        for sink in job.sinks:
+            sink.flush()
 
 
-def _finish(batch, job: CaptionJob, spec: ModelSpec, report: ModelReport, bar: tqdm) -> None:
-    refs, future = batch
+def _submit(job: CaptionJob, pool: ModelPool, name: str, refs: list[ImageRef]) -> Future:
+    prompts = [job.generation.prompt] * len(refs)
+    return pool.submit_caption(name, [str(ref.path) for ref in refs], prompts, job.generation, job.batch_size)
+
+
+def _results(job: CaptionJob, pool: ModelPool, name: str, refs: list[ImageRef], future: Future) -> list[ItemResult]:
+    """The batch's results; if its worker died, the pool reloads the model and the batch is retried in halves,
+    so an image that kills the worker ends up as its own error record and the job goes on."""
+    try:
+        return future.result()
+    except WorkerDied as e:
+        if len(refs) == 1:
+            return [ItemResult(None, f"the worker died on this image: {e}")]
+        half = len(refs) // 2
+        return [result for part in (refs[:half], refs[half:])
+                for result in _results(job, pool, name, part, _submit(job, pool, name, part))]
+
+
+def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, spec: ModelSpec, name: str, pool: ModelPool,
+            report: ModelReport, bar: tqdm) -> None:
     pairs = []
-    for ref, result in zip(refs, future.result()):
+    for ref, result in zip(refs, _results(job, pool, name, refs, future)):
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
         pairs.append((ref, Record(ref.key, spec.model, caption, result.error)))
         if result.error is None:

@@ -1,5 +1,6 @@
-"""Where captions go: a JSONL file and sidecar text files. Every sink knows what it already holds, so a rerun
-resumes, and writes so that a kill at any moment leaves only whole records."""
+"""Where captions go: a JSONL file and sidecar text files (tables.py has CSV, Parquet and ImageFolder metadata).
+Every sink knows what it already holds, so a rerun resumes, and writes so that a kill at any moment leaves only
+whole records."""
 from __future__ import annotations
 
 import json
@@ -24,6 +25,7 @@ class Sink(Protocol):
     def done(self, ref: ImageRef, model: str) -> bool: ...
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None: ...
     def forget(self, keys: set[tuple[str, str]]) -> None: ...
+    def flush(self) -> None: ...  # called when a model finishes
     def close(self) -> None: ...
 
 
@@ -41,17 +43,20 @@ class JsonlSink:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # a kill mid-write leaves a partial last line: drop it
             data = data[: data.rfind(b"\n") + 1]
-            _atomic_write(self.path, data)
-        for line in data.decode("utf-8").splitlines():
-            if line.strip():
-                record = json.loads(line)
-                self._done.add((record["file"], record["model"]))
+            atomic_write(self.path, data)
+        self._done.update((record.file, record.model) for record in self.records())
+
+    def records(self) -> list[Record]:
+        if not self.path.exists():
+            return []
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [Record(**json.loads(line)) for line in lines if line.strip()]
 
     def done(self, ref: ImageRef, model: str) -> bool:
         return (ref.key, model) in self._done
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
-        lines = "".join(json.dumps(asdict(record), ensure_ascii=False) + "\n" for _, record in pairs)
+        lines = "".join(_line(record) for _, record in pairs)
         self._file.write(lines)
         self._file.flush()
         os.fsync(self._file.fileno())
@@ -62,11 +67,19 @@ class JsonlSink:
         if not keys & self._done:
             return
         self._file.close()
-        kept = [line for line in self.path.read_text(encoding="utf-8").splitlines(keepends=True)
-                if line.strip() and (json.loads(line)["file"], json.loads(line)["model"]) not in keys]
-        _atomic_write(self.path, "".join(kept).encode("utf-8"))
+        kept = [record for record in self.records() if (record.file, record.model) not in keys]
+        atomic_write(self.path, "".join(_line(record) for record in kept).encode("utf-8"))
         self._done -= keys
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def clear(self) -> None:
+        self._file.truncate(0)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._done.clear()
+
+    def flush(self) -> None:
+        pass  # every write is already on disk
 
     def close(self) -> None:
         self._file.close()
@@ -90,10 +103,13 @@ class SidecarSink:
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         for ref, record in pairs:
             if record.caption is not None:
-                _atomic_write(self.path_for(ref, record.model), (record.caption + "\n").encode("utf-8"))
+                atomic_write(self.path_for(ref, record.model), (record.caption + "\n").encode("utf-8"))
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
         pass  # overwritten in place when the new caption is written
+
+    def flush(self) -> None:
+        pass
 
     def close(self) -> None:
         pass
@@ -105,14 +121,26 @@ def model_tag(model: str) -> str:
 
 
 def open_output(path: Path) -> Sink:
+    """The sink for -o PATH: the name picks the format."""
+    from vlmux.caption.tables import MetadataSink, TableSink
+
     if not path.parent.exists():
         raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
-    if path.suffix.lower() == ".jsonl":
+    if path.name in ("metadata.jsonl", "metadata.csv"):
+        return MetadataSink(path)
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
         return JsonlSink(path)
-    raise UsageError(f"{path}: unsupported output format {path.suffix!r}; use .jsonl (or --sidecar txt)")
+    if suffix in (".csv", ".parquet"):
+        return TableSink(path)
+    raise UsageError(f"{path}: unsupported output format {path.suffix!r}; use .jsonl, .csv, .parquet or metadata.jsonl")
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
+def _line(record: Record) -> str:
+    return json.dumps(asdict(record), ensure_ascii=False) + "\n"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.vlmux-tmp")
     with open(temporary, "wb") as f:
         f.write(data)

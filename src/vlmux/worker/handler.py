@@ -73,17 +73,16 @@ class Handler:
             captions = self.backend.caption(
                 [decoded[i] for i in chunk], [request.prompts[i] for i in chunk], request.gen
             )
-        except OutOfMemory as e:
+        except Exception as e:  # noqa: BLE001 - one bad batch must not end the worker
             if len(chunk) == 1:
-                results[chunk[0]] = ItemResult(None, f"out of device memory even alone: {e}")
+                reason = f"out of device memory even alone: {e}" if isinstance(e, OutOfMemory) else f"{type(e).__name__}: {e}"
+                results[chunk[0]] = ItemResult(None, reason)
                 return
-            half = len(chunk) // 2  # a smaller batch often fits where the whole one did not
+            # Halve it: a smaller batch may fit where this one ran out of memory, and an image the processor
+            # rejects (too small, odd shape) then fails alone instead of taking its batch with it.
+            half = len(chunk) // 2
             self._caption_chunk(chunk[:half], decoded, request, results)
             self._caption_chunk(chunk[half:], decoded, request, results)
-            return
-        except Exception as e:  # noqa: BLE001 - one bad batch must not end the worker
-            for i in chunk:
-                results[i] = ItemResult(None, f"{type(e).__name__}: {e}")
             return
         for i, caption in zip(chunk, captions):
             results[i] = ItemResult(caption)

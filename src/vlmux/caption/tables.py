@@ -1,0 +1,138 @@
+"""Results as one table: CSV, Parquet, and Hugging Face ImageFolder metadata (metadata.jsonl / metadata.csv).
+
+A table cannot be appended to safely, so each batch goes first to a journal (JSONL, appended and fsynced beside
+the table), and the table is rewritten atomically from what it held plus the journal whenever a model finishes
+and when the job ends. A job killed at any point loses nothing: the next run reads the table and the journal.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from vlmux.caption.sinks import JsonlSink, Record, atomic_write, model_tag
+from vlmux.caption.sources import ImageRef, UsageError
+
+LONG_COLUMNS = ("file", "model", "caption", "error")
+
+
+class TableSink:
+    """Long tables: one row per (file, model) with the JSONL record's columns."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._rows: dict[tuple[str, str], Record] = {}
+        if path.exists():
+            for record in self._read():
+                self._rows[(record.file, record.model)] = record
+        self._journal = JsonlSink(path.with_name(f".{path.name}.journal.jsonl"))
+        for record in self._journal.records():
+            self._rows[(record.file, record.model)] = record
+
+    def key(self, ref: ImageRef) -> str:
+        return ref.key
+
+    def done(self, ref: ImageRef, model: str) -> bool:
+        return (self.key(ref), model) in self._rows
+
+    def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
+        keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error)) for ref, record in pairs]
+        self._journal.write(keyed)
+        for _, record in keyed:
+            self._rows[(record.file, record.model)] = record
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        self._journal.forget(keys)
+        for key in keys:
+            self._rows.pop(key, None)
+
+    def flush(self) -> None:
+        """Rewrite the table atomically from everything held, then drop the journal it now contains."""
+        atomic_write(self.path, self._encode(list(self._rows.values())))
+        self._journal.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._journal.close()
+        self._journal.path.unlink(missing_ok=True)
+
+    # -- formats ------------------------------------------------------------------------------------------
+
+    def _read(self) -> list[Record]:
+        if self.path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            rows = pq.read_table(self.path).to_pylist()
+        else:
+            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
+        return [Record(row["file"], row["model"], _none(row.get("caption")), _none(row.get("error"))) for row in rows]
+
+    def _encode(self, records: list[Record]) -> bytes:
+        rows = [asdict(record) for record in records]
+        if self.path.suffix == ".parquet":
+            return _parquet_bytes(rows, LONG_COLUMNS)
+        return _csv_bytes(rows, LONG_COLUMNS)
+
+
+class MetadataSink(TableSink):
+    """Hugging Face ImageFolder metadata: `file_name` relative to the metadata file's folder and one caption
+    column per model (named by model_tag). A missing caption is not a result, so a rerun tries it again."""
+
+    def key(self, ref: ImageRef) -> str:
+        try:
+            return ref.path.relative_to(self.path.parent.absolute()).as_posix()
+        except ValueError:
+            raise UsageError(f"{ref.path} is not inside {self.path.parent}: ImageFolder metadata must sit at or above its images") from None
+
+    def done(self, ref: ImageRef, model: str) -> bool:
+        record = self._rows.get((self.key(ref), model_tag(model)))
+        return record is not None and record.caption is not None
+
+    def _read(self) -> list[Record]:
+        if self.path.suffix == ".jsonl":
+            rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
+        # The wide layout keeps only the model's tag; a rerun with the same -m maps back to it by tag.
+        return [Record(row["file_name"], column, _none(value), None)
+                for row in rows for column, value in row.items() if column != "file_name"]
+
+    def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
+        super().write([(ref, Record(record.file, model_tag(record.model), record.caption, record.error)) for ref, record in pairs])
+
+    def forget(self, keys: set[tuple[str, str]]) -> None:
+        super().forget({(file, model_tag(model)) for file, model in keys})
+
+    def _encode(self, records: list[Record]) -> bytes:
+        columns = list(dict.fromkeys(record.model for record in records))
+        table: dict[str, dict[str, str | None]] = {}
+        for record in records:
+            table.setdefault(record.file, {"file_name": record.file})[record.model] = record.caption
+        rows = [table[name] for name in sorted(table)]
+        if self.path.suffix == ".jsonl":
+            return "".join(json.dumps({c: row.get(c) for c in ["file_name", *columns]}, ensure_ascii=False) + "\n" for row in rows).encode()
+        return _csv_bytes(rows, ("file_name", *columns))
+
+
+def _none(value):
+    return None if value in (None, "") else value
+
+
+def _csv_bytes(rows: list[dict], columns) -> bytes:
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _parquet_bytes(rows: list[dict], columns) -> bytes:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema([(column, pa.string()) for column in columns])
+    sink = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), sink)
+    return sink.getvalue()

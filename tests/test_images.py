@@ -1,0 +1,72 @@
+import io
+
+import pytest
+from PIL import Image
+
+from vlmux.images import ImageError, load_image
+
+
+def png_bytes(image: Image.Image, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=options.pop("format", "PNG"), **options)
+    return buffer.getvalue()
+
+
+def test_exif_rotation_is_applied():
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise to display
+    loaded = load_image(png_bytes(image, format="JPEG", exif=exif))
+    assert loaded.size == (20, 40)
+
+
+@pytest.mark.parametrize("mode", ["CMYK", "I;16", "LA", "L", "1"])
+def test_unusual_modes_become_rgb(mode):
+    image = Image.new(mode, (16, 16))
+    data = png_bytes(image, format="JPEG" if mode == "CMYK" else "PNG")
+    assert load_image(data).mode == "RGB"
+
+
+def test_palette_with_transparency_is_composited_on_white():
+    image = Image.new("P", (8, 8), 0)
+    image.putpalette([10, 20, 30] + [0] * 765)
+    loaded = load_image(png_bytes(image, transparency=0))
+    assert loaded.getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_animation_gives_its_first_frame():
+    frames = [Image.new("RGB", (8, 8), color) for color in ((255, 0, 0), (0, 0, 255))]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format="GIF", save_all=True, append_images=frames[1:])
+    assert load_image(buffer.getvalue()).getpixel((0, 0))[0] > 200
+
+
+def test_large_jpegs_are_decoded_at_reduced_size():
+    big = png_bytes(Image.new("RGB", (4000, 3000), (0, 128, 0)), format="JPEG")
+    assert max(load_image(big).size) <= 2000
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "not an image"),
+    (b"hello, I am text", "not an image"),
+])
+def test_non_images_are_image_errors(data, reason):
+    with pytest.raises(ImageError, match=reason):
+        load_image(data)
+
+
+def test_truncated_file_is_an_image_error():
+    data = png_bytes(Image.effect_noise((64, 64), 50).convert("RGB"), format="JPEG")
+    with pytest.raises(ImageError, match="decode"):
+        load_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_is_reported_not_raised_as_a_crash():
+    bomb = png_bytes(Image.new("1", (20000, 20000)))
+    with pytest.raises(ImageError, match="decompression bomb"):
+        load_image(bomb)
+
+
+def test_missing_file_names_itself(tmp_path):
+    with pytest.raises(ImageError, match="file not found"):
+        load_image(tmp_path / "nope.png")

@@ -1,0 +1,161 @@
+"""Caption jobs end to end through the CLI: several models, every output format, resume after a kill, bad images."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlmux.caption.sinks import model_tag
+from vlmux.testing.tiny import draw_sample_images
+
+
+def start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *args, "--no-progress"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    process = start(*args)
+    stdout, stderr = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def parquet(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path).to_pylist()
+
+
+def test_a_job_killed_in_the_middle_of_model_b_resumes_with_exactly_one_record_per_pair(tmp_path, tiny_llava, tiny_qwen):
+    images = tmp_path / "images"
+    draw_sample_images(images, count=40, seed=5)
+    out_jsonl, out_parquet = tmp_path / "out.jsonl", tmp_path / "out.parquet"
+    args = [str(images), "-m", str(tiny_llava), "-m", str(tiny_qwen), "-o", str(out_jsonl), "-o", str(out_parquet),
+            "--batch-size", "1", "--max-new-tokens", "24"]
+    job = start(*args)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if out_jsonl.exists() and any(row["model"] == str(tiny_qwen) for row in jsonl(out_jsonl)):
+            break
+        time.sleep(0.05)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    killed_at = len(jsonl(out_jsonl))
+    assert 40 < killed_at < 80, f"the kill should land inside model B, {killed_at} records were written"
+
+    rerun = run(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"{killed_at - 40} already done" in rerun.stdout
+    expected = {(path.name, str(model)) for path in images.iterdir() for model in (tiny_llava, tiny_qwen)}
+    for rows in (jsonl(out_jsonl), parquet(out_parquet)):
+        pairs = [(row["file"], row["model"]) for row in rows]
+        assert len(pairs) == len(set(pairs)) == 80
+        assert set(pairs) == expected
+        assert all(row["caption"] and row["error"] is None for row in rows)
+    assert not list(tmp_path.glob(".*journal*"))  # the finished job folded its journal into the table
+
+
+def make_bad_images(folder: Path) -> dict[str, bool]:
+    """Every kind of awkward file, and whether it should be captioned (True) or get an error record (False)."""
+    folder.mkdir()
+    draw_sample_images(folder, count=3, seed=9)
+    good = Image.effect_noise((64, 48), 40).convert("RGB")
+    kinds = {path.name: True for path in folder.iterdir()}
+    (folder / "zero.jpg").write_bytes(b"")
+    kinds["zero.jpg"] = False
+    good.save(folder / "whole.jpg", quality=90)
+    data = (folder / "whole.jpg").read_bytes()
+    (folder / "whole.jpg").unlink()
+    (folder / "truncated.jpg").write_bytes(data[: len(data) // 2])
+    kinds["truncated.jpg"] = False
+    (folder / "notes.png").write_text("this is not a picture")
+    kinds["notes.png"] = False
+    good.save(folder / "png_named.jpg", format="PNG")  # wrong extension: the content decides
+    kinds["png_named.jpg"] = True
+    Image.new("1", (20000, 20000)).save(folder / "bomb.png")
+    kinds["bomb.png"] = False
+    good.convert("CMYK").save(folder / "cmyk.jpg")
+    kinds["cmyk.jpg"] = True
+    Image.new("I;16", (40, 30), 30000).save(folder / "sixteen.png")
+    kinds["sixteen.png"] = True
+    palette = good.convert("P")
+    palette.save(folder / "palette.png", transparency=0)
+    kinds["palette.png"] = True
+    frames = [good, Image.new("RGB", (64, 48), (0, 0, 255))]
+    frames[0].save(folder / "animated.gif", save_all=True, append_images=frames[1:])
+    kinds["animated.gif"] = True
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    good.save(folder / "rotated.jpg", exif=exif)
+    kinds["rotated.jpg"] = True
+    Image.effect_noise((5000, 3500), 30).convert("RGB").save(folder / "huge.jpg", quality=80)
+    kinds["huge.jpg"] = True
+    Image.new("RGB", (1, 1), (255, 0, 0)).save(folder / "tiny.png")
+    kinds["tiny.png"] = True
+    return kinds
+
+
+@pytest.mark.parametrize("model", ["tiny_qwen", "tiny_llava"])
+def test_bad_images_get_one_line_errors_and_never_stop_the_job(tmp_path, model, request):
+    path = request.getfixturevalue(model)
+    kinds = make_bad_images(tmp_path / "mixed")
+    out = tmp_path / "out.jsonl"
+    result = run(str(tmp_path / "mixed"), "-m", str(path), "-o", str(out), "--batch-size", "4", "--max-new-tokens", "4")
+    assert result.returncode == 0, result.stderr
+    rows = {row["file"]: row for row in jsonl(out)}
+    assert set(rows) == set(kinds)
+    for name, captioned in kinds.items():
+        row = rows[name]
+        if captioned:
+            assert row["caption"] and row["error"] is None, row
+        else:
+            assert row["caption"] is None and row["error"] and "\n" not in row["error"], row
+    errors = sum(not captioned for captioned in kinds.values())
+    assert f"{len(kinds) - errors} captioned, {errors} errors" in result.stdout
+    assert "bomb.png: image too large" in result.stdout
+
+
+def test_imagefolder_metadata_loads_with_datasets_and_has_a_column_per_model(tmp_path, tiny_llava, tiny_qwen):
+    import datasets
+
+    data = tmp_path / "data"
+    draw_sample_images(data / "train", count=4, seed=2)
+    metadata = data / "train" / "metadata.jsonl"
+    result = run(str(data), "-r", "-m", str(tiny_llava), "-m", str(tiny_qwen), "-o", str(metadata), "--max-new-tokens", "5")
+    assert result.returncode == 0, result.stderr
+    dataset = datasets.load_dataset("imagefolder", data_dir=str(data), split="train")
+    assert len(dataset) == 4
+    columns = {model_tag(str(tiny_llava)), model_tag(str(tiny_qwen))}
+    assert columns <= set(dataset.column_names) and "image" in dataset.column_names
+    assert all(dataset[column][0] for column in columns)
+    rerun = run(str(data), "-r", "-m", str(tiny_llava), "-o", str(metadata))
+    assert "4 already done" in rerun.stdout
+
+
+def test_csv_output_holds_one_row_per_pair_and_resumes(tmp_path, tiny_llava, image_dir):
+    import csv
+
+    out = tmp_path / "out.csv"
+    first = run(str(image_dir), "-m", str(tiny_llava), "-o", str(out), "--max-new-tokens", "4")
+    assert first.returncode == 0, first.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert len(rows) == 5 and {row["model"] for row in rows} == {str(tiny_llava)}
+    again = run(str(image_dir), "-m", str(tiny_llava), "-o", str(out))
+    assert "5 already done" in again.stdout
+    assert list(csv.DictReader(out.open())) == rows
+
+
+def test_metadata_outside_the_images_folder_is_a_usage_error(tmp_path, tiny_llava, image_dir):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run(str(image_dir), "-m", str(tiny_llava), "-o", str(elsewhere / "metadata.jsonl"))
+    assert result.returncode == 2 and "must sit at or above its images" in result.stderr
