@@ -36,18 +36,25 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmux", description="Caption images with many vision-language models, VRAM given back between them.")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    caption = commands.add_parser("caption", help="caption images with one or more models in turn")
-    caption.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    caption.add_argument("-m", "--model", action="append", required=True, dest="models", help="hub id or local folder; repeat for several")
-    caption.add_argument("-o", "--output", type=Path, action="append", default=[], help="results file: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv (repeatable)")
+    caption = commands.add_parser(
+        "caption", help="caption images with one or more models in turn",
+        epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size and --dtype given after a -m apply to that "
+               "model only; given before any -m, to all. Prompts may use {file}, {folder} and {existing}.")
+    caption.add_argument("inputs", nargs="+", metavar="INPUT",
+                         help="image files, folders, a .txt list of paths, a .csv/.parquet with a path column, or a saved HF dataset")
+    caption.add_argument("-m", "--model", action=_ModelAction, dest="models", default=[], help="hub id or local folder; repeat for several")
+    caption.add_argument("--job", type=Path, help="a TOML job file listing the models and their settings")
+    caption.add_argument("-o", "--output", type=Path, action="append", default=[],
+                         help="results file: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv (repeatable)")
     caption.add_argument("--sidecar", metavar="EXT", help="write IMAGE.EXT beside each image ({model} names models apart)")
     caption.add_argument("-r", "--recursive", action="store_true", help="search folders recursively")
-    caption.add_argument("--prompt", help=f"instruction for the model (default: {DEFAULT_PROMPT!r})")
-    caption.add_argument("--prompt-file", type=Path, help="read the prompt from a file")
-    caption.add_argument("--max-new-tokens", type=int, default=64)
-    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--image-column", help="the image column of a table or dataset input")
+    caption.add_argument("--prompt", action=_PerModel, help=f"instruction for the model (default: {DEFAULT_PROMPT!r})")
+    caption.add_argument("--prompt-file", action=_PerModel, help="read the prompt from a file")
+    caption.add_argument("--max-new-tokens", action=_PerModel, type=int)
+    caption.add_argument("--batch-size", action=_PerModel, type=int)
     caption.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    caption.add_argument("--dtype", default="auto", choices=DTYPES)
+    caption.add_argument("--dtype", action=_PerModel, choices=DTYPES)
     caption.add_argument("--prefix", default="", help="text put before each caption")
     caption.add_argument("--suffix", default="", help="text put after each caption")
     caption.add_argument("--overwrite", action="store_true", help="redo images that already have results")
@@ -55,6 +62,7 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--temperature", type=float, default=1.0)
     caption.add_argument("--top-p", type=float, default=1.0)
     caption.add_argument("--seed", type=int)
+    caption.add_argument("--report", type=Path, help="write an HTML run report here (and the same numbers as .json)")
     caption.add_argument("--no-progress", action="store_true")
     caption.set_defaults(run=_caption)
 
@@ -71,48 +79,86 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ModelAction(argparse.Action):
+    """-m MODEL: starts a model entry that the per-model options after it fill in."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.models = [*namespace.models, {"model": value}]
+
+
+class _PerModel(argparse.Action):
+    def __call__(self, parser, namespace, value, option_string=None):
+        models = getattr(namespace, "models", None) or []
+        if models:
+            models[-1][self.dest] = value
+        else:
+            defaults = dict(getattr(namespace, "model_defaults", None) or {})
+            defaults[self.dest] = value
+            namespace.model_defaults = defaults
+
+
 def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.job import CaptionJob, run_job, summary_line
+    from vlmux.caption.plan import plans_from_file, plans_from_options
     from vlmux.caption.sinks import SidecarSink, open_output
-    from vlmux.caption.tables import MetadataSink
     from vlmux.caption.sources import UsageError, collect_images
+    from vlmux.caption.tables import MetadataSink
     from vlmux.hub import resolve_model
 
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise UsageError("--batch-size and --max-new-tokens must be at least 1")
-    prompt = args.prompt or DEFAULT_PROMPT
-    if args.prompt_file is not None:
-        if not args.prompt_file.is_file():
-            raise UsageError(f"{args.prompt_file}: no such prompt file")
-        prompt = args.prompt_file.read_text(encoding="utf-8").strip()
-    images = collect_images(args.inputs, args.recursive)
-    specs = [ModelSpec(model, args.device, args.dtype) for model in dict.fromkeys(args.models)]
-    for spec in specs:
-        resolve_model(spec.model)  # fail on a misspelt model now, not after the first model's hour
+    defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
+                **(getattr(args, "model_defaults", None) or {})}
+    if args.job is not None:
+        if args.models:
+            raise UsageError("give the models either with -m or in --job, not both")
+        plans = plans_from_file(args.job, defaults, args.device)
+    elif args.models:
+        plans = plans_from_options(args.models, defaults, args.device)
+    else:
+        raise UsageError("name at least one model with -m MODEL (or a --job file)")
+    if len({plan.spec.model for plan in plans}) != len(plans):
+        raise UsageError("the same model is listed twice")
+    images = collect_images(args.inputs, args.recursive, args.image_column)
+    for plan in plans:
+        resolve_model(plan.spec.model)  # fail on a misspelt model now, not after the first model's hour
     if len(set(args.output)) != len(args.output):
         raise UsageError("the same -o file is given twice")
+    in_datasets = any(ref.path is None for ref in images)
+    if in_datasets and (args.sidecar or not args.output):
+        raise UsageError("images inside a dataset have no folder for sidecar files: write results with -o")
     sinks = [open_output(path) for path in args.output]
     for sink in sinks:
         if isinstance(sink, MetadataSink):
             for ref in images:
                 sink.key(ref)  # every image must sit under the metadata file's folder: say so before any work
     if args.sidecar is not None or not args.output:
-        default = "txt" if len(specs) == 1 else "{model}.txt"
-        sinks.append(SidecarSink(args.sidecar or default, [s.model for s in specs]))
-    generation = GenerationSpec(prompt, args.max_new_tokens, args.sample, args.temperature, args.top_p, args.seed)
-    job = CaptionJob(images, specs, generation, sinks, args.batch_size, args.prefix, args.suffix, args.overwrite)
+        default = "txt" if len(plans) == 1 else "{model}.txt"
+        sinks.append(SidecarSink(args.sidecar or default, [plan.spec.model for plan in plans]))
+    if len(plans) > 1 and not args.no_progress:
+        for plan in plans:
+            print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, batch {plan.batch_size}")
+    job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix, overwrite=args.overwrite)
+    recorder = None
+    if args.report is not None:
+        from vlmux.caption.report import Recorder
+
+        recorder = Recorder()
     try:
-        reports = run_job(job, PoolConfig(max_batch_size=args.batch_size), progress=not args.no_progress)
+        reports = run_job(job, PoolConfig(max_batch_size=max(plan.batch_size for plan in plans)),
+                          progress=not args.no_progress, event=recorder.event if recorder else None)
     finally:
         for sink in sinks:
             sink.close()
+        if recorder is not None:
+            recorder.stop()
     for report in reports:
         print(summary_line(report))
         for sample in report.error_samples:
             print(f"  error: {sample}")
+    if recorder is not None:
+        print(f"report: {recorder.write(args.report, reports)}")
     where = [str(path) for path in args.output]
     where += [f"sidecar files *.{sink.extension}" for sink in sinks if isinstance(sink, SidecarSink)]
-    print(f"{len(images)} images, {len(specs)} model(s); results in {', '.join(where)}")
+    print(f"{len(images)} images, {len(plans)} model(s); results in {', '.join(where)}")
     return EXIT_OK
 
 

@@ -201,11 +201,11 @@ class ModelPool:
     def submit_caption(
         self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec, batch_size: int | None = None
     ) -> Future:
-        """Queue images for captioning; the future gives one ItemResult per image."""
+        """Queue images for captioning; the future gives Captions: one ItemResult per image, and token counts."""
         return self.submit(name, Caption(list(items), list(prompts), gen, batch_size or self.config.max_batch_size))
 
     def caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec) -> list[ItemResult]:
-        return self.submit_caption(name, items, prompts, gen).result()
+        return self.submit_caption(name, items, prompts, gen).result().results
 
     def chat(self, name: str, messages: list[dict], gen: GenerationSpec) -> str:
         return self.submit(name, Chat(messages, gen)).result()
@@ -296,7 +296,9 @@ class ModelPool:
             return
         offset = 0
         for request in batch:
-            _settle(request.future, reply.results[offset : offset + request.size])
+            results = reply.results[offset : offset + request.size]
+            share = reply.tokens * request.size // max(1, len(reply.results))  # tokens are counted per worker call
+            _settle(request.future, Captions(results, reply.seconds, sum(r.error is None for r in results), share))
             offset += request.size
 
     def _on_death(self, resident: _Resident, batch: list[_Request], error: WorkerDied) -> None:

@@ -51,6 +51,7 @@ class TransformersBackend:
         # The parent resolved `path` to a local folder already: nothing here reaches the network.
         common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
         self.timings: dict[str, float] = {}
+        self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # ~0.1-0.3 s of driver work, overlapped with reading the processor
         self.processor = AutoProcessor.from_pretrained(path, **common)
@@ -129,6 +130,7 @@ class TransformersBackend:
             torch.cuda.empty_cache()
             raise OutOfMemory(str(e).splitlines()[0]) from None
         new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     def sleep(self) -> None:

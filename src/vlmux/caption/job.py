@@ -5,16 +5,18 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Callable
 
 from tqdm import tqdm
 
 from vlmux import vram
+from vlmux.caption.plan import ModelPlan, render_prompt
 from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
 from vlmux.worker.process import WorkerDied
-from vlmux.worker.protocol import ItemResult
+from vlmux.worker.protocol import Captions, ItemResult
 
 IN_FLIGHT = 2  # batches queued at the worker, so it never waits for the parent between batches
 
@@ -22,13 +24,16 @@ IN_FLIGHT = 2  # batches queued at the worker, so it never waits for the parent 
 @dataclass(frozen=True)
 class CaptionJob:
     images: list[ImageRef]
-    models: list[ModelSpec]
+    models: list[ModelPlan | ModelSpec]  # a bare ModelSpec runs with `generation` and `batch_size`
     generation: GenerationSpec
     sinks: list[Sink]
     batch_size: int = 8
     prefix: str = ""
     suffix: str = ""
     overwrite: bool = False
+
+    def plans(self) -> list[ModelPlan]:
+        return [m if isinstance(m, ModelPlan) else ModelPlan(m, self.generation, self.batch_size) for m in self.models]
 
 
 @dataclass
@@ -37,8 +42,10 @@ class ModelReport:
     captioned: int = 0
     errors: int = 0
     skipped: int = 0
+    tokens: int = 0
     load_seconds: float = 0.0
     caption_seconds: float = 0.0
+    unload_seconds: float = 0.0
     release: vram.Release | None = None
     error_samples: list[str] = field(default_factory=list)
 
@@ -47,28 +54,45 @@ class ModelReport:
         done = self.captioned + self.errors
         return done / self.caption_seconds if self.caption_seconds else 0.0
 
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.caption_seconds if self.caption_seconds else 0.0
 
-def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True) -> list[ModelReport]:
+
+Event = Callable[[str, str], None]  # (model, what happened): load_start, loaded, unload_start, unloaded
+
+
+def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
+    mark = event or (lambda model, what: None)
     reports = []
     with ModelPool(pool_config) as pool:
         resident: tuple[str, ModelReport] | None = None  # the model still loaded from the previous turn
-        for spec in job.models:
-            report = ModelReport(spec.model)
+        for plan in job.plans():
+            report = ModelReport(plan.spec.model)
             reports.append(report)
-            todo = _todo(job, spec, report)
+            todo = _todo(job, plan.spec, report)
             if not todo:
                 continue
+            if resident is not None:
+                _unload(pool, *resident, mark)
+            mark(plan.spec.model, "load_start")
             start = time.perf_counter()
-            if resident is None:
-                name = pool.load(spec)
-            else:  # the next worker loads while the previous one's memory is returned and verified
-                name, resident[1].release = pool.switch(resident[0], spec)
+            name = pool.load(plan.spec)
             report.load_seconds = time.perf_counter() - start
+            mark(plan.spec.model, "loaded")
             resident = (name, report)
-            _caption_all(job, spec, name, todo, pool, report, progress)
+            _caption_all(job, plan, name, todo, pool, report, progress)
         if resident is not None:
-            resident[1].release = pool.unload(resident[0])
+            _unload(pool, *resident, mark)
     return reports
+
+
+def _unload(pool: ModelPool, name: str, report: ModelReport, mark: Event) -> None:
+    mark(report.model, "unload_start")
+    start = time.perf_counter()
+    report.release = pool.unload(name)
+    report.unload_seconds = time.perf_counter() - start
+    mark(report.model, "unloaded")
 
 
 def _todo(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:
@@ -80,19 +104,19 @@ def _todo(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRe
     return todo
 
 
-def _caption_all(job: CaptionJob, spec: ModelSpec, name: str, todo: list[ImageRef], pool: ModelPool,
+def _caption_all(job: CaptionJob, plan: ModelPlan, name: str, todo: list[ImageRef], pool: ModelPool,
                  report: ModelReport, progress: bool) -> None:
-    bar = tqdm(total=len(todo), desc=spec.model, unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
     try:
         in_flight: deque = deque()
-        for offset in range(0, len(todo), job.batch_size):
-            refs = todo[offset : offset + job.batch_size]
-            in_flight.append((refs, _submit(job, pool, name, refs)))
+        for offset in range(0, len(todo), plan.batch_size):
+            refs = todo[offset : offset + plan.batch_size]
+            in_flight.append((refs, _submit(plan, pool, name, refs)))
             if len(in_flight) >= IN_FLIGHT:
-                _finish(*in_flight.popleft(), job, spec, name, pool, report, bar)
+                _finish(*in_flight.popleft(), job, plan, name, pool, report, bar)
         while in_flight:
-            _finish(*in_flight.popleft(), job, spec, name, pool, report, bar)
+            _finish(*in_flight.popleft(), job, plan, name, pool, report, bar)
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
@@ -100,30 +124,33 @@ def _caption_all(job: CaptionJob, spec: ModelSpec, name: str, todo: list[ImageRe
             sink.flush()
 
 
-def _submit(job: CaptionJob, pool: ModelPool, name: str, refs: list[ImageRef]) -> Future:
-    prompts = [job.generation.prompt] * len(refs)
-    return pool.submit_caption(name, [str(ref.path) for ref in refs], prompts, job.generation, job.batch_size)
+def _submit(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef]) -> Future:
+    prompts = [render_prompt(plan.generation.prompt, ref) for ref in refs]
+    items = [ref.payload() for ref in refs]
+    return pool.submit_caption(name, items, prompts, plan.generation, plan.batch_size)
 
 
-def _results(job: CaptionJob, pool: ModelPool, name: str, refs: list[ImageRef], future: Future) -> list[ItemResult]:
+def _results(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef], future: Future) -> Captions:
     """The batch's results; if its worker died, the pool reloads the model and the batch is retried in halves,
     so an image that kills the worker ends up as its own error record and the job goes on."""
     try:
         return future.result()
     except WorkerDied as e:
         if len(refs) == 1:
-            return [ItemResult(None, f"the worker died on this image: {e}")]
+            return Captions([ItemResult(None, f"the worker died on this image: {e}")], 0.0, 0, 0)
         half = len(refs) // 2
-        return [result for part in (refs[:half], refs[half:])
-                for result in _results(job, pool, name, part, _submit(job, pool, name, part))]
+        parts = [_results(plan, pool, name, part, _submit(plan, pool, name, part)) for part in (refs[:half], refs[half:])]
+        return Captions(parts[0].results + parts[1].results, 0.0, 0, parts[0].tokens + parts[1].tokens)
 
 
-def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, spec: ModelSpec, name: str, pool: ModelPool,
+def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, plan: ModelPlan, name: str, pool: ModelPool,
             report: ModelReport, bar: tqdm) -> None:
     pairs = []
-    for ref, result in zip(refs, _results(job, pool, name, refs, future)):
+    captions = _results(plan, pool, name, refs, future)
+    report.tokens += captions.tokens
+    for ref, result in zip(refs, captions.results):
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
-        pairs.append((ref, Record(ref.key, spec.model, caption, result.error)))
+        pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))
         if result.error is None:
             report.captioned += 1
         else:
@@ -138,7 +165,8 @@ def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, spec: ModelSp
 def summary_line(report: ModelReport) -> str:
     parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
     if report.caption_seconds:
-        parts.append(f"{report.images_per_second:.1f} images/s, load {report.load_seconds:.1f} s")
+        parts.append(f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, "
+                     f"load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
     if report.release is not None:
         parts.append(str(report.release))
     return ", ".join(parts)

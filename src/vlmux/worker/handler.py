@@ -53,6 +53,7 @@ class Handler:
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
 
     def _caption(self, request: Caption, start: float) -> Reply:
+        tokens_before = getattr(self.backend, "generated_tokens", 0)
         decoded = list(self._decoder.map(_decode, request.items))
         results: list[ItemResult | None] = [None] * len(decoded)
         good = []
@@ -64,7 +65,8 @@ class Handler:
         for offset in range(0, len(good), request.batch_size):
             chunk = good[offset : offset + request.batch_size]
             self._caption_chunk(chunk, decoded, request, results)
-        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, len(good))
+        tokens = getattr(self.backend, "generated_tokens", 0) - tokens_before
+        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, len(good), tokens)
 
     def _caption_chunk(self, chunk: list[int], decoded: list, request: Caption, results: list) -> None:
         from vlmux.backends.base import OutOfMemory

@@ -66,6 +66,7 @@ class Captions:
     results: list[ItemResult]
     seconds: float
     generated: int  # images that reached the model, for rates
+    tokens: int = 0  # new tokens generated, for tokens/s
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""What runs with which settings: per-model prompts from the command line or a TOML job file, and prompt
+templates with {file}, {folder} and {existing}."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vlmux.caption.sources import ImageRef, UsageError
+from vlmux.config import GenerationSpec, ModelSpec
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype")
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    spec: ModelSpec
+    generation: GenerationSpec
+    batch_size: int = 8
+
+
+def render_prompt(template: str, ref: ImageRef) -> str:
+    """Fill {file}, {folder} and {existing}; other braces stay as written (prompts may hold JSON)."""
+    if "{" not in template:
+        return template
+    folder = ref.path.parent.name if ref.path is not None else ""
+    file = ref.path.name if ref.path is not None else ref.key
+    existing = ref.existing_caption() if "{existing}" in template else ""
+    return template.replace("{file}", file).replace("{folder}", folder).replace("{existing}", existing)
+
+
+def plans_from_options(models: list[dict], defaults: dict, device: str) -> list[ModelPlan]:
+    """`models` is one dict per -m, holding the options given after it; `defaults` holds those given before."""
+    return [_plan({**defaults, **{k: v for k, v in model.items() if v is not None}}, device) for model in models]
+
+
+def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]:
+    """A TOML job file: optional [defaults] and one [[model]] table per model (model = "...", plus any of
+    prompt, prompt_file, max_new_tokens, batch_size, dtype). Command-line options override [defaults]."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise UsageError(f"{path}: cannot read the job file: {e}") from None
+    models = data.get("model") or []
+    if not models or not all(isinstance(entry, dict) and "model" in entry for entry in models):
+        raise UsageError(f'{path}: needs one or more [[model]] tables with model = "hub id or folder"')
+    defaults = {**data.get("defaults", {}), **{k: v for k, v in overrides.items() if v is not None}}
+    return [_plan({**defaults, **entry}, device, base=path.parent) for entry in models]
+
+
+def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
+    unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed"}
+    if unknown:
+        raise UsageError(f"unknown model options {sorted(unknown)}; known: model, prompt_file, {', '.join(PER_MODEL)}")
+    prompt = options.get("prompt")
+    if options.get("prompt_file"):
+        prompt_file = Path(options["prompt_file"])
+        prompt_file = prompt_file if prompt_file.is_absolute() or base is None else base / prompt_file
+        if not prompt_file.is_file():
+            raise UsageError(f"{prompt_file}: no such prompt file")
+        prompt = prompt_file.read_text(encoding="utf-8").strip()
+    generation = GenerationSpec(max_new_tokens=int(options.get("max_new_tokens") or 64),
+                                do_sample=bool(options.get("sample")), temperature=float(options.get("temperature") or 1.0),
+                                top_p=float(options.get("top_p") or 1.0), seed=options.get("seed"))
+    if prompt:
+        generation = replace(generation, prompt=prompt)
+    batch_size = int(options.get("batch_size") or 8)
+    if batch_size < 1:
+        raise UsageError("batch_size must be at least 1")
+    spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto")
+    return ModelPlan(spec, generation, batch_size)
