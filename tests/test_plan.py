@@ -1,0 +1,120 @@
+"""Per-model settings, job files, prompt templates and the less common sources, through the CLI."""
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vlmux import pipeline
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vlmux.cli", "caption", *args, "--no-progress"],
+                          capture_output=True, text=True, timeout=300, cwd=cwd)
+
+
+def captions(path: Path) -> dict[tuple[str, str], str]:
+    return {(row["file"], row["model"]): row["caption"] for row in map(json.loads, path.read_text().splitlines())}
+
+
+def expected(model: Path, images: list[Path], prompt_for, max_new_tokens: int) -> dict[tuple[str, str], str]:
+    with pipeline(str(model), device="cpu", max_new_tokens=max_new_tokens) as pipe:
+        return {(image.name, str(model)): pipe(image, prompt=prompt_for(image)) for image in images}
+
+
+def test_options_after_a_model_apply_to_that_model_only(tmp_path, image_dir, tiny_llava, tiny_qwen):
+    out = tmp_path / "out.jsonl"
+    result = run(str(image_dir), "--max-new-tokens", "5", "-m", str(tiny_llava), "--prompt", "Name the colours.",
+                 "-m", str(tiny_qwen), "--prompt", "Count the shapes.", "--max-new-tokens", "7", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    images = sorted(image_dir.iterdir())
+    want = expected(tiny_llava, images, lambda _: "Name the colours.", 5)
+    want |= expected(tiny_qwen, images, lambda _: "Count the shapes.", 7)
+    assert captions(out) == want
+
+
+def test_a_toml_job_file_lists_models_with_their_settings(tmp_path, image_dir, tiny_llava, tiny_qwen):
+    (tmp_path / "prompt.txt").write_text("Say what you see in {folder}/{file}.\n")
+    job = tmp_path / "job.toml"
+    job.write_text(f"""
+[defaults]
+max_new_tokens = 4
+
+[[model]]
+model = "{tiny_llava}"
+prompt_file = "prompt.txt"
+batch_size = 2
+
+[[model]]
+model = "{tiny_qwen}"
+prompt = "Describe {{file}}."
+dtype = "float32"
+""")
+    out = tmp_path / "out.jsonl"
+    result = run(str(image_dir), "--job", str(job), "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    images = sorted(image_dir.iterdir())
+    want = expected(tiny_llava, images, lambda image: f"Say what you see in images/{image.name}.", 4)
+    want |= expected(tiny_qwen, images, lambda image: f"Describe {image.name}.", 4)
+    assert captions(out) == want
+
+
+def test_existing_sidecar_captions_fill_the_existing_placeholder(tmp_path, image_dir, tiny_llava):
+    images = sorted(image_dir.iterdir())
+    images[0].with_suffix(".txt").write_text("red, circle, small\n")
+    out = tmp_path / "out.jsonl"
+    result = run(str(image_dir), "-m", str(tiny_llava), "--prompt", "Tags: {existing}. Caption it.", "--max-new-tokens", "6", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    want = expected(tiny_llava, images, lambda image: "Tags: red, circle, small. Caption it." if image == images[0] else "Tags: . Caption it.", 6)
+    assert captions(out) == want
+
+
+def test_a_bad_job_file_is_a_usage_error(tmp_path, image_dir):
+    job = tmp_path / "job.toml"
+    job.write_text("[[model]]\nprompt = 'no model here'\n")
+    result = run(str(image_dir), "--job", str(job))
+    assert result.returncode == 2 and "[[model]]" in result.stderr
+
+
+@pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])
+def test_list_files_and_tables_name_the_images(tmp_path, image_dir, tiny_llava, kind):
+    images = sorted(image_dir.iterdir())[:3]
+    entries = [f"images/{image.name}" for image in images] + ["images/missing.png"]
+    listing = tmp_path / f"list.{kind}"
+    if kind == "txt":
+        listing.write_text("# a comment\n" + "\n".join(entries) + "\n")
+    elif kind == "csv":
+        with listing.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["id", "image_path"])
+            writer.writerows([[i, entry] for i, entry in enumerate(entries)])
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"file_name": entries}), listing)
+    out = tmp_path / "out.jsonl"
+    result = run(str(listing), "-m", str(tiny_llava), "--max-new-tokens", "4", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = {row["file"]: row for row in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == set(entries)
+    assert rows["images/missing.png"]["error"].startswith("file not found")
+    assert all(rows[entry]["caption"] for entry in entries[:3])
+
+
+def test_a_saved_dataset_with_an_image_column_is_a_source(tmp_path, image_dir, tiny_llava):
+    import datasets
+
+    images = sorted(image_dir.iterdir())
+    data = datasets.Dataset.from_dict({"picture": [str(p) for p in images], "label": list(range(len(images)))})
+    data.cast_column("picture", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    out = tmp_path / "out.jsonl"
+    result = run(str(tmp_path / "saved"), "-m", str(tiny_llava), "--max-new-tokens", "5", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = {row["file"]: row["caption"] for row in map(json.loads, out.read_text().splitlines())}
+    want = expected(tiny_llava, images, lambda _: "Describe this image in one sentence.", 5)
+    assert rows == {f"{index:06d}": want[(image.name, str(tiny_llava))] for index, image in enumerate(images)}
+    sidecar = run(str(tmp_path / "saved"), "-m", str(tiny_llava), "--sidecar", "txt")
+    assert sidecar.returncode == 2 and "use -o" not in sidecar.stderr and "-o" in sidecar.stderr
