@@ -159,3 +159,50 @@ def test_metadata_outside_the_images_folder_is_a_usage_error(tmp_path, tiny_llav
     elsewhere.mkdir()
     result = run(str(image_dir), "-m", str(tiny_llava), "-o", str(elsewhere / "metadata.jsonl"))
     assert result.returncode == 2 and "must sit at or above its images" in result.stderr
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_llava):
+    import threading
+
+    from vlmux.caption.job import CaptionJob, run_job
+    from vlmux.caption.sinks import JsonlSink
+    from vlmux.caption.sources import collect_images
+    from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+
+    draw_sample_images(tmp_path / "images", count=30, seed=8)
+    sink = JsonlSink(tmp_path / "out.jsonl")
+    killed: list[int] = []
+    written_at_kill: list[int] = []
+
+    def kill_the_workers() -> None:  # workers are children of the fork server, which is a child of this process
+        written_at_kill.append(len((tmp_path / "out.jsonl").read_text().splitlines()))
+        for server in _children(os.getpid()):
+            for worker in _children(server):
+                os.kill(worker, signal.SIGKILL)
+                killed.append(worker)
+
+    def on_event(model: str, what: str) -> None:
+        if what == "loaded":
+            threading.Timer(0.5, kill_the_workers).start()
+
+    job = CaptionJob(collect_images([str(tmp_path / "images")]), [ModelSpec(str(tiny_llava), device="cpu")],
+                     GenerationSpec(max_new_tokens=24), [sink], batch_size=2)
+    [report] = run_job(job, PoolConfig(max_batch_size=2), progress=False, event=on_event)
+    sink.close()
+    assert killed and written_at_kill[0] < 30, "the kill must land mid-job, or the test tests nothing"
+    rows = jsonl(tmp_path / "out.jsonl")
+    assert len(rows) == len({row["file"] for row in rows}) == 30
+    assert all(row["caption"] and row["error"] is None for row in rows), [row for row in rows if row["error"]]
+    assert report.captioned == 30 and report.errors == 0
