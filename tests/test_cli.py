@@ -6,7 +6,6 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
 
 
 def vlmux(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from vlmux import GenerationSpec, ModelLoadError, ModelPool, ModelSpec, PoolConfig, pipeline
-from vlmux.pool import ModelNotLoaded, parse_budget
+from vlmux.budget import parse_budget
+from vlmux.pool import ModelNotLoaded
 from vlmux.worker.process import WorkerDied
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from vlmux.config import DEFAULT_PROMPT, DTYPES, GenerationSpec, ModelSpec, PoolConfig
+from vlmux.config import DEFAULT_PROMPT, DTYPES, PoolConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

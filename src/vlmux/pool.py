@@ -5,16 +5,17 @@ import atexit
 import threading
 import time
 import weakref
-from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vlmux import vram
+from vlmux.budget import parse_budget
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.estimate import Estimate, estimate
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
+from vlmux.resident import ModelStatus, Request, Resident
 from vlmux.worker.inprocess import InProcessWorker
 from vlmux.worker.process import Spawner, WorkerDied, WorkerProcess
 from vlmux.worker.protocol import Caption, Captions, Chat, Chatted, Failed, ItemResult, Load, Loaded, Sleep, Wake
@@ -32,54 +33,10 @@ class ModelNotLoaded(KeyError):
     pass
 
 
-@dataclass
-class _Request:
-    payload: Caption | Chat
-    future: Future = field(default_factory=Future)
-
-    @property
-    def size(self) -> int:
-        return len(self.payload.items) if isinstance(self.payload, Caption) else 1
-
-
-@dataclass
-class _Resident:
-    name: str
-    spec: ModelSpec
-    path: Path
-    worker: WorkerProcess | InProcessWorker
-    gpu: int | None
-    estimate: Estimate
-    loaded: Loaded
-    state: str = "ready"  # ready | asleep | dead | closing
-    busy: bool = False
-    requests: int = 0
-    batches: int = 0
-    last_used: float = field(default_factory=time.monotonic)
-    pending: deque = field(default_factory=deque)
-    condition: threading.Condition = field(default_factory=threading.Condition)
-    thread: threading.Thread | None = None
-
-
-@dataclass(frozen=True)
-class ModelStatus:
-    name: str
-    model: str
-    state: str
-    device: str
-    dtype: str
-    pid: int
-    estimate_bytes: int
-    idle_seconds: float
-    holds_device_context: bool
-    requests: int  # requests answered
-    batches: int  # worker calls that answered them: fewer than requests when callers were batched together
-
-
 class ModelPool:
     def __init__(self, config: PoolConfig = PoolConfig()) -> None:
         self.config = config
-        self._residents: dict[str, _Resident] = {}
+        self._residents: dict[str, Resident] = {}
         self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first model
         self._lock = threading.RLock()
         self._closed = False
@@ -116,7 +73,7 @@ class ModelPool:
             if not isinstance(reply, Loaded):
                 worker.stop(self.config.unload_grace)
                 raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
-            resident = _Resident(name, spec, path, worker, gpu, need, reply)
+            resident = Resident(name, spec, path, worker, gpu, need, reply)
             resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
             self._residents[name] = resident
             resident.thread.start()
@@ -190,7 +147,7 @@ class ModelPool:
     def submit(self, name: str, payload: Caption | Chat) -> Future:
         """Queue a request; concurrent callers of one model are served together in batches."""
         resident = self._get(name)
-        request = _Request(payload)
+        request = Request(payload)
         with resident.condition:
             if resident.state in ("closing", "dead"):
                 raise ModelNotLoaded(f"{name} is being unloaded")
@@ -234,7 +191,7 @@ class ModelPool:
 
     # -- internals ----------------------------------------------------------------------------------------
 
-    def _get(self, name: str) -> _Resident:
+    def _get(self, name: str) -> Resident:
         with self._lock:
             resident = self._residents.get(name)
             if resident is None:
@@ -245,7 +202,7 @@ class ModelPool:
                 return self._residents[name]
             return resident
 
-    def _dispatch(self, resident: _Resident) -> None:
+    def _dispatch(self, resident: Resident) -> None:
         while True:
             with resident.condition:
                 while not resident.pending and resident.state not in ("closing", "dead"):
@@ -268,7 +225,7 @@ class ModelPool:
                 resident.busy = False
                 resident.last_used = time.monotonic()
 
-    def _take_batch(self, resident: _Resident) -> list[_Request]:
+    def _take_batch(self, resident: Resident) -> list[Request]:
         first = resident.pending.popleft()
         batch = [first]
         if isinstance(first.payload, Caption):
@@ -281,7 +238,7 @@ class ModelPool:
                 room -= follower.size
         return batch
 
-    def _serve(self, resident: _Resident, batch: list[_Request]) -> None:
+    def _serve(self, resident: Resident, batch: list[Request]) -> None:
         first = batch[0].payload
         if isinstance(first, Chat):
             reply = resident.worker.call(first)
@@ -301,7 +258,7 @@ class ModelPool:
             _settle(request.future, Captions(results, reply.seconds, sum(r.error is None for r in results), share))
             offset += request.size
 
-    def _on_death(self, resident: _Resident, batch: list[_Request], error: WorkerDied) -> None:
+    def _on_death(self, resident: Resident, batch: list[Request], error: WorkerDied) -> None:
         failure = WorkerDied(f"{resident.name}: {error}; the request failed, the next one reloads the model")
         with resident.condition:
             resident.state = "dead"
@@ -311,11 +268,11 @@ class ModelPool:
         resident.worker.stop(0)  # it stays listed as dead until _get reloads it
         self.last_release[resident.name] = self._verify_release(resident)
 
-    def _fail_pending(self, resident: _Resident, error: Exception) -> None:
+    def _fail_pending(self, resident: Resident, error: Exception) -> None:
         while resident.pending:
             _settle(resident.pending.popleft().future, error)
 
-    def _verify_release(self, resident: _Resident, host_bytes: int | None = None) -> vram.Release:
+    def _verify_release(self, resident: Resident, host_bytes: int | None = None) -> vram.Release:
         if isinstance(resident.worker, InProcessWorker):
             return resident.worker.release_report()
         if resident.gpu is None:
@@ -393,18 +350,6 @@ class ModelPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def parse_budget(budget: str | float | int, total: int) -> int:
-    """0.8 -> 80 % of the device; "40GiB", "40GB", "4000MiB" -> bytes; an int above 1 -> bytes."""
-    if isinstance(budget, (int, float)) and not isinstance(budget, bool):
-        return int(budget * total) if budget <= 1 else int(budget)
-    text = str(budget).strip()
-    units = {"TIB": 2**40, "GIB": 2**30, "MIB": 2**20, "TB": 10**12, "GB": 10**9, "MB": 10**6, "%": total / 100}
-    for unit, scale in units.items():
-        if text.upper().endswith(unit):
-            return int(float(text[: -len(unit)]) * scale)
-    return parse_budget(float(text), total)
 
 
 def _settle(future: Future, outcome) -> None:

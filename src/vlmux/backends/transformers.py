@@ -123,13 +123,14 @@ class TransformersBackend:
             options.update(temperature=None, top_p=None, top_k=None)
         if gen.ignore_eos:
             options["min_new_tokens"] = gen.max_new_tokens
+        prompt_length = inputs["input_ids"].shape[1]
         try:
             output = self.model.generate(**inputs, **options)
         except torch.OutOfMemoryError as e:
-            del inputs
+            del inputs  # free the batch before the caller retries a smaller one
             torch.cuda.empty_cache()
             raise OutOfMemory(str(e).splitlines()[0]) from None
-        new_tokens = output[:, inputs["input_ids"].shape[1] :]
+        new_tokens = output[:, prompt_length:]
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

@@ -1,0 +1,59 @@
+"""The pool's record of one loaded model: its worker, its state, and the queue of requests waiting for it."""
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vlmux.config import ModelSpec
+from vlmux.estimate import Estimate
+from vlmux.worker.inprocess import InProcessWorker
+from vlmux.worker.process import WorkerProcess
+from vlmux.worker.protocol import Caption, Chat, Loaded
+
+
+@dataclass
+class Request:
+    payload: Caption | Chat
+    future: Future = field(default_factory=Future)
+
+    @property
+    def size(self) -> int:
+        return len(self.payload.items) if isinstance(self.payload, Caption) else 1
+
+
+@dataclass
+class Resident:
+    name: str
+    spec: ModelSpec
+    path: Path
+    worker: WorkerProcess | InProcessWorker
+    gpu: int | None
+    estimate: Estimate
+    loaded: Loaded
+    state: str = "ready"  # ready | asleep | dead | closing
+    busy: bool = False
+    requests: int = 0
+    batches: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    pending: deque = field(default_factory=deque)
+    condition: threading.Condition = field(default_factory=threading.Condition)
+    thread: threading.Thread | None = None
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    name: str
+    model: str
+    state: str
+    device: str
+    dtype: str
+    pid: int
+    estimate_bytes: int
+    idle_seconds: float
+    holds_device_context: bool
+    requests: int  # requests answered
+    batches: int  # worker calls that answered them: fewer than requests when callers were batched together
