@@ -3,7 +3,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -11,6 +10,7 @@ from PIL import Image
 import vlmux
 from vlmux import ImageError, pipeline
 from vlmux.hub import ModelNotFound
+from vlmux.testing.processes import process_gone
 
 
 def run_python(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -84,11 +84,7 @@ def test_pipeline_left_open_is_cleaned_up_at_exit(tiny_llava):
     """, timeout=60)
     assert run.returncode == 0, run.stderr
     assert time.monotonic() - start < 60
-    pid = int(run.stdout.split()[-1])
-    deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not Path(f"/proc/{pid}").exists()
+    assert process_gone(int(run.stdout.split()[-1]))
 
 
 def test_isolation_none_says_what_it_could_not_give_back(tiny_llava, image_dir):

@@ -71,3 +71,22 @@ def test_streamed_weights_caption_like_from_pretrained_on_the_gpu(tiny_models, i
         backend.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
         assert backend.caption(images, ["Describe."] * len(images), gen) == streamed, arch
         backend.close()
+
+
+def test_the_report_shows_gpu_memory_back_at_the_baseline_between_models(tiny_llava, tiny_qwen, image_dir, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    html = tmp_path / "report.html"
+    result = subprocess.run([sys.executable, "-m", "vlmux.cli", "caption", str(image_dir), "-m", str(tiny_llava),
+                             "-m", str(tiny_qwen), "-o", str(tmp_path / "out.jsonl"), "--device", "cuda",
+                             "--report", str(html), "--no-progress"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(html.with_suffix(".json").read_text())
+    assert data["memory_source"].startswith("GPU memory")
+    baseline = data["samples"][0]["mib"]
+    between = [e["seconds"] for e in data["events"] if e["event"] in ("unloaded", "load_start")][:2]
+    level = [s["mib"] for s in data["samples"] if between[0] <= s["seconds"] <= between[1]]
+    assert level and max(level) <= baseline, (baseline, level)
+    assert all(model["residue_mib"] == 0 for model in data["models"])

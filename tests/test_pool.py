@@ -10,6 +10,7 @@ import pytest
 from vlmux import GenerationSpec, ModelLoadError, ModelPool, ModelSpec, PoolConfig, pipeline
 from vlmux.budget import parse_budget
 from vlmux.pool import ModelNotLoaded
+from vlmux.testing.processes import process_gone
 from vlmux.worker.process import WorkerDied
 
 
@@ -18,15 +19,6 @@ def rss_kib() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     raise AssertionError("no VmRSS")
-
-
-def gone(pid: int, within: float = 5.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if not Path(f"/proc/{pid}").exists():
-            return True
-        time.sleep(0.02)
-    return False
 
 
 def test_twenty_load_close_cycles_leave_no_workers_and_no_parent_growth(tiny_llava, tiny_qwen, image_dir):
@@ -40,7 +32,7 @@ def test_twenty_load_close_cycles_leave_no_workers_and_no_parent_growth(tiny_lla
         assert pipe.close() is pipe.release  # closing again is a no-op
         rss.append(rss_kib())
     assert len(set(pids)) == 20 and os.getpid() not in pids
-    assert all(gone(pid) for pid in pids)
+    assert all(process_gone(pid) for pid in pids)
     # After warm-up, twenty cycles must not grow the parent: it holds no model state at all.
     assert rss[-1] - rss[4] < 20 * 1024, rss
 
@@ -103,7 +95,7 @@ def test_idle_models_expire_after_keep_alive(tiny_llava):
         while name in pool and time.monotonic() < deadline:
             time.sleep(0.05)
         assert name not in pool
-        assert gone(pid)
+        assert process_gone(pid)
         with pytest.raises(ModelNotLoaded):
             pool.caption(name, [], [], GenerationSpec())
 

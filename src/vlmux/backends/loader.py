@@ -62,15 +62,25 @@ def empty_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: 
     return model.eval()
 
 
-def stream_weights(model: nn.Module, path: Path, config: StreamConfig = StreamConfig()) -> int:
-    """Fill the model's tensors from the folder's safetensors files; returns the bytes read."""
+Matched = dict[str, tuple[TensorEntry, torch.Tensor]]
+
+
+def match_checkpoint(model: nn.Module, path: Path) -> Matched:
+    """Pair every checkpoint tensor with the model tensor it fills; raises Unsupported before anything is read."""
     matched = _match(model, read_index(path))
+    for name, (entry, _) in matched.items():
+        if entry.dtype not in TORCH_DTYPES:
+            raise Unsupported(f"{name}: dtype {entry.dtype}")
+    return matched
+
+
+def stream_weights(model: nn.Module, path: Path, config: StreamConfig = StreamConfig(), matched: Matched | None = None) -> int:
+    """Fill the model's tensors from the folder's safetensors files; returns the bytes read."""
+    matched = matched if matched is not None else match_checkpoint(model, path)
     casts: list[tuple[torch.Tensor, torch.Tensor]] = []
     pieces: list[tuple[Path, int, torch.Tensor]] = []
-    for name, (entry, target) in matched.items():
-        source_dtype = TORCH_DTYPES.get(entry.dtype)
-        if source_dtype is None:
-            raise Unsupported(f"{name}: dtype {entry.dtype}")
+    for entry, target in matched.values():
+        source_dtype = TORCH_DTYPES[entry.dtype]
         if source_dtype != target.dtype:  # read as stored, cast on the device
             staged = torch.empty(entry.shape, dtype=source_dtype, device=target.device)
             casts.append((target, staged))

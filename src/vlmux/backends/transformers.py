@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmux.backends.base import OutOfMemory
-from vlmux.backends.loader import Unsupported, empty_model, stream_weights
+from vlmux.backends.loader import Unsupported, empty_model, match_checkpoint, stream_weights
 from vlmux.config import GenerationSpec, ModelSpec
 
 WARM_UP = GenerationSpec(max_new_tokens=2, ignore_eos=True)
@@ -76,15 +76,19 @@ class TransformersBackend:
 
     def _stream(self, path: Path, spec: ModelSpec, warm_up: bool) -> torch.nn.Module:
         model = empty_model(path, self.torch_dtype, self.device, spec.trust_remote_code)
+        matched = match_checkpoint(model, path)  # an unsupported checkpoint fails here, before any warm-up starts
         warm = None
         if warm_up:
             # A fresh process spends ~1 s in its first generate loading kernels and creating library handles.
-            # Doing that now, on the still-arriving weights, hides it behind the copy; the output is discarded.
+            # Doing that now, on the still-arriving weights, hides part of it behind the copy; the output is
+            # discarded.
             warm = threading.Thread(target=self._warm_up, args=(model,), name="vlmux-warm-up", daemon=True)
             warm.start()
-        stream_weights(model, path)
-        if warm is not None:
-            warm.join()
+        try:
+            stream_weights(model, path, matched=matched)
+        finally:
+            if warm is not None:
+                warm.join()  # never leave a thread holding a half-loaded model behind
         return model
 
     def _warm_up(self, model: torch.nn.Module) -> None:

@@ -1,0 +1,21 @@
+"""Process checks for tests: has a worker really gone?"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+
+def process_gone(pid: int, within: float = 10.0) -> bool:
+    """True once `pid` no longer runs: its /proc entry is gone, or only a zombie is left waiting for a reaper
+    (a zombie holds no memory; whether it is reaped is up to whichever process inherited it)."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            return True
+        if state in ("Z", "X"):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)
