@@ -86,7 +86,8 @@ def test_the_report_shows_gpu_memory_back_at_the_baseline_between_models(tiny_ll
     data = json.loads(html.with_suffix(".json").read_text())
     assert data["memory_source"].startswith("GPU memory")
     baseline = data["samples"][0]["mib"]
-    between = [e["seconds"] for e in data["events"] if e["event"] in ("unloaded", "load_start")][:2]
-    level = [s["mib"] for s in data["samples"] if between[0] <= s["seconds"] <= between[1]]
+    unloaded = next(e["seconds"] for e in data["events"] if e["event"] == "unloaded")
+    next_load = next(e["seconds"] for e in data["events"] if e["event"] == "load_start" and e["seconds"] >= unloaded)
+    level = [s["mib"] for s in data["samples"] if unloaded <= s["seconds"] <= next_load]
     assert level and max(level) <= baseline, (baseline, level)
     assert all(model["residue_mib"] == 0 for model in data["models"])
