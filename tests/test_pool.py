@@ -108,3 +108,16 @@ def test_budget_parsing():
     assert parse_budget("1500MiB", total) == 1500 * 2**20
     assert parse_budget("50%", total) == 40 * 2**30
     assert parse_budget(3 * 2**30, total) == 3 * 2**30
+
+
+def test_concurrent_loads_of_one_model_load_it_once_and_other_models_keep_serving(tiny_llava, tiny_qwen, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    gen = GenerationSpec(max_new_tokens=4)
+    with ModelPool(PoolConfig(spare_worker=False)) as pool:
+        first = pool.load(ModelSpec(str(tiny_llava), device="cpu"))
+        with ThreadPoolExecutor(6) as callers:
+            loads = [callers.submit(pool.load, ModelSpec(str(tiny_qwen), device="cpu")) for _ in range(3)]
+            answers = [callers.submit(pool.caption, first, [image], ["Describe."], gen) for _ in range(3)]
+            assert {future.result() for future in loads} == {str(tiny_qwen)}
+            assert all(future.result()[0].caption for future in answers)
+        assert sorted(status.name for status in pool.status()) == sorted([str(tiny_llava), str(tiny_qwen)])

@@ -41,6 +41,8 @@ class ModelPool:
         self._lock = threading.RLock()
         self._closed = False
         self._releasing: set[Future] = set()  # unloads under way; a load that needs room waits for them
+        self._loading: dict[str, Future] = {}  # loads under way, by name
+        self._reserved: dict[str, tuple[int | None, Estimate]] = {}  # what loads under way will take
         self._releasing_lock = threading.Lock()
         in_process = config.isolation == "none"
         self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
@@ -52,32 +54,55 @@ class ModelPool:
     # -- loading and unloading ---------------------------------------------------------------------------
 
     def load(self, model: str | ModelSpec, name: str | None = None) -> str:
+        """Load `model` under `name` (default: the model string); returns the name. The pool's lock is not held
+        while the worker loads, so other models keep serving; concurrent loads of one name load it once."""
         spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         name = name or spec.model
-        with self._lock:
-            self._check_open()
-            resident = self._residents.get(name)
-            if resident is not None and resident.state != "dead":
+        while True:
+            with self._lock:
+                self._check_open()
+                resident = self._residents.get(name)
+                loading = self._loading.get(name)
+                if loading is None and (resident is None or resident.state == "dead"):
+                    loading = self._loading[name] = Future()
+                    break
+            if loading is None:  # loaded already
                 if resident.state == "asleep":
                     self.wake(name)
                 return name
-            path = resolve_model(spec.model, spec.revision)
-            device = self._place(spec.device)
-            gpu = vram.physical_index(device)
-            need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
+            loading.exception()  # someone else is loading it: wait, then look again
+        try:
+            self._load(spec, name)
+            loading.set_result(name)
+            return name
+        except BaseException as e:
+            loading.set_exception(e)
+            raise
+        finally:
+            with self._lock:
+                self._loading.pop(name, None)
+                self._reserved.pop(name, None)
+
+    def _load(self, spec: ModelSpec, name: str) -> None:
+        path = resolve_model(spec.model, spec.revision)
+        device = self._place(spec.device)
+        gpu = vram.physical_index(device)
+        need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
+        with self._lock:
             if gpu is not None:
                 self._make_room(gpu, need, name)
                 self._baselines.setdefault(gpu, vram.unattributed(gpu))
-            worker = self._new_worker(gpu)
-            reply = worker.call(self._load_request(worker, spec, path, device, gpu))
-            if not isinstance(reply, Loaded):
-                worker.stop(self.config.unload_grace)
-                raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
-            resident = Resident(name, spec, path, worker, gpu, need, reply)
-            resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
+            self._reserved[name] = (gpu, need)  # counted against the budget by loads that start meanwhile
+        worker = self._new_worker(gpu)
+        reply = worker.call(self._load_request(worker, spec, path, device, gpu))
+        if not isinstance(reply, Loaded):
+            worker.stop(self.config.unload_grace)
+            raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
+        resident = Resident(name, spec, path, worker, gpu, need, reply)
+        resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
+        with self._lock:
             self._residents[name] = resident
-            resident.thread.start()
-            return name
+        resident.thread.start()
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
@@ -194,13 +219,13 @@ class ModelPool:
     def _get(self, name: str) -> Resident:
         with self._lock:
             resident = self._residents.get(name)
-            if resident is None:
-                raise ModelNotLoaded(f"{name} is not loaded; call load() first")
-            if resident.state == "dead":  # its worker died: bring the model back on the next request
-                self._residents.pop(name)
-                self.load(resident.spec, name)
+        if resident is None:
+            raise ModelNotLoaded(f"{name} is not loaded; call load() first")
+        if resident.state == "dead":  # its worker died: bring the model back on the next request
+            self.load(resident.spec, name)
+            with self._lock:
                 return self._residents[name]
-            return resident
+        return resident
 
     def _dispatch(self, resident: Resident) -> None:
         while True:
@@ -290,7 +315,8 @@ class ModelPool:
     def _make_room(self, gpu: int, need: Estimate, name: str) -> None:
         budget = self._budget(gpu)
         while True:
-            ours = sum(r.estimate.total for r in self._residents.values() if r.gpu == gpu)
+            ours = sum(r.estimate.total for r in self._residents.values() if r.gpu == gpu and r.state != "dead")
+            ours += sum(estimate.total for other, (where, estimate) in self._reserved.items() if where == gpu and other != name)
             free = vram.gpu_memory(gpu).free
             if ours + need.total <= budget and need.total <= free:
                 return
