@@ -1,11 +1,11 @@
 """The public entry point: vlmux.pipeline(model) -> a captioner that gives all its VRAM back when closed."""
 from __future__ import annotations
 
-from dataclasses import fields
+from dataclasses import fields, replace
 from typing import Any, Sequence
 
 from vlmux import vram
-from vlmux.config import DEFAULT_PROMPT, GenerationSpec, ModelSpec, PoolConfig
+from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.images import ImageError, ImageInput
 from vlmux.pool import ModelPool
 
@@ -30,14 +30,15 @@ class Pipeline:
     def __call__(
         self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options: Any
     ) -> str | list[str]:
-        """One caption per image; a single image gives a single string. A bad image raises ImageError."""
+        """One caption per image; a single image gives a single string. An undecodable image raises ImageError,
+        an image the model failed on (out of memory even alone, say) RuntimeError."""
         single = not isinstance(images, (list, tuple))
         items = [images] if single else list(images)
         prompts = _prompts(prompt or self.generation.prompt, len(items))
         results = self._pool.caption(self._loaded(), items, prompts, self._generation(options))
         for index, result in enumerate(results):
             if result.error is not None:
-                raise ImageError(f"image {index}: {result.error}")
+                raise (ImageError if result.bad_image else RuntimeError)(f"image {index}: {result.error}")
         captions = [result.caption for result in results]
         return captions[0] if single else captions
 
@@ -66,8 +67,7 @@ class Pipeline:
         unknown = set(options) - _GENERATION_OPTIONS
         if unknown:
             raise TypeError(f"unknown generation options {sorted(unknown)}; known: {sorted(_GENERATION_OPTIONS)}")
-        values = {f.name: getattr(self.generation, f.name) for f in fields(GenerationSpec)}
-        return GenerationSpec(**{**values, **options})
+        return replace(self.generation, **options)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -90,7 +90,6 @@ def pipeline(model: str, device: str = "auto", dtype: str = "auto", **options: A
     unknown = set(options) - _GENERATION_OPTIONS
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
-    options.setdefault("prompt", DEFAULT_PROMPT)
     return Pipeline(ModelSpec(model, device, dtype, **spec_options), PoolConfig(**pool_options), GenerationSpec(**options))
 
 

@@ -26,14 +26,17 @@ class Handler:
             return self._load(request, start)
         if self.backend is None:
             return Failed("request", "no model is loaded in this worker")
-        if isinstance(request, Caption):
-            return self._caption(request, start)
-        if isinstance(request, Chat):
-            return self._chat(request)
-        if isinstance(request, Sleep):
-            self.backend.sleep()
-        elif isinstance(request, Wake):
-            self.backend.wake()
+        try:
+            if isinstance(request, Caption):
+                return self._caption(request, start)
+            if isinstance(request, Chat):
+                return self._chat(request)
+            if isinstance(request, Sleep):
+                self.backend.sleep()
+            elif isinstance(request, Wake):
+                self.backend.wake()
+        except Exception as e:  # noqa: BLE001 - a failed request must not take the worker, and its model, down
+            return Failed("request", f"{type(e).__name__}: {e}")
         return Done(time.perf_counter() - start)
 
     def close(self) -> None:
@@ -59,7 +62,7 @@ class Handler:
         good = []
         for index, image in enumerate(decoded):
             if isinstance(image, str):
-                results[index] = ItemResult(None, image)
+                results[index] = ItemResult(None, image, bad_image=True)
             else:
                 good.append(index)
         for offset in range(0, len(good), request.batch_size):

@@ -51,6 +51,7 @@ Request = Union[Load, Caption, Chat, Sleep, Wake, Exit]
 class ItemResult:
     caption: str | None
     error: str | None = None
+    bad_image: bool = False  # the error is the input's fault (undecodable), not the model's
 
 
 @dataclass(frozen=True)
