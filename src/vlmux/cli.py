@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import sys
 from pathlib import Path
 
@@ -28,7 +29,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vlmux {args.command}: interrupted; finished results are saved, rerun to resume", file=sys.stderr)
         return 130
     except (RuntimeError, OSError) as e:
-        print(f"vlmux {args.command}: failed: {e}", file=sys.stderr)
+        hint = ""
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            hint = "; free some space and run the same command again: finished results are kept and skipped"
+        print(f"vlmux {args.command}: failed: {e}{hint}", file=sys.stderr)
         return EXIT_FAILED
 
 
