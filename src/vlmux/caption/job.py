@@ -66,24 +66,21 @@ def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, eve
     mark = event or (lambda model, what: None)
     reports = []
     with ModelPool(pool_config) as pool:
-        resident: tuple[str, ModelReport] | None = None  # the model still loaded from the previous turn
         for plan in job.plans():
             report = ModelReport(plan.spec.model)
             reports.append(report)
             todo = _todo(job, plan.spec, report)
             if not todo:
                 continue
-            if resident is not None:
-                _unload(pool, *resident, mark)
             mark(plan.spec.model, "load_start")
             start = time.perf_counter()
             name = pool.load(plan.spec)
             report.load_seconds = time.perf_counter() - start
             mark(plan.spec.model, "loaded")
-            resident = (name, report)
-            _caption_all(job, plan, name, todo, pool, report, progress)
-        if resident is not None:
-            _unload(pool, *resident, mark)
+            try:
+                _caption_all(job, plan, name, todo, pool, report, progress)
+            finally:  # verified back before the next model loads
+                _unload(pool, name, report, mark)
     return reports
 
 
