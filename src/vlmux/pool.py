@@ -93,8 +93,15 @@ class ModelPool:
                 self._make_room(gpu, need, name)
                 self._baselines.setdefault(gpu, vram.unattributed(gpu))
             self._reserved[name] = (gpu, need)  # counted against the budget by loads that start meanwhile
-        worker = self._new_worker(gpu)
-        reply = worker.call(self._load_request(worker, spec, path, device, gpu))
+        for attempt in range(2):  # a spare that died while waiting gets one fresh replacement
+            worker = self._new_worker(gpu)
+            try:
+                reply = worker.call(self._load_request(worker, spec, path, device, gpu))
+                break
+            except WorkerDied as e:
+                worker.stop(0)
+                if attempt == 1:
+                    raise ModelLoadError(f"could not load {spec.model}: {e}") from None
         if not isinstance(reply, Loaded):
             worker.stop(self.config.unload_grace)
             raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
