@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from vlmux.caption.sinks import model_tag
+from vlmux.testing.processes import children
 from vlmux.testing.tiny import draw_sample_images
 
 
@@ -161,18 +162,6 @@ def test_metadata_outside_the_images_folder_is_a_usage_error(tmp_path, tiny_llav
     assert result.returncode == 2 and "must sit at or above its images" in result.stderr
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
-
-
 def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_llava):
     import threading
 
@@ -188,8 +177,8 @@ def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_
 
     def kill_the_workers() -> None:  # workers are children of the fork server, which is a child of this process
         written_at_kill.append(len((tmp_path / "out.jsonl").read_text().splitlines()))
-        for server in _children(os.getpid()):
-            for worker in _children(server):
+        for server in children(os.getpid()):
+            for worker in children(server):
                 os.kill(worker, signal.SIGKILL)
                 killed.append(worker)
 

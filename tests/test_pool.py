@@ -121,3 +121,22 @@ def test_concurrent_loads_of_one_model_load_it_once_and_other_models_keep_servin
             assert {future.result() for future in loads} == {str(tiny_qwen)}
             assert all(future.result()[0].caption for future in answers)
         assert sorted(status.name for status in pool.status()) == sorted([str(tiny_llava), str(tiny_qwen)])
+
+
+def test_a_spare_killed_while_it_waits_never_fails_a_load(tiny_llava):
+    import os
+    import signal
+
+    from vlmux.testing.processes import children
+
+    with ModelPool(PoolConfig(spare_worker=True)) as pool:
+        deadline = time.monotonic() + 60
+        spares: list[int] = []
+        while not spares and time.monotonic() < deadline:  # the fork server, then its first child: the spare
+            spares = [child for server in children(os.getpid()) for child in children(server)]
+            time.sleep(0.05)
+        assert spares, "no spare worker appeared"
+        for pid in spares:
+            os.kill(pid, signal.SIGKILL)
+        name = pool.load(ModelSpec(str(tiny_llava), device="cpu"))
+        assert pool.status()[0].pid not in spares and name in pool

@@ -19,3 +19,16 @@ def process_gone(pid: int, within: float = 10.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def children(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (a worker's parent is the fork server, a child of the pool's process)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
