@@ -16,6 +16,7 @@ class ModelSpec:
     dtype: str = "auto"  # auto | bfloat16 | float16 | float32
     revision: str | None = None
     trust_remote_code: bool = False
+    max_memory: tuple[int, ...] = ()  # set by placement for a split model: weight bytes per visible GPU
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
