@@ -5,8 +5,11 @@ and the worker never needs the network. huggingface_hub honours HF_HUB_OFFLINE a
 """
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
+# Models shipped inside the package, by name -> folder under the vlmux package.
+BUNDLED = {"vlmux/shapes": "models/shapes"}
 WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py", "*.bpe"]
 
 
@@ -15,6 +18,8 @@ class ModelNotFound(ValueError):
 
 
 def resolve_model(model: str, revision: str | None = None) -> Path:
+    if model in BUNDLED:
+        return bundled(model)
     path = Path(model).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
@@ -23,6 +28,14 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise ModelNotFound(f"{model}: no such folder")
     return _download(model, revision)
+
+
+def bundled(name: str) -> Path:
+    """The folder of a model shipped with vlmux (see BUNDLED); never touches the network."""
+    folder = Path(str(resources.files("vlmux").joinpath(BUNDLED[name])))
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"{name}: the bundled model is missing from {folder} (run tools/train_shapes.py)")
+    return folder
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

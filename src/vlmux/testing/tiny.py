@@ -212,11 +212,19 @@ _QWEN2_VL_TEMPLATE = (
 )
 
 
+QWEN2_VL_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                     "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+
 def _qwen2_vl() -> _Parts:
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
-                "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
-    tok = _tokenizer(specials, add_bos=False, eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    t = TEXT
+    tok = _tokenizer(list(QWEN2_VL_SPECIALS), add_bos=False, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    return qwen2_vl_parts(tok, TEXT, VISION, min_pixels=56 * 56, max_pixels=112 * 112)
+
+
+def qwen2_vl_parts(tok: PreTrainedTokenizerFast, t: TextDims, v: VisionDims, min_pixels: int, max_pixels: int,
+                   max_positions: int = _MAX_POSITIONS, rope_theta: float = 1e6) -> _Parts:
+    """A Qwen2-VL config, processor and generation config around `tok`, which holds QWEN2_VL_SPECIALS,
+    eos <|im_end|> and pad <|endoftext|>."""
     ids = {name: tok.convert_tokens_to_ids(token) for name, token in [
         ("image_token_id", "<|image_pad|>"), ("video_token_id", "<|video_pad|>"),
         ("vision_start_token_id", "<|vision_start|>"), ("vision_end_token_id", "<|vision_end|>"),
@@ -226,19 +234,19 @@ def _qwen2_vl() -> _Parts:
     text = dict(
         vocab_size=len(tok), hidden_size=t.hidden, intermediate_size=t.intermediate,
         num_hidden_layers=t.layers, num_attention_heads=t.heads, num_key_value_heads=t.kv_heads,
-        max_position_embeddings=_MAX_POSITIONS, initializer_range=t.init_range,
+        max_position_embeddings=max_positions, initializer_range=t.init_range,
         # mrope splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-        rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
                          "mrope_section": [head_dim // 8, 3 * head_dim // 16, 3 * head_dim // 16]},
         bos_token_id=endoftext, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
     )
     vision = dict(
-        depth=VISION.layers, embed_dim=VISION.hidden, hidden_size=t.hidden, mlp_ratio=2,
-        num_heads=VISION.heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-        initializer_range=VISION.init_range,
+        depth=v.layers, embed_dim=v.hidden, hidden_size=t.hidden, mlp_ratio=v.intermediate // v.hidden,
+        num_heads=v.heads, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+        initializer_range=v.init_range,
     )
     config = Qwen2VLConfig(text_config=text, vision_config=vision, **ids)
-    pixels = dict(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2, temporal_patch_size=2)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels, patch_size=14, merge_size=2, temporal_patch_size=2)
     processor = Qwen2VLProcessor(
         image_processor=Qwen2VLImageProcessor(**pixels),
         video_processor=Qwen2VLVideoProcessor(**pixels),
