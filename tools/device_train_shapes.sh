@@ -31,7 +31,7 @@ if [ -f "$MODEL/config.json" ]; then
     {
         timeout 100 python3 tools/eval_shapes.py --model "$MODEL" --device "$DEVICE" --dtype float32 --batch-size 100 \
             --count "$COUNT"
-        OMP_NUM_THREADS=2 timeout 100 taskset -c 0,1 python3 tools/eval_shapes.py --model "$MODEL" --device cpu --batch-size 8 \
+        OMP_NUM_THREADS=2 timeout 100 taskset -c 0,1 python3 tools/eval_shapes.py --model "$MODEL" --device cpu --batch-size 32 \
             --count "$COUNT"
     } 2>&1 | grep -v -i warn | tee "$OUT/eval.txt"
 else

@@ -1,6 +1,6 @@
 """Judge the bundled `vlmux/shapes` captioner on pictures it never saw, through the real worker path.
 
-    python tools/eval_shapes.py                 # 500 fresh pictures, CPU, batches of 8
+    python tools/eval_shapes.py                 # 500 fresh pictures, CPU, batches of 32
 
 Writes the pictures as PNG and JPEG files, captions the files with vlmux.pipeline (a worker process that
 decodes them and runs the model), and prints the exact-match accuracy and the captioning speed.
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="vlmux/shapes")
     parser.add_argument("--count", type=int, default=500)
     parser.add_argument("--seed", type=int, default=EVAL_SEED)
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="auto", help="auto: float32 on the CPU, bfloat16 on a GPU")
     args = parser.parse_args(argv)
