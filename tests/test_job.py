@@ -195,3 +195,30 @@ def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_
     assert len(rows) == len({row["file"] for row in rows}) == 30
     assert all(row["caption"] and row["error"] is None for row in rows), [row for row in rows if row["error"]]
     assert report.captioned == 30 and report.errors == 0
+
+
+def test_two_cpu_replicas_caption_a_folder_side_by_side_with_the_same_output_as_one_worker(tmp_path, tiny_llava, tiny_qwen):
+    images = tmp_path / "images"
+    draw_sample_images(images, count=12, seed=4)
+    common = [str(images), "-m", str(tiny_llava), "-m", str(tiny_qwen), "--batch-size", "2", "--max-new-tokens", "8",
+              "--device", "cpu"]
+    single = run(*common, "-o", str(tmp_path / "single.jsonl"))
+    assert single.returncode == 0, single.stderr
+    parallel = run(*common, "--replicas", "2", "-o", str(tmp_path / "parallel.jsonl"))
+    assert parallel.returncode == 0, parallel.stderr
+    assert parallel.stdout.count("2 workers side by side") == 2 and "side by side" not in single.stdout
+    one = {(row["file"], row["model"]): row for row in jsonl(tmp_path / "single.jsonl")}
+    rows = jsonl(tmp_path / "parallel.jsonl")
+    assert len(rows) == len(one) == 24
+    assert {(row["file"], row["model"]): row for row in rows} == one
+    rerun = run(*common, "--replicas", "2", "-o", str(tmp_path / "parallel.jsonl"))
+    assert rerun.stdout.count("12 already done") == 2 and len(jsonl(tmp_path / "parallel.jsonl")) == 24
+
+
+def test_gpus_without_an_nvidia_gpu_fail_clearly(tmp_path, tiny_llava, image_dir):
+    from vlmux import vram
+
+    if vram.available():
+        pytest.skip("this machine has a GPU")
+    result = run(str(image_dir), "-m", str(tiny_llava), "--gpus", "all", "-o", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 1 and "--gpus all asked for, but" in result.stderr

@@ -140,3 +140,37 @@ def test_a_spare_killed_while_it_waits_never_fails_a_load(tiny_llava):
             os.kill(pid, signal.SIGKILL)
         name = pool.load(ModelSpec(str(tiny_llava), device="cpu"))
         assert pool.status()[0].pid not in spares and name in pool
+
+
+def test_a_worker_sees_only_the_gpus_of_its_placement_and_a_split_model_gets_its_device_map(tmp_path):
+    from vlmux.placement import WorkerPlacement
+
+    pool = ModelPool(PoolConfig(spare_worker=False))
+    try:
+        split = WorkerPlacement((2, 3), (70 * 2**30, 71 * 2**30), (75 * 2**30, 76 * 2**30))
+        request = pool._load_request(object(), ModelSpec("m", device="auto"), tmp_path, split)
+        assert request.env == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        assert request.spec.device == "cuda:0" and request.spec.max_memory == split.max_memory
+        single = pool._load_request(object(), ModelSpec("m"), tmp_path, WorkerPlacement((5,), (), (2**30,)))
+        assert single.env["CUDA_VISIBLE_DEVICES"] == "5" and single.spec.max_memory == ()
+        cpu = pool._load_request(object(), ModelSpec("m"), tmp_path, WorkerPlacement())
+        assert cpu.env["CUDA_VISIBLE_DEVICES"] == "" and cpu.spec.device == "cpu"
+    finally:
+        pool.close()
+
+
+def test_two_cpu_replicas_of_one_model_serve_side_by_side_and_answer_alike(tiny_qwen, image_dir):
+    images = sorted(image_dir.iterdir())
+    gen = GenerationSpec(max_new_tokens=6)
+    spec = ModelSpec(str(tiny_qwen), device="cpu")
+    with ModelPool(PoolConfig(max_batch_size=2, spare_worker=False)) as pool:
+        placements = pool.place(spec, replicas=2)
+        assert [p.gpus for p in placements] == [(), ()]
+        names = [pool.load(spec, f"replica-{i}", placement) for i, placement in enumerate(placements)]
+        assert len({status.pid for status in pool.status()}) == 2
+        answers = [pool.submit_caption(name, images, ["Describe."] * len(images), gen) for name in names]
+        first, second = ([r.caption for r in future.result().results] for future in answers)
+        assert first == second and all(first)
+        assert all(status.requests == 1 for status in pool.status())
+        releases = [pool.unload(name) for name in names]
+        assert all(release.process_gone for release in releases)

@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--max-new-tokens", action=_PerModel, type=int)
     caption.add_argument("--batch-size", action=_PerModel, type=int)
     caption.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    caption.add_argument("--gpus", help="all | 0,1,...: a replica of each model per GPU (a model too large for one "
+                                        "GPU is split across several)")
+    caption.add_argument("--replicas", type=int, help="workers per model captioning side by side (CPU workers with --device cpu)")
+    caption.add_argument("--vram-budget", help="what vlmux may use of each GPU: 0.8 of it, or 40GiB")
+    caption.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
+                         help="run on a Ray cluster with Ray Data (pip install 'vlmux[ray]'); without ADDRESS, the "
+                              "cluster RAY_ADDRESS or `ray start` names, else a local one")
     caption.add_argument("--dtype", action=_PerModel, choices=DTYPES)
     caption.add_argument("--prefix", default="", help="text put before each caption")
     caption.add_argument("--suffix", default="", help="text put after each caption")
@@ -140,15 +147,24 @@ def _caption(args: argparse.Namespace) -> int:
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
             print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, batch {plan.batch_size}")
-    job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix, overwrite=args.overwrite)
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
+    job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix,
+                     overwrite=args.overwrite, gpus=args.gpus, replicas=args.replicas)
+    pool_config = PoolConfig(vram_budget=args.vram_budget, max_batch_size=max(plan.batch_size for plan in plans))
     recorder = None
     if args.report is not None:
         from vlmux.caption.report import Recorder
 
         recorder = Recorder()
     try:
-        reports = run_job(job, PoolConfig(max_batch_size=max(plan.batch_size for plan in plans)),
-                          progress=not args.no_progress, event=recorder.event if recorder else None)
+        if args.ray is not None:
+            from vlmux.distributed.ray import run_ray_job
+
+            reports = run_ray_job(job, pool_config, args.ray, progress=not args.no_progress,
+                                  event=recorder.event if recorder else None)
+        else:
+            reports = run_job(job, pool_config, progress=not args.no_progress, event=recorder.event if recorder else None)
     finally:
         for sink in sinks:
             sink.close()

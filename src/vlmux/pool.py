@@ -6,15 +6,17 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
 from vlmux import vram
 from vlmux.budget import parse_budget
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.estimate import Estimate, estimate
+from vlmux.estimate import estimate
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
+from vlmux.placement import WorkerPlacement, place, select_gpus
 from vlmux.resident import ModelStatus, Request, Resident
 from vlmux.worker.inprocess import InProcessWorker
 from vlmux.worker.process import Spawner, WorkerDied, WorkerProcess
@@ -42,7 +44,7 @@ class ModelPool:
         self._closed = False
         self._releasing: set[Future] = set()  # unloads under way; a load that needs room waits for them
         self._loading: dict[str, Future] = {}  # loads under way, by name
-        self._reserved: dict[str, tuple[int | None, Estimate]] = {}  # what loads under way will take
+        self._reserved: dict[str, dict[int, int]] = {}  # bytes per GPU that loads under way will take
         self._releasing_lock = threading.Lock()
         in_process = config.isolation == "none"
         self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
@@ -53,9 +55,10 @@ class ModelPool:
 
     # -- loading and unloading ---------------------------------------------------------------------------
 
-    def load(self, model: str | ModelSpec, name: str | None = None) -> str:
+    def load(self, model: str | ModelSpec, name: str | None = None, placement: WorkerPlacement | None = None) -> str:
         """Load `model` under `name` (default: the model string); returns the name. The pool's lock is not held
-        while the worker loads, so other models keep serving; concurrent loads of one name load it once."""
+        while the worker loads, so other models keep serving; concurrent loads of one name load it once.
+        `placement` (from `place`) names the GPUs the worker sees; by default the spec's device decides."""
         spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         name = name or spec.model
         while True:
@@ -72,7 +75,7 @@ class ModelPool:
                 return name
             loading.exception()  # someone else is loading it: wait, then look again
         try:
-            self._load(spec, name)
+            self._load(spec, name, placement)
             loading.set_result(name)
             return name
         except BaseException as e:
@@ -83,20 +86,44 @@ class ModelPool:
                 self._loading.pop(name, None)
                 self._reserved.pop(name, None)
 
-    def _load(self, spec: ModelSpec, name: str) -> None:
+    def place(self, model: str | ModelSpec, gpus: str | Sequence[int] | None = None,
+              replicas: int | None = None) -> tuple[WorkerPlacement, ...]:
+        """Workers for `model` over `gpus` ("all", "0,1", indices; default: the spec's device), from NVML's
+        inventory, the estimate, the budget and what this pool holds already. Raises PlacementError."""
+        spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         path = resolve_model(spec.model, spec.revision)
-        device = self._place(spec.device)
-        gpu = vram.physical_index(device)
-        need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
+        if gpus is not None:
+            if spec.device == "cpu":
+                raise ModelLoadError("--gpus and --device cpu contradict each other")
+            if not vram.available():
+                raise ModelLoadError(f"--gpus {gpus} asked for, but {vram.nvml_status()}")
+            inventory = select_gpus(vram.gpus(), gpus)
+        else:
+            gpu = vram.physical_index(self._place(spec.device))
+            inventory = [] if gpu is None else [vram.gpu_memory(gpu)]
+        need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=bool(inventory))
         with self._lock:
-            if gpu is not None:
-                self._make_room(gpu, need, name)
-                self._baselines.setdefault(gpu, vram.unattributed(gpu))
-            self._reserved[name] = (gpu, need)  # counted against the budget by loads that start meanwhile
+            booked = self._booked()
+        return place(need, inventory, replicas, self.config.vram_budget, booked)
+
+    def _load(self, spec: ModelSpec, name: str, placement: WorkerPlacement | None) -> None:
+        path = resolve_model(spec.model, spec.revision)
+        if placement is None:
+            gpu = vram.physical_index(self._place(spec.device))
+            need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=gpu is not None)
+            placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (need.total,))
+        else:
+            need = estimate(path, spec.dtype, self.config.max_batch_size, 64, on_gpu=bool(placement.gpus))
+        gpu = placement.gpus[0] if placement.gpus else None
+        with self._lock:
+            for index, charge in placement.booked().items():
+                self._make_room(index, charge, name)
+                self._baselines.setdefault(index, vram.unattributed(index))
+            self._reserved[name] = placement.booked()  # counted against the budget by loads that start meanwhile
         for attempt in range(2):  # a spare that died while waiting gets one fresh replacement
             worker = self._new_worker(gpu)
             try:
-                reply = worker.call(self._load_request(worker, spec, path, device, gpu))
+                reply = worker.call(self._load_request(worker, spec, path, placement))
                 break
             except WorkerDied as e:
                 worker.stop(0)
@@ -105,7 +132,7 @@ class ModelPool:
         if not isinstance(reply, Loaded):
             worker.stop(self.config.unload_grace)
             raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
-        resident = Resident(name, spec, path, worker, gpu, need, reply)
+        resident = Resident(name, spec, path, worker, gpu, need, reply, placement=placement)
         resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
         with self._lock:
             self._residents[name] = resident
@@ -154,6 +181,8 @@ class ModelPool:
 
     def sleep(self, name: str) -> None:
         resident = self._get(name)
+        if resident.placement.split:
+            raise ValueError(f"{name} is split across GPUs {resident.placement.cuda_visible_devices}; it cannot sleep")
         resident.worker.call(Sleep())
         resident.state = "asleep"
 
@@ -204,7 +233,7 @@ class ModelPool:
         with self._lock:
             return [
                 ModelStatus(
-                    r.name, r.spec.model, r.state, r.loaded.device if r.gpu is None else f"cuda:{r.gpu}",
+                    r.name, r.spec.model, r.state, _device_name(r),
                     r.loaded.dtype, r.worker.pid, r.estimate.total, now - r.last_used,
                     holds_device_context=r.gpu is not None, requests=r.requests, batches=r.batches,
                 )
@@ -229,7 +258,7 @@ class ModelPool:
         if resident is None:
             raise ModelNotLoaded(f"{name} is not loaded; call load() first")
         if resident.state == "dead":  # its worker died: bring the model back on the next request
-            self.load(resident.spec, name)
+            self.load(resident.spec, name, resident.placement)
             with self._lock:
                 return self._residents[name]
         return resident
@@ -309,8 +338,10 @@ class ModelPool:
             return resident.worker.release_report()
         if resident.gpu is None:
             return vram.cpu_release(resident.worker.pid, resident.worker.alive, host_bytes)
-        baseline = self._baselines[resident.gpu]
-        return vram.wait_for_release(resident.gpu, resident.worker.pid, baseline, self.config.release_timeout)
+        return vram.combined([
+            vram.wait_for_release(gpu, resident.worker.pid, self._baselines[gpu], self.config.release_timeout)
+            for gpu in resident.placement.gpus
+        ])
 
     def _place(self, device: str) -> str:
         if device == "auto":
@@ -319,13 +350,22 @@ class ModelPool:
             raise ModelLoadError(f"device {device} asked for, but {vram.nvml_status()}; use --device cpu")
         return "cuda:0" if device == "cuda" else device
 
-    def _make_room(self, gpu: int, need: Estimate, name: str) -> None:
+    def _booked(self, skip: str | None = None) -> dict[int, int]:
+        """Bytes per GPU that our loaded models and the loads under way are counted for."""
+        booked: dict[int, int] = {}
+        charges = [r.placement.booked() for r in self._residents.values() if r.state != "dead"]
+        charges += [reserved for other, reserved in self._reserved.items() if other != skip]
+        for charge in charges:
+            for gpu, size in charge.items():
+                booked[gpu] = booked.get(gpu, 0) + size
+        return booked
+
+    def _make_room(self, gpu: int, need: int, name: str) -> None:
         budget = self._budget(gpu)
         while True:
-            ours = sum(r.estimate.total for r in self._residents.values() if r.gpu == gpu and r.state != "dead")
-            ours += sum(estimate.total for other, (where, estimate) in self._reserved.items() if where == gpu and other != name)
+            ours = self._booked(skip=name).get(gpu, 0)
             free = vram.gpu_memory(gpu).free
-            if ours + need.total <= budget and need.total <= free:
+            if ours + need <= budget and need <= free:
                 return
             with self._releasing_lock:
                 releasing = list(self._releasing)
@@ -333,11 +373,12 @@ class ModelPool:
                 for future in releasing:
                     future.exception()
                 continue
-            idle = [r for r in self._residents.values() if r.gpu == gpu and not r.busy and not r.pending]
+            here = [r for r in self._residents.values() if gpu in r.placement.gpus]
+            idle = [r for r in here if not r.busy and not r.pending]
             if not idle:
-                resident = ", ".join(f"{r.name} (~{r.estimate.total / 2**30:.1f} GiB, busy)" for r in self._residents.values() if r.gpu == gpu)
+                resident = ", ".join(f"{r.name} (~{r.placement.booked()[gpu] / 2**30:.1f} GiB, busy)" for r in here)
                 raise PoolFull(
-                    f"{name} needs ~{need.total / 2**30:.1f} GiB on GPU {gpu}; budget {budget / 2**30:.1f} GiB, "
+                    f"{name} needs ~{need / 2**30:.1f} GiB on GPU {gpu}; budget {budget / 2**30:.1f} GiB, "
                     f"free {free / 2**30:.1f} GiB; resident: {resident or 'none'}. "
                     "Raise --vram-budget, lower --batch-size, or unload a model."
                 )
@@ -350,13 +391,16 @@ class ModelPool:
             return total
         return parse_budget(budget, total)
 
-    @staticmethod
-    def _load_request(worker, spec: ModelSpec, path: Path, device: str, gpu: int | None) -> Load:
+    def _load_request(self, worker, spec: ModelSpec, path: Path, placement: WorkerPlacement) -> Load:
         if isinstance(worker, InProcessWorker):  # the caller's process: leave its environment alone
+            device = self._place(spec.device)
+            if placement.gpus != (() if vram.physical_index(device) is None else (vram.physical_index(device),)):
+                raise ModelLoadError("isolation='none' runs on the spec's device only; placements need worker processes")
             return Load(replace(spec, device=device), str(path), {})
-        # A worker sees only its own GPU, as cuda:0, and a CPU worker sees none, so it cannot create a context.
-        env = {"CUDA_VISIBLE_DEVICES": "" if gpu is None else str(gpu), "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        return Load(replace(spec, device="cpu" if gpu is None else "cuda:0"), str(path), env)
+        # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
+        # a context.
+        env = {"CUDA_VISIBLE_DEVICES": placement.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+        return Load(replace(spec, device=placement.device, max_memory=placement.max_memory), str(path), env)
 
     def _new_worker(self, gpu: int | None) -> WorkerProcess | InProcessWorker:
         return InProcessWorker(gpu) if self._spawner is None else self._spawner.take()
@@ -392,6 +436,12 @@ def _settle(future: Future, outcome) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _device_name(resident: Resident) -> str:
+    if resident.gpu is None:
+        return resident.loaded.device
+    return ",".join(f"cuda:{gpu}" for gpu in resident.placement.gpus)
 
 
 def _message(reply) -> str:

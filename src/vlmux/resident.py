@@ -10,6 +10,7 @@ from pathlib import Path
 
 from vlmux.config import ModelSpec
 from vlmux.estimate import Estimate
+from vlmux.placement import WorkerPlacement
 from vlmux.worker.inprocess import InProcessWorker
 from vlmux.worker.process import WorkerProcess
 from vlmux.worker.protocol import Caption, Chat, Loaded
@@ -42,6 +43,7 @@ class Resident:
     pending: deque = field(default_factory=deque)
     condition: threading.Condition = field(default_factory=threading.Condition)
     thread: threading.Thread | None = None
+    placement: WorkerPlacement = field(default_factory=WorkerPlacement)  # the GPUs its worker sees
 
 
 @dataclass(frozen=True)

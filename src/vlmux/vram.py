@@ -162,3 +162,18 @@ def wait_for_release(index: int, pid: int, baseline_unattributed: int, timeout: 
                 note = ""
             return Release(process_gone and residue == 0, process_gone, residue, now - start, note)
         time.sleep(poll)
+
+
+def combined(releases: list[Release]) -> Release:
+    """One release for a worker on several GPUs, or for several replicas: verified only if every part is."""
+    if len(releases) == 1:
+        return releases[0]
+    checked = [r for r in releases if r.verified is not None]
+    if not checked:
+        return Release(None, all(r.process_gone for r in releases), None, max((r.seconds for r in releases), default=0.0),
+                       f"{len(releases)} workers; no GPU memory to verify")
+    residues = [r.residue_mib for r in checked]
+    residue = None if any(value is None for value in residues) else sum(residues)
+    notes = "; ".join(r.note for r in checked if r.note)
+    return Release(all(r.verified for r in checked), all(r.process_gone for r in checked), residue,
+                   max(r.seconds for r in releases), f"{len(releases)} parts" + (f": {notes}" if notes else ""))

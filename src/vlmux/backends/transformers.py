@@ -14,6 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.loader import Unsupported, empty_model, match_checkpoint, stream_weights
 from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.placement import device_map_options
 
 WARM_UP = GenerationSpec(max_new_tokens=2, ignore_eos=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -61,11 +62,13 @@ class TransformersBackend:
             context.join()
         self.timings["cuda_init"] = time.perf_counter() - start
         try:
+            if spec.max_memory:
+                raise Unsupported(f"split across {len(spec.max_memory)} GPUs by device_map")
             self.model = self._stream(Path(path), spec, warm_up=self.device.startswith("cuda"))
             self.loader = "stream"
         except Unsupported as e:
             self.model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.torch_dtype, device_map=self.device, **common
+                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **common
             ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]

@@ -2,8 +2,7 @@
 from __future__ import annotations
 
 import time
-from collections import deque
-from concurrent.futures import Future
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -31,6 +30,8 @@ class CaptionJob:
     prefix: str = ""
     suffix: str = ""
     overwrite: bool = False
+    gpus: str | None = None  # "all" or "0,1": replicas of each model over these GPUs
+    replicas: int | None = None  # workers per model captioning side by side (default: one per GPU of `gpus`)
 
     def plans(self) -> list[ModelPlan]:
         return [m if isinstance(m, ModelPlan) else ModelPlan(m, self.generation, self.batch_size) for m in self.models]
@@ -47,6 +48,7 @@ class ModelReport:
     caption_seconds: float = 0.0
     unload_seconds: float = 0.0
     release: vram.Release | None = None
+    workers: int = 1  # replicas that captioned side by side
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -69,30 +71,49 @@ def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, eve
         for plan in job.plans():
             report = ModelReport(plan.spec.model)
             reports.append(report)
-            todo = _todo(job, plan.spec, report)
+            todo = missing(job, plan.spec, report)
             if not todo:
                 continue
             mark(plan.spec.model, "load_start")
             start = time.perf_counter()
-            name = pool.load(plan.spec)
+            names = _load_replicas(job, plan, pool)
+            report.workers = len(names)
             report.load_seconds = time.perf_counter() - start
             mark(plan.spec.model, "loaded")
             try:
-                _caption_all(job, plan, name, todo, pool, report, progress)
+                _caption_all(job, plan, names, todo, pool, report, progress)
             finally:  # verified back before the next model loads
-                _unload(pool, name, report, mark)
+                _unload(pool, names, report, mark)
     return reports
 
 
-def _unload(pool: ModelPool, name: str, report: ModelReport, mark: Event) -> None:
+def _load_replicas(job: CaptionJob, plan: ModelPlan, pool: ModelPool) -> list[str]:
+    """One worker, as the spec's device says; or replicas placed over the GPUs, loading side by side."""
+    if job.gpus is None and job.replicas is None:
+        return [pool.load(plan.spec)]
+    placements = pool.place(plan.spec, job.gpus, job.replicas)
+    names = [plan.spec.model if i == 0 else f"{plan.spec.model}#{i}" for i in range(len(placements))]
+    with ThreadPoolExecutor(len(names)) as loading:
+        futures = [loading.submit(pool.load, plan.spec, name, where) for name, where in zip(names, placements)]
+    failed = [future.exception() for future in futures if future.exception() is not None]
+    if failed:
+        for name in names:
+            if name in pool:
+                pool.unload(name)
+        raise failed[0]
+    return names
+
+
+def _unload(pool: ModelPool, names: list[str], report: ModelReport, mark: Event) -> None:
     mark(report.model, "unload_start")
     start = time.perf_counter()
-    report.release = pool.unload(name)
+    report.release = vram.combined([future.result() for future in [pool.unload_async(name) for name in names]])
     report.unload_seconds = time.perf_counter() - start
     mark(report.model, "unloaded")
 
 
-def _todo(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:
+def missing(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:
+    """The images still without a result from `spec` in some sink (all of them with --overwrite)."""
     if job.overwrite:
         for sink in job.sinks:
             sink.forget({(ref.key, spec.model) for ref in job.images})
@@ -101,19 +122,29 @@ def _todo(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRe
     return todo
 
 
-def _caption_all(job: CaptionJob, plan: ModelPlan, name: str, todo: list[ImageRef], pool: ModelPool,
+def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[ImageRef], pool: ModelPool,
                  report: ModelReport, progress: bool) -> None:
+    """Batches go to whichever replica finished one; only this thread writes to the sinks."""
     bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    batches = iter([todo[offset : offset + plan.batch_size] for offset in range(0, len(todo), plan.batch_size)])
+    in_flight: dict[Future, tuple[list[ImageRef], str]] = {}
+
+    def feed(name: str) -> None:
+        refs = next(batches, None)
+        if refs is not None:
+            in_flight[_submit(plan, pool, name, refs)] = (refs, name)
+
     try:
-        in_flight: deque = deque()
-        for offset in range(0, len(todo), plan.batch_size):
-            refs = todo[offset : offset + plan.batch_size]
-            in_flight.append((refs, _submit(plan, pool, name, refs)))
-            if len(in_flight) >= IN_FLIGHT:
-                _finish(*in_flight.popleft(), job, plan, name, pool, report, bar)
+        for name in names:
+            for _ in range(IN_FLIGHT):
+                feed(name)
         while in_flight:
-            _finish(*in_flight.popleft(), job, plan, name, pool, report, bar)
+            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
+                refs, name = in_flight.pop(future)
+                _finish(refs, future, job, plan, name, pool, report, bar)
+                feed(name)
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
@@ -127,23 +158,28 @@ def _submit(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef]) -
     return pool.submit_caption(name, items, prompts, plan.generation, plan.batch_size)
 
 
-def _results(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef], future: Future) -> Captions:
-    """The batch's results; if its worker died, the pool reloads the model and the batch is retried in halves,
-    so an image that kills the worker ends up as its own error record and the job goes on."""
+def results_or_halves(submit: Callable[[list], Future], items: list, future: Future) -> Captions:
+    """The batch's results; if its worker died, the pool reloads the model and the batch is retried in halves
+    through `submit`, so an image that kills the worker ends up as its own error record and the job goes on."""
     try:
         return future.result()
     except WorkerDied as e:
-        if len(refs) == 1:
+        if len(items) == 1:
             return Captions([ItemResult(None, f"the worker died on this image: {e}")], 0.0, 0, 0)
-        half = len(refs) // 2
-        parts = [_results(plan, pool, name, part, _submit(plan, pool, name, part)) for part in (refs[:half], refs[half:])]
+        half = len(items) // 2
+        parts = [results_or_halves(submit, part, submit(part)) for part in (items[:half], items[half:])]
         return Captions(parts[0].results + parts[1].results, 0.0, 0, parts[0].tokens + parts[1].tokens)
 
 
 def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, plan: ModelPlan, name: str, pool: ModelPool,
             report: ModelReport, bar: tqdm) -> None:
+    record(job, plan, report, refs, results_or_halves(lambda part: _submit(plan, pool, name, part), refs, future))
+    bar.update(len(refs))
+
+
+def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[ImageRef], captions: Captions) -> None:
+    """Write one batch's results to every sink and count them in the report."""
     pairs = []
-    captions = _results(plan, pool, name, refs, future)
     report.tokens += captions.tokens
     for ref, result in zip(refs, captions.results):
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
@@ -156,11 +192,12 @@ def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, plan: ModelPl
                 report.error_samples.append(f"{ref.key}: {result.error}")
     for sink in job.sinks:
         sink.write(pairs)
-    bar.update(len(refs))
 
 
 def summary_line(report: ModelReport) -> str:
     parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
+    if report.workers > 1:
+        parts.append(f"{report.workers} workers side by side")
     if report.caption_seconds:
         parts.append(f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, "
                      f"load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
