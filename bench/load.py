@@ -21,6 +21,12 @@ start = time.perf_counter()  # imports and the CUDA context stay outside the tim
 if method == "from_pretrained":
     model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
     size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
+elif method == "safetensors_load_file":
+    from safetensors.torch import load_file
+    tensors = {}
+    for file in sorted(path.glob("*.safetensors")):
+        tensors.update(load_file(file, device="cuda:0"))
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
 else:
     model = empty_model(path, torch.bfloat16, "cuda:0", False)
     size = stream_weights(model, path, StreamConfig(readers, chunk << 20))
@@ -30,7 +36,8 @@ print(json.dumps({"model": path.name, "method": method, "readers": readers, "chu
                   "seconds": round(seconds, 3), "gb": round(size / 1e9, 2), "gb_per_s": round(size / 1e9 / seconds, 1)}))
 """
 
-VARIANTS = [("from_pretrained", 0, 0), ("stream", 8, 32), ("stream", 16, 16)]
+VARIANTS = [("from_pretrained", 0, 0), ("safetensors_load_file", 0, 0), ("stream", 8, 32), ("stream", 16, 16),
+            ("stream", 16, 64)]
 
 
 def main(models: list[str]) -> list[dict]:

@@ -1,8 +1,10 @@
 """Switch benchmark (DESIGN.md section 5): A (2B shape) -> B (7B shape) -> A ..., seconds from "unload the
 current model" to "the next one answered its first request", and NVML residue after every unload.
 
-Three ways, in one run:
-  vlmux        ModelPool: the worker is killed, release verified by NVML, the next model loads in a spare worker
+Four ways, in one run:
+  vlmux        ModelPool: A's worker exits while B loads in the spare worker, which is warm (CUDA context and
+               B's kernels ready, see PoolConfig.warm_spare); A's release is verified by NVML
+  vlmux_cold_spare  the same with a spare that has imported torch and transformers but never touched CUDA
   in_process   one process: del + gc.collect() + torch.cuda.empty_cache(), then from_pretrained (what users do)
   cold_worker  a fresh Python process per model, as a naive isolation would do (pays the imports every time)
 
@@ -51,21 +53,23 @@ def main() -> None:
     result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
               "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
     result["vlmux"] = run_vlmux(models, image, args.rounds)
+    result["vlmux_cold_spare"] = run_vlmux(models, image, args.baseline_rounds, warm_spare=False)
     result["in_process"] = run_child("in_process", models, image, args.baseline_rounds)
     result["cold_worker"] = run_cold(models, image, args.baseline_rounds)
-    for method in ("vlmux", "in_process", "cold_worker"):
+    methods = ("vlmux", "vlmux_cold_spare", "in_process", "cold_worker")
+    for method in methods:
         switches = result[method]["switches"]
         result[method]["summary"] = {
             shape: summarise([s["switch_seconds"] for s in switches if s["to"] == shape]) for shape in shapes
         }
         result[method]["max_residue_mib"] = max([s["residue_mib"] or 0 for s in switches] or [float("nan")])
     write_result("switch", result, args.out)
-    print(f"{'method':<12} {'to':<4} {'median s':>9} {'min s':>7} {'max s':>7} {'max residue MiB':>16}")
-    for method in ("vlmux", "in_process", "cold_worker"):
+    print(f"{'method':<17} {'to':<4} {'median s':>9} {'min s':>7} {'max s':>7} {'max residue MiB':>16}")
+    for method in methods:
         for shape, stats in result[method]["summary"].items():
             if not stats:
                 continue
-            print(f"{method:<12} {shape:<4} {stats['median']:>9.3f} {stats['min']:>7.3f} {stats['max']:>7.3f} "
+            print(f"{method:<17} {shape:<4} {stats['median']:>9.3f} {stats['min']:>7.3f} {stats['max']:>7.3f} "
                   f"{result[method]['max_residue_mib']:>16.0f}")
 
 
@@ -80,31 +84,44 @@ def _shape(model: Path) -> str:
     return model.name.rsplit("-", 1)[-1]
 
 
-def run_vlmux(models: list[Path], image: Path, rounds: int) -> dict:
+def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = True) -> dict:
+    """The steps of ModelPool.switch, timed one by one: unload_async(A), load(B) (in the spare, at the same time
+    when both fit), B's first answer. Between switches the bench waits for the spare to be ready again, as a job
+    or a server has seconds between switches."""
     from vlmux.pool import ModelPool
     from vlmux.worker.process import warm_fork_server
 
     start = time.perf_counter()
     warm_fork_server()
     fork_server_seconds = time.perf_counter() - start
+    sizes = {model: sum(f.stat().st_size for f in model.glob("*.safetensors")) for model in models}
     switches = []
-    with ModelPool(PoolConfig(max_batch_size=1)) as pool:
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare=warm_spare)) as pool:
         current = pool.load(ModelSpec(str(models[0]), device="cuda"))
         pool.caption(current, [str(image)], [PROMPT], FIRST_ANSWER)
         for source, target in _order(models, rounds):
+            spare_ready = pool.wait_for_spare(120)
+            marks: dict[str, float] = {}
             t0 = time.perf_counter()
-            current, release = pool.switch(str(source), ModelSpec(str(target), device="cuda"))
+            releasing = pool.unload_async(str(source))
+            releasing.add_done_callback(lambda _: marks.setdefault("released", time.perf_counter()))
+            current = pool.load(ModelSpec(str(target), device="cuda"))
             t1 = time.perf_counter()
+            release = releasing.result()
             pool.caption(current, [str(image)], [PROMPT], FIRST_ANSWER)
             t2 = time.perf_counter()
             load = pool.load_info(current)
-            switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
-                             "unload_and_load_seconds": t1 - t0, "release_wait_seconds": release.seconds,
-                             "first_answer_seconds": t2 - t1, "worker_load": load,
-                             "residue_mib": release.residue_mib, "release_verified": release.verified})
-            print(f"vlmux {switches[-1]['from']}->{switches[-1]['to']}: {t2 - t0:.3f} s (unload+load {t1 - t0:.3f} "
-                  f"{load}, answer {t2 - t1:.3f}), {release}", file=sys.stderr)
-    return {"fork_server_start_seconds": fork_server_seconds, "switches": switches}
+            switch = {"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
+                      "unload_and_verify_seconds": marks["released"] - t0, "release_wait_seconds": release.seconds,
+                      "load_seconds": t1 - t0, "first_answer_seconds": t2 - t1, "worker_load": load,
+                      "load_gb_per_s": round(sizes[target] / 1e9 / max(load.get("weights", 0), 1e-9), 1),
+                      "spare_ready": spare_ready, "residue_mib": release.residue_mib,
+                      "release_verified": release.verified}
+            switches.append(switch)
+            print(f"vlmux{'' if warm_spare else ' (cold spare)'} {switch['from']}->{switch['to']}: {t2 - t0:.3f} s "
+                  f"(unload+verify {switch['unload_and_verify_seconds']:.3f}, load {t1 - t0:.3f} {load}, "
+                  f"{switch['load_gb_per_s']} GB/s, answer {t2 - t1:.3f}), {release}", file=sys.stderr)
+    return {"fork_server_start_seconds": fork_server_seconds, "warm_spare": warm_spare, "switches": switches}
 
 
 def run_child(mode: str, models: list[Path], image: Path, rounds: int) -> dict:

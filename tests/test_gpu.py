@@ -91,3 +91,29 @@ def test_the_report_shows_gpu_memory_back_at_the_baseline_between_models(tiny_ll
     level = [s["mib"] for s in data["samples"] if unloaded <= s["seconds"] <= next_load]
     assert level and max(level) <= baseline, (baseline, level)
     assert all(model["residue_mib"] == 0 for model in data["models"])
+
+
+def test_a_pool_that_switches_keeps_a_warm_spare_and_still_gives_back_every_byte(tiny_llava, tiny_qwen, image_dir):
+    import time
+
+    image = sorted(image_dir.iterdir())[0]
+    gen = GenerationSpec(max_new_tokens=8)
+    baseline = vram.gpu_memory(0).used
+    answers: dict[str, list[str]] = {}
+    with ModelPool(PoolConfig(warm_spare_linger=1.0)) as pool:
+        current = pool.load(ModelSpec(str(tiny_llava), device="cuda"))
+        answers.setdefault(current, []).append(pool.caption(current, [image], ["Describe."], gen)[0].caption)
+        for model in (tiny_qwen, tiny_llava, tiny_qwen, tiny_llava):
+            current, release = pool.switch(current, ModelSpec(str(model), device="cuda"))
+            assert release.verified and release.process_gone and release.residue_mib == 0, release
+            answers.setdefault(current, []).append(pool.caption(current, [image], ["Describe."], gen)[0].caption)
+            assert pool.wait_for_spare(120)
+            on_gpu = vram.process_memory(0)
+            assert pool.status()[0].pid in on_gpu and len(on_gpu) == 2, on_gpu  # the model's worker and the spare
+        pool.unload(current)
+        deadline = time.monotonic() + 30
+        while vram.process_memory(0) and time.monotonic() < deadline:  # the spare cools after the linger
+            time.sleep(0.1)
+        assert vram.process_memory(0) == {}
+        assert vram.gpu_memory(0).used <= baseline
+    assert all(len(set(runs)) == 1 for runs in answers.values()), answers  # a warm spare answers like a cold one

@@ -53,6 +53,11 @@ class PoolConfig:
     release_timeout: float = 10.0  # seconds to wait for NVML to show the memory back
     isolation: str = "process"  # process | none
     spare_worker: bool = True
+    # Once a pool has switched models on a GPU, its spare also creates a CUDA context there and runs the recent
+    # models' kernels once, so a switch skips ~1.5 s; that spare holds ~0.5 GiB of device memory while models are
+    # loaded and for warm_spare_linger seconds after the last one is unloaded.
+    warm_spare: bool = True
+    warm_spare_linger: float = 10.0
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -20,7 +20,13 @@ from vlmux.placement import WorkerPlacement, place, select_gpus
 from vlmux.resident import ModelStatus, Request, Resident
 from vlmux.worker.inprocess import InProcessWorker
 from vlmux.worker.process import Spawner, WorkerDied, WorkerProcess
-from vlmux.worker.protocol import Caption, Captions, Chat, Chatted, Failed, ItemResult, Load, Loaded, Sleep, Wake
+from vlmux.worker.protocol import (
+    Caption, Captions, Chat, Chatted, Failed, ItemResult, Load, Loaded, Sleep, Wake, Warm,
+)
+
+
+RECENT_MODELS = 3  # models a warm spare gets ready for
+WARM_AFTER_AT_MOST = 30.0  # seconds a spare waits for a busy new model before it warms up anyway
 
 
 class ModelLoadError(RuntimeError):
@@ -42,13 +48,15 @@ class ModelPool:
         self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first model
         self._lock = threading.RLock()
         self._closed = False
-        self._releasing: set[Future] = set()  # unloads under way; a load that needs room waits for them
+        self._releasing: dict[Future, dict[int, int]] = {}  # unloads under way and the bytes per GPU they free
         self._loading: dict[str, Future] = {}  # loads under way, by name
         self._reserved: dict[str, dict[int, int]] = {}  # bytes per GPU that loads under way will take
         self._releasing_lock = threading.Lock()
         in_process = config.isolation == "none"
         self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
         self.last_release: dict[str, vram.Release] = {}
+        self._recent: list[Warm] = []  # what a warm spare gets ready for, most recently loaded first
+        self._warming: threading.Thread | None = None
         if config.keep_alive is not None:
             threading.Thread(target=self._expire_idle, name="vlmux-keep-alive", daemon=True).start()
         _POOLS.add(self)
@@ -121,7 +129,7 @@ class ModelPool:
                 self._baselines.setdefault(index, vram.unattributed(index))
             self._reserved[name] = placement.booked()  # counted against the budget by loads that start meanwhile
         for attempt in range(2):  # a spare that died while waiting gets one fresh replacement
-            worker = self._new_worker(gpu)
+            worker = self._new_worker(gpu, _worker_env(placement))
             try:
                 reply = worker.call(self._load_request(worker, spec, path, placement))
                 break
@@ -137,6 +145,7 @@ class ModelPool:
         with self._lock:
             self._residents[name] = resident
         resident.thread.start()
+        self._warm_spare(resident)
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
@@ -153,31 +162,43 @@ class ModelPool:
                 resident.condition.notify_all()
             future: Future = Future()
             with self._releasing_lock:
-                self._releasing.add(future)
+                self._releasing[future] = resident.placement.booked()  # still on the GPU until verified
 
         def release() -> None:
             try:
                 if resident.thread is not threading.current_thread():
                     resident.thread.join()
                 host_bytes = getattr(resident.worker, "private_bytes", lambda: None)()
+                references = self._release_references(resident)
                 resident.worker.stop(self.config.unload_grace)
-                self.last_release[name] = self._verify_release(resident, host_bytes)
+                self.last_release[name] = self._verify_release(resident, host_bytes, references)
+                self._cool_spare_when_idle()
                 future.set_result(self.last_release[name])
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(e)
             finally:
                 with self._releasing_lock:
-                    self._releasing.discard(future)
+                    self._releasing.pop(future, None)
 
         threading.Thread(target=release, name=f"vlmux-unload-{name}", daemon=True).start()
         return future
 
     def switch(self, old: str, new: str | ModelSpec, name: str | None = None) -> tuple[str, vram.Release]:
-        """Unload `old`, verify its memory is back, then load `new` in the spare worker. The release is verified
-        before the new context exists on purpose: NVML cannot tell two contexts' memory apart while one of them
-        is being created, so verifying during the next load would only measure noise."""
-        release = self.unload(old)
-        return self.load(new, name), release
+        """Unload `old` and load `new` (in the spare worker, warm for it if it was loaded lately) at the same time
+        when the budget holds both, else one after the other; returns once `new` is loaded and `old`'s release
+        is verified. The two overlap only when the spare already holds a context on the same GPU: `new`'s memory
+        is then booked to its own process, and `old`'s release is checked as `_release_references` says. A context
+        being created is booked to no process for a moment, so with a cold spare the release is verified first."""
+        spec = new if isinstance(new, ModelSpec) else ModelSpec(new)
+        if not self._spare_is_warm_for(spec):  # a context created now would blur the old one's release check
+            release = self.unload(old)
+            return self.load(spec, name), release
+        releasing = self.unload_async(old)
+        try:
+            loaded = self.load(spec, name)
+        finally:
+            release = releasing.result()
+        return loaded, release
 
     def sleep(self, name: str) -> None:
         resident = self._get(name)
@@ -333,13 +354,29 @@ class ModelPool:
         while resident.pending:
             _settle(resident.pending.popleft().future, error)
 
-    def _verify_release(self, resident: Resident, host_bytes: int | None = None) -> vram.Release:
+    def _release_references(self, resident: Resident) -> dict[int, int]:
+        """Per GPU, what the memory booked to no process must come back to once the worker is gone.
+
+        NVML books a few MiB per live CUDA context to no process (5-9 MiB each on the H200, bench/contexts.py).
+        With no other context on the GPU that is the pool's baseline from before its first load: exact. With
+        others alive (a warm spare, the next model, another tenant) it is the figure just before this worker
+        exits, its own share included: nothing it held may stay behind, though a leak smaller than that share
+        (~5 MiB) would go unseen until the GPU is quiet again."""
+        references = {}
+        for gpu in resident.placement.gpus:
+            others = set(vram.process_memory(gpu)) - {resident.worker.pid}
+            references[gpu] = vram.unattributed(gpu) if others else self._baselines[gpu]
+        return references
+
+    def _verify_release(self, resident: Resident, host_bytes: int | None = None,
+                        references: dict[int, int] | None = None) -> vram.Release:
         if isinstance(resident.worker, InProcessWorker):
             return resident.worker.release_report()
         if resident.gpu is None:
             return vram.cpu_release(resident.worker.pid, resident.worker.alive, host_bytes)
+        references = references if references is not None else self._release_references(resident)
         return vram.combined([
-            vram.wait_for_release(gpu, resident.worker.pid, self._baselines[gpu], self.config.release_timeout)
+            vram.wait_for_release(gpu, resident.worker.pid, references[gpu], self.config.release_timeout)
             for gpu in resident.placement.gpus
         ])
 
@@ -355,6 +392,8 @@ class ModelPool:
         booked: dict[int, int] = {}
         charges = [r.placement.booked() for r in self._residents.values() if r.state != "dead"]
         charges += [reserved for other, reserved in self._reserved.items() if other != skip]
+        with self._releasing_lock:
+            charges += list(self._releasing.values())
         for charge in charges:
             for gpu, size in charge.items():
                 booked[gpu] = booked.get(gpu, 0) + size
@@ -397,13 +436,78 @@ class ModelPool:
             if placement.gpus != (() if vram.physical_index(device) is None else (vram.physical_index(device),)):
                 raise ModelLoadError("isolation='none' runs on the spec's device only; placements need worker processes")
             return Load(replace(spec, device=device), str(path), {})
-        # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
-        # a context.
-        env = {"CUDA_VISIBLE_DEVICES": placement.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        return Load(replace(spec, device=placement.device, max_memory=placement.max_memory), str(path), env)
+        return Load(replace(spec, device=placement.device, max_memory=placement.max_memory), str(path),
+                    _worker_env(placement))
 
-    def _new_worker(self, gpu: int | None) -> WorkerProcess | InProcessWorker:
-        return InProcessWorker(gpu) if self._spawner is None else self._spawner.take()
+    def _new_worker(self, gpu: int | None, env: dict[str, str]) -> WorkerProcess | InProcessWorker:
+        return InProcessWorker(gpu) if self._spawner is None else self._spawner.take(env)
+
+    def _spare_is_warm_for(self, spec: ModelSpec) -> bool:
+        if self._spawner is None or spec.device == "cpu" or not vram.available():
+            return False
+        gpu = vram.physical_index(self._place(spec.device))
+        return gpu is not None and self._spawner.warm_for() == _worker_env(WorkerPlacement((gpu,)))
+
+    def _warm_spare(self, loaded: Resident) -> None:
+        """After a load on one GPU, have the spare ready there for the models loaded on it lately (the next
+        switch is most likely to one of them), once this pool has switched models there at least once."""
+        if self._spawner is None or not self.config.warm_spare or len(loaded.placement.gpus) != 1:
+            return
+        env = _worker_env(loaded.placement)
+        with self._lock:
+            self._recent = [entry for entry in self._recent if entry.path != str(loaded.path)]
+            self._recent.insert(0, Warm(replace(loaded.spec, device=loaded.placement.device), str(loaded.path), env))
+            del self._recent[RECENT_MODELS:]
+            requests = [entry for entry in self._recent if entry.env == env]
+        if len(requests) < 2:  # only a pool that switches between models gains from a warm spare
+            return
+
+        def warm_when_quiet() -> None:
+            # Not while a release is being verified (a context being created is booked to no process), and not
+            # before the new model has answered and gone idle: two contexts time-share the GPU, so warming at
+            # once would slow the very first answer the switch is waiting for.
+            with self._releasing_lock:
+                releasing = list(self._releasing)
+            for future in releasing:
+                future.exception()
+            deadline = time.monotonic() + WARM_AFTER_AT_MOST
+            while time.monotonic() < deadline and loaded.state == "ready" and not self._closed:
+                if loaded.batches and not loaded.busy and not loaded.pending:
+                    break
+                time.sleep(0.01)
+            if not self._closed and self._spawner is not None:
+                self._spawner.warm(requests)
+
+        self._warming = threading.Thread(target=warm_when_quiet, name="vlmux-warm-when-quiet", daemon=True)
+        self._warming.start()
+
+    def _cool_spare_when_idle(self) -> None:
+        """Once no model is on a GPU and none is loading for `warm_spare_linger` seconds, the spare drops its
+        context: a pool with nothing loaded holds no device memory."""
+        if self._spawner is None or not self.config.warm_spare:
+            return
+
+        def cool() -> None:
+            with self._lock:
+                busy = self._loading or any(r.gpu is not None and r.state != "dead" for r in self._residents.values())
+            if not busy and self._spawner is not None:
+                self._spawner.warm(None)
+
+        timer = threading.Timer(self.config.warm_spare_linger, cool)
+        timer.daemon = True
+        timer.start()
+
+    def wait_for_spare(self, timeout: float | None = None) -> bool:
+        """Block until the spare worker finished getting ready (see PoolConfig.warm_spare); False on timeout."""
+        if self._spawner is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        warming = self._warming
+        if warming is not None:
+            warming.join(timeout)
+            if warming.is_alive():
+                return False
+        return self._spawner.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def _expire_idle(self) -> None:
         while not self._closed:
@@ -436,6 +540,12 @@ def _settle(future: Future, outcome) -> None:
         future.set_exception(outcome)
     else:
         future.set_result(outcome)
+
+
+def _worker_env(placement: WorkerPlacement) -> dict[str, str]:
+    # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
+    # a context.
+    return {"CUDA_VISIBLE_DEVICES": placement.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def _device_name(resident: Resident) -> str:

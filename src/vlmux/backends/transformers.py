@@ -12,11 +12,13 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmux.backends.base import OutOfMemory
-from vlmux.backends.loader import Unsupported, empty_model, match_checkpoint, stream_weights
+from vlmux.backends.loader import (
+    StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
+)
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.placement import device_map_options
 
-WARM_UP = GenerationSpec(max_new_tokens=2, ignore_eos=True)
+WARM_UP = GenerationSpec(max_new_tokens=4, ignore_eos=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -45,7 +47,8 @@ def _start_cuda(device: str) -> threading.Thread | None:
 
 
 class TransformersBackend:
-    def __init__(self, spec: ModelSpec, path: str) -> None:
+    def __init__(self, spec: ModelSpec, path: str, shallow: bool = False) -> None:
+        """shallow: a one-layer copy with uninitialised weights, only to run the model's code once (`warm_up`)."""
         self.device = resolve_device(spec.device)
         self.torch_dtype = resolve_dtype(spec.dtype, self.device)
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
@@ -64,9 +67,11 @@ class TransformersBackend:
         try:
             if spec.max_memory:
                 raise Unsupported(f"split across {len(spec.max_memory)} GPUs by device_map")
-            self.model = self._stream(Path(path), spec, warm_up=self.device.startswith("cuda"))
+            self.model = self._stream(Path(path), spec, shallow)
             self.loader = "stream"
         except Unsupported as e:
+            if shallow:
+                raise
             self.model = AutoModelForImageTextToText.from_pretrained(
                 path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **common
             ).eval()
@@ -77,29 +82,15 @@ class TransformersBackend:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._host_state: dict[str, torch.Tensor] | None = None
 
-    def _stream(self, path: Path, spec: ModelSpec, warm_up: bool) -> torch.nn.Module:
-        model = empty_model(path, self.torch_dtype, self.device, spec.trust_remote_code)
-        matched = match_checkpoint(model, path)  # an unsupported checkpoint fails here, before any warm-up starts
-        warm = None
-        if warm_up:
-            # A fresh process spends ~1 s in its first generate loading kernels and creating library handles.
-            # Doing that now, on the still-arriving weights, hides part of it behind the copy; the output is
-            # discarded.
-            warm = threading.Thread(target=self._warm_up, args=(model,), name="vlmux-warm-up", daemon=True)
-            warm.start()
+    def _stream(self, path: Path, spec: ModelSpec, shallow: bool) -> torch.nn.Module:
+        model = empty_model(path, self.torch_dtype, self.device, spec.trust_remote_code, shallow)
+        if shallow:
+            return model
         try:
-            stream_weights(model, path, matched=matched)
+            stream_weights(model, path)
         finally:
-            if warm is not None:
-                warm.join()  # never leave a thread holding a half-loaded model behind
+            release_staging()  # half a gigabyte of pinned host memory the model no longer needs
         return model
-
-    def _warm_up(self, model: torch.nn.Module) -> None:
-        self.model = model
-        try:
-            self.caption([Image.new("RGB", (448, 448), (128, 128, 128))], ["Describe the image."], WARM_UP)
-        except Exception:  # noqa: BLE001 - a failed warm-up only costs the time it saves
-            pass
 
     def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:
         texts = [self._prompt_text([{"type": "image"}, {"type": "text", "text": p}]) for p in prompts]
@@ -173,3 +164,27 @@ class TransformersBackend:
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
+
+
+def warm_up(spec: ModelSpec, path: str) -> dict[str, float]:
+    """Make this process ready to load `path` fast: create the CUDA context, pin the loader's staging memory, and
+    caption once with a one-layer copy of the model (uninitialised weights) so that its kernels, library handles
+    and first-call Python paths are loaded. Everything but the context, the staging memory and the loaded kernels
+    is freed again. A fresh worker otherwise spends ~1.3 s of its first answer on this (bench/first_answer.py)."""
+    start = time.perf_counter()
+    device = resolve_device(spec.device)
+    if not device.startswith("cuda"):
+        return {}
+    torch.empty(1, device=device)
+    timings = {"cuda_init": time.perf_counter() - start}
+    staging_buffers(StreamConfig())
+    try:
+        shallow = TransformersBackend(spec, path, shallow=True)
+    except Exception:  # noqa: BLE001 - remote code, quantised: the context and staging memory still help
+        return timings
+    try:
+        shallow.caption([Image.new("RGB", (448, 448), (128, 128, 128))], ["Describe the image."], WARM_UP)
+    finally:
+        shallow.close()
+    timings["kernels"] = time.perf_counter() - start - timings["cuda_init"]
+    return timings

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from tqdm import tqdm
@@ -67,7 +67,9 @@ Event = Callable[[str, str], None]  # (model, what happened): load_start, loaded
 def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
     mark = event or (lambda model, what: None)
     reports = []
-    with ModelPool(pool_config) as pool:
+    # A job's switches are amortised over its images, and its report must show memory back at the baseline between
+    # models, so no spare holds a context while the next model is waited for.
+    with ModelPool(replace(pool_config, warm_spare=False)) as pool:
         for plan in job.plans():
             report = ModelReport(plan.spec.model)
             reports.append(report)

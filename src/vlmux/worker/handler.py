@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmux.images import ImageError, load_image
 from vlmux.worker.protocol import (
-    Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake,
+    Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -24,6 +24,8 @@ class Handler:
         start = time.perf_counter()
         if isinstance(request, Load):
             return self._load(request, start)
+        if isinstance(request, Warm):
+            return self._warm(request, start)
         if self.backend is None:
             return Failed("request", "no model is loaded in this worker")
         try:
@@ -54,6 +56,18 @@ class Handler:
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
+
+    def _warm(self, request: Warm, start: float) -> Reply:
+        if self.backend is not None:  # taken for a load before the warm-up's turn came: nothing left to prepare
+            return Done(0.0)
+        os.environ.update(request.env)
+        from vlmux.backends.transformers import warm_up
+
+        try:
+            warm_up(request.spec, request.path)
+        except Exception as e:  # noqa: BLE001 - the load that follows will report what is really wrong
+            return Failed("warm", f"{type(e).__name__}: {e}")
+        return Done(time.perf_counter() - start)
 
     def _caption(self, request: Caption, start: float) -> Reply:
         tokens_before = getattr(self.backend, "generated_tokens", 0)

@@ -16,6 +16,15 @@ class Load:
 
 
 @dataclass(frozen=True)
+class Warm:
+    """Get ready to load `path` fast (CUDA context, staging memory, the model's kernels) without loading it."""
+
+    spec: ModelSpec
+    path: str
+    env: dict[str, str]
+
+
+@dataclass(frozen=True)
 class Caption:
     items: list[ImageInput]
     prompts: list[str]
@@ -44,7 +53,7 @@ class Exit:
     pass
 
 
-Request = Union[Load, Caption, Chat, Sleep, Wake, Exit]
+Request = Union[Load, Warm, Caption, Chat, Sleep, Wake, Exit]
 
 
 @dataclass(frozen=True)
