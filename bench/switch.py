@@ -52,18 +52,21 @@ def main() -> None:
                     pass
     result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
               "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
-    result["vlmux"] = run_vlmux(models, image, args.rounds)
-    result["vlmux_cold_spare"] = run_vlmux(models, image, args.baseline_rounds, warm_spare=False)
-    result["in_process"] = run_child("in_process", models, image, args.baseline_rounds)
-    result["cold_worker"] = run_cold(models, image, args.baseline_rounds)
     methods = ("vlmux", "vlmux_cold_spare", "in_process", "cold_worker")
+    runs = {
+        "vlmux": lambda: run_vlmux(models, image, args.rounds),
+        "vlmux_cold_spare": lambda: run_vlmux(models, image, args.baseline_rounds, warm_spare=False),
+        "in_process": lambda: run_child("in_process", models, image, args.baseline_rounds),
+        "cold_worker": lambda: run_cold(models, image, args.baseline_rounds),
+    }
     for method in methods:
+        result[method] = runs[method]()
         switches = result[method]["switches"]
         result[method]["summary"] = {
             shape: summarise([s["switch_seconds"] for s in switches if s["to"] == shape]) for shape in shapes
         }
         result[method]["max_residue_mib"] = max([s["residue_mib"] or 0 for s in switches] or [float("nan")])
-    write_result("switch", result, args.out)
+        write_result("switch", result, args.out)  # after each method, so a run cut short keeps what it measured
     print(f"{'method':<17} {'to':<4} {'median s':>9} {'min s':>7} {'max s':>7} {'max residue MiB':>16}")
     for method in methods:
         for shape, stats in result[method]["summary"].items():
