@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
+# How captions are decoded: auto (compiled on CUDA, dynamic on the CPU), dynamic (HF's default cache), static (a
+# static KV cache, eager), compiled (static cache + torch.compile of the decode step; CUDA graphs on CUDA).
+DECODE_MODES = ("auto", "dynamic", "static", "compiled")
 
 
 @dataclass(frozen=True)
@@ -17,8 +20,11 @@ class ModelSpec:
     revision: str | None = None
     trust_remote_code: bool = False
     max_memory: tuple[int, ...] = ()  # set by placement for a split model: weight bytes per visible GPU
+    decode: str = "auto"  # one of DECODE_MODES
 
     def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ValueError(f"unknown decode mode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         if not _is_device(self.device):

@@ -4,14 +4,18 @@ from __future__ import annotations
 import gc
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from PIL import Image
-from transformers import AutoModelForImageTextToText, AutoProcessor
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 
 from vlmux.backends.base import OutOfMemory
+from vlmux.backends.fast import (
+    FastConfig, auto_batch_size, generate_options, pad_rows, per_image_bytes, to_device, use_compile_cache,
+)
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
 )
@@ -38,6 +42,14 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
     return torch.float32
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A caption batch made ready on the host (processor run, model dtype, pinned), off the GPU's critical path."""
+
+    inputs: BatchFeature
+    rows: int  # real images; the rows after them repeat the last one to keep the compiled batch shape
+
+
 def _start_cuda(device: str) -> threading.Thread | None:
     if not device.startswith("cuda"):
         return None
@@ -55,6 +67,11 @@ class TransformersBackend:
         # The parent resolved `path` to a local folder already: nothing here reaches the network.
         common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
         self.timings: dict[str, float] = {}
+        # A shallow copy only warms kernels up: compiling it would cost seconds and serve nothing.
+        self.fast = FastConfig.for_device("dynamic" if shallow else spec.decode, self.device)
+        if self.fast.compile:
+            use_compile_cache()
+        self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # ~0.1-0.3 s of driver work, overlapped with reading the processor
@@ -93,21 +110,51 @@ class TransformersBackend:
         return model
 
     def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:
+        return self.generate(self.prepare(images, prompts), gen)
+
+    def prepare(self, images: list[Image.Image], prompts: list[str], pad_to: int | None = None) -> Prepared:
+        """The CPU half of `caption`; thread-safe against a `generate` running at the same time. pad_to: the
+        worker's chunk size, which a short chunk is padded up to when the decode step is compiled for it."""
+        rows = len(images)
+        if pad_to and self.fast.pads_batches and rows < pad_to:
+            images, prompts = pad_rows(images, pad_to), pad_rows(prompts, pad_to)
         texts = [self._prompt_text([{"type": "image"}, {"type": "text", "text": p}]) for p in prompts]
-        return self._generate(texts, [[image] for image in images], gen)
+        inputs = self.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+        return Prepared(to_device(inputs, self.device, self.torch_dtype), rows)
+
+    def generate(self, prepared: Prepared, gen: GenerationSpec) -> list[str]:
+        """The GPU half of `caption`: the fast path (static cache, compiled decode) when this backend has it."""
+        inputs = prepared.inputs
+        rows = inputs["input_ids"].shape[0]
+        if self.fast.compile and rows < self._compiled_rows:
+            fast = {}  # a batch split after running out of memory: eager beats compiling a graph for it
+        else:
+            self._compiled_rows = max(self._compiled_rows, rows) if self.fast.compile else 0
+            fast = generate_options(self.fast, inputs["input_ids"].shape[1], gen.max_new_tokens)
+        return self._generate(inputs, gen, fast, prepared.rows)
+
+    def batch_limit(self, gen: GenerationSpec) -> int | None:
+        """The largest caption batch free device memory holds, or None off CUDA."""
+        if not self.device.startswith("cuda"):
+            return None
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # 1024 tokens of image and prompt: on the safe side of a 448x448 image's 256 visual tokens.
+        need = per_image_bytes(self.model.config.get_text_config(), 1024 + gen.max_new_tokens, self.torch_dtype.itemsize)
+        return auto_batch_size(free, need)
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
+        # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self._generate([text], [images] if images else None, gen)[0]
+        inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
+        return self._generate(inputs, gen, {})[0]
 
     def _prompt_text(self, content: list[dict[str, Any]]) -> str:
         messages = [{"role": "user", "content": content}]
         return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
-    def _generate(self, texts: list[str], images: list[list[Image.Image]] | None, gen: GenerationSpec) -> list[str]:
-        inputs = self.processor(text=texts, images=images, padding=True, return_tensors="pt")
-        inputs = inputs.to(self.device, dtype=self.torch_dtype)
+    def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
+        inputs = inputs.to(self.device, dtype=self.torch_dtype, non_blocking=True)
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
         options: dict[str, Any] = {
@@ -123,12 +170,12 @@ class TransformersBackend:
             options["min_new_tokens"] = gen.max_new_tokens
         prompt_length = inputs["input_ids"].shape[1]
         try:
-            output = self.model.generate(**inputs, **options)
+            output = self.model.generate(**inputs, **options, **fast)
         except torch.OutOfMemoryError as e:
             del inputs  # free the batch before the caller retries a smaller one
             torch.cuda.empty_cache()
             raise OutOfMemory(str(e).splitlines()[0]) from None
-        new_tokens = output[:, prompt_length:]
+        new_tokens = output[:rows, prompt_length:]  # the padding rows are dropped here
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 

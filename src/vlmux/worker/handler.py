@@ -19,6 +19,8 @@ class Handler:
     def __init__(self) -> None:
         self.backend = None
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vlmux-decode")
+        # One thread: it prepares the next chunk only; its own work waits on the decoder pool, never the reverse.
+        self._preparer = ThreadPoolExecutor(1, thread_name_prefix="vlmux-prepare")
 
     def handle(self, request: Request) -> Reply:
         start = time.perf_counter()
@@ -46,6 +48,7 @@ class Handler:
             self.backend.close()
             self.backend = None
         self._decoder.shutdown(wait=False, cancel_futures=True)
+        self._preparer.shutdown(wait=False, cancel_futures=True)
 
     def _load(self, request: Load, start: float) -> Reply:
         os.environ.update(request.env)
@@ -70,22 +73,60 @@ class Handler:
         return Done(time.perf_counter() - start)
 
     def _caption(self, request: Caption, start: float) -> Reply:
+        """Chunk i generates on the device while chunk i+1 is decoded and preprocessed on host threads."""
         tokens_before = getattr(self.backend, "generated_tokens", 0)
-        decoded = list(self._decoder.map(_decode, request.items))
-        results: list[ItemResult | None] = [None] * len(decoded)
-        good = []
-        for index, image in enumerate(decoded):
-            if isinstance(image, str):
-                results[index] = ItemResult(None, image, bad_image=True)
-            else:
-                good.append(index)
-        for offset in range(0, len(good), request.batch_size):
-            chunk = good[offset : offset + request.batch_size]
-            self._caption_chunk(chunk, decoded, request, results)
+        size = request.batch_size
+        limit = self.backend.batch_limit(request.gen) if hasattr(self.backend, "batch_limit") else None
+        if limit is not None:
+            size = min(size, limit)
+        indices = range(len(request.items))
+        chunks = [list(indices[offset : offset + size]) for offset in range(0, len(indices), size)]
+        results: list[ItemResult | None] = [None] * len(request.items)
+        generated = 0
+        ahead = self._preparer.submit(self._prepare, chunks[0], request, size) if chunks else None
+        for number in range(len(chunks)):
+            current = ahead
+            if number + 1 < len(chunks):
+                ahead = self._preparer.submit(self._prepare, chunks[number + 1], request, size)
+            images, bad, prepared = current.result()
+            for index, reason in bad.items():
+                results[index] = ItemResult(None, reason, bad_image=True)
+            generated += len(images)
+            self._generate_chunk(images, prepared, request, results)
         tokens = getattr(self.backend, "generated_tokens", 0) - tokens_before
-        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, len(good), tokens)
+        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated, tokens)
 
-    def _caption_chunk(self, chunk: list[int], decoded: list, request: Caption, results: list) -> None:
+    def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image], dict[int, str], object]:
+        """On the preparing thread: decode the chunk's images, then the backend's host-side preprocessing."""
+        images, bad = {}, {}
+        for index, image in zip(chunk, self._decoder.map(_decode, [request.items[i] for i in chunk])):
+            if isinstance(image, str):
+                bad[index] = image
+            else:
+                images[index] = image
+        prepared = None
+        if images and hasattr(self.backend, "prepare"):
+            try:
+                prepared = self.backend.prepare(list(images.values()), [request.prompts[i] for i in images], size)
+            except Exception:  # noqa: BLE001 - the chunk is retried in halves below, which finds the image at fault
+                prepared = None
+        return images, bad, prepared
+
+    def _generate_chunk(self, images: dict[int, Image.Image], prepared: object, request: Caption, results: list) -> None:
+        if not images:
+            return
+        if prepared is not None:
+            try:
+                captions = self.backend.generate(prepared, request.gen)
+            except Exception:  # noqa: BLE001 - out of memory or a model error: split as below
+                captions = None
+            if captions is not None:
+                for index, caption in zip(images, captions):
+                    results[index] = ItemResult(caption)
+                return
+        self._caption_chunk(list(images), images, request, results)
+
+    def _caption_chunk(self, chunk: list[int], decoded: dict[int, Image.Image], request: Caption, results: list) -> None:
         from vlmux.backends.base import OutOfMemory
 
         try:

@@ -1,0 +1,108 @@
+"""The fast caption path: transformers' static KV cache and compiled decode step, fixed batch shapes so the compile
+is paid once per worker, batch sizes from free device memory, and host-side inputs made ready off the GPU's path.
+
+What transformers offers and why this uses it as it does:
+- `cache_implementation="static"` + `compile_config`: `generate` then compiles the decode step (CUDA graphs with
+  mode "reduce-overhead") and keeps the prefill eager. Every new batch size or cache length is a new graph, so
+  batches are padded to one size and the cache length is rounded up to a bucket (`max_cache_len`, which also
+  makes later calls with shorter prompts reuse the graph).
+- Continuous batching (`generate_batch`, `init_continuous_batching`) takes token ids only, with 1-D positions:
+  no `pixel_values`, no M-RoPE, so it cannot caption with a VLM (checked in transformers 5.17 and 5.24).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+CACHE_BUCKET = 64  # tokens: a prompt a few tokens longer than the last must not cost a recompile
+MAX_AUTO_BATCH = 256  # beyond this the 2B shape gained nothing on an H200 (DESIGN.md section 1)
+MEMORY_SHARE = 0.8  # of the free memory after loading, the rest for the allocator's fragmentation and spikes
+VISION_BYTES_PER_IMAGE = 96 << 20  # vision encoder activations for one 448x448 image at the 2B/7B shapes, bf16
+
+
+@dataclass(frozen=True)
+class FastConfig:
+    static_cache: bool
+    compile: bool
+
+    @classmethod
+    def for_device(cls, mode: str, device: str) -> "FastConfig":
+        if mode == "auto":
+            mode = "compiled" if device.startswith("cuda") else "dynamic"
+        return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled")
+
+    @property
+    def pads_batches(self) -> bool:
+        return self.compile  # eager code runs any batch size at no extra cost
+
+
+def cache_length(prompt_length: int, max_new_tokens: int, bucket: int = CACHE_BUCKET) -> int:
+    need = prompt_length + max_new_tokens
+    return -(-need // bucket) * bucket
+
+
+def generate_options(config: FastConfig, prompt_length: int, max_new_tokens: int) -> dict[str, Any]:
+    """Keyword arguments for `generate` that select the static cache and the compiled decode step."""
+    if not config.static_cache:
+        return {}
+    options: dict[str, Any] = {
+        "cache_implementation": "static",
+        "max_cache_len": cache_length(prompt_length, max_new_tokens),
+    }
+    if config.compile:
+        from transformers import CompileConfig
+
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # CPU too when asked: how the tests check the compiled path
+        options["compile_config"] = compile_config
+    else:
+        options["disable_compile"] = True  # generate would otherwise compile a static cache on CUDA by itself
+    return options
+
+
+def pad_rows(items: Sequence[T], size: int) -> list[T]:
+    """`items` repeated at the end up to `size` rows, so a short last batch reuses the compiled graph."""
+    return list(items) + [items[-1]] * max(0, size - len(items))
+
+
+def per_image_bytes(text_config: Any, sequence_length: int, element_bytes: int) -> int:
+    """Device memory one more image in the batch costs: its KV cache, the prefill's activations and the vision
+    encoder's. An estimate on the safe side; `auto_batch_size` takes a share of free memory anyway."""
+    layers = text_config.num_hidden_layers
+    heads = text_config.num_attention_heads
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    kv = 2 * layers * kv_heads * head_dim * sequence_length * element_bytes
+    intermediate = getattr(text_config, "intermediate_size", 4 * text_config.hidden_size)
+    prefill = sequence_length * (3 * intermediate + 4 * text_config.hidden_size) * element_bytes
+    return kv + prefill + VISION_BYTES_PER_IMAGE
+
+
+def auto_batch_size(free_bytes: int, image_bytes: int, limit: int = MAX_AUTO_BATCH) -> int:
+    return max(1, min(limit, int(free_bytes * MEMORY_SHARE) // max(1, image_bytes)))
+
+
+def use_compile_cache() -> None:
+    """Inductor's on-disk caches under the user's cache folder, so a new worker for the same model and batch shape
+    reuses the kernels an earlier one compiled instead of compiling again (/tmp may be wiped between boots)."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmux" / "inductor"
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
+    os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
+    os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+
+
+def to_device(inputs: Any, device: str, dtype: torch.dtype) -> Any:
+    """Host inputs in the model's dtype and pinned, so the copy to the GPU is one fast asynchronous transfer; run on
+    the preparing thread, it costs the GPU nothing."""
+    inputs = inputs.to(dtype=dtype)  # BatchFeature casts floating tensors only
+    if device.startswith("cuda"):
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                inputs[key] = value.pin_memory()
+    return inputs

@@ -1,0 +1,132 @@
+"""The fast caption path (static KV cache, compiled decode, padded batches, overlapped preparation) gives the same
+greedy captions as plain `generate`, batched and one by one, over images of different sizes."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmux.backends.fast import FastConfig, auto_batch_size, cache_length, generate_options, pad_rows
+from vlmux.backends.transformers import TransformersBackend
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.worker.handler import Handler
+from vlmux.worker.protocol import Caption, Captions, Load, Loaded
+
+GEN = GenerationSpec(max_new_tokens=10, ignore_eos=True)
+PROMPTS = ("Describe the image.", "What is in this picture?", "Colours and shapes, please, all of them.", "Caption.")
+
+
+def pictures() -> list[Image.Image]:
+    sizes = [(40, 30), (64, 64), (120, 50), (33, 90), (200, 150)]
+    images = []
+    for index, (width, height) in enumerate(sizes):
+        image = Image.new("RGB", (width, height), (250, 250, 250))
+        colour = (60 * index % 256, 200 - 30 * index, 40 + 50 * index % 256)
+        ImageDraw.Draw(image).ellipse([width // 5, height // 5, 4 * width // 5, 4 * height // 5], fill=colour)
+        images.append(image)
+    return images
+
+
+def reference(path: Path, images: list[Image.Image], prompts: list[str], device: str = "cpu") -> list[str]:
+    """Plain transformers: from_pretrained, the processor, generate with its default dynamic cache."""
+    processor = AutoProcessor.from_pretrained(path)
+    processor.tokenizer.padding_side = "left"
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).to(device).eval()
+    texts = [
+        processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": p}]}],
+                                      add_generation_prompt=True, tokenize=False)
+        for p in prompts
+    ]
+    inputs = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt").to(device)
+    with torch.inference_mode():
+        output = model.generate(**inputs, max_new_tokens=GEN.max_new_tokens, min_new_tokens=GEN.max_new_tokens,
+                                do_sample=False)
+    new = output[:, inputs["input_ids"].shape[1] :]
+    return [text.strip() for text in processor.batch_decode(new, skip_special_tokens=True)]
+
+
+def fast_backend(path: Path, decode: str, device: str = "cpu") -> TransformersBackend:
+    return TransformersBackend(ModelSpec(str(path), device=device, dtype="float32", decode=decode), str(path))
+
+
+def check_equal(path: Path, decode: str, device: str = "cpu") -> None:
+    images, prompts = pictures()[:4], list(PROMPTS)
+    backend = fast_backend(path, decode, device)
+    try:
+        batched = backend.generate(backend.prepare(images, prompts, pad_to=6), GEN)  # two rows of padding
+        alone = [backend.generate(backend.prepare([i], [p]), GEN)[0] for i, p in zip(images, prompts)]
+        # generate falls back to eager without a word when it cannot compile: make sure it did.
+        assert hasattr(backend.model, "_compiled_call") == (decode == "compiled")
+    finally:
+        backend.close()
+    expected = reference(path, images, prompts, device)
+    assert len(set(expected)) > 1  # the model looks at the images: a mixed-up batch would show
+    assert batched == expected
+    for image, text, prompt in zip(images, alone, prompts):
+        assert [text] == reference(path, [image], [prompt], device)
+
+
+@pytest.mark.parametrize("arch", ["llava", "qwen2_vl", "idefics3"])
+def test_static_cache_equals_plain_generate(tiny_models, arch):
+    check_equal(tiny_models[arch], "static")
+
+
+def test_compiled_decode_equals_plain_generate(tiny_qwen):
+    check_equal(tiny_qwen, "compiled")
+
+
+def test_the_worker_pipeline_equals_plain_generate_with_a_bad_image(tiny_qwen, tmp_path):
+    """Chunks of 2 over 5 images and one broken file: chunk i+1 is prepared while chunk i generates, the short
+    last chunk is padded to the compiled size, the broken file gets its own error and shifts nothing."""
+    files = []
+    for index, image in enumerate(pictures()):
+        buffer = io.BytesIO()
+        image.save(buffer, "PNG")
+        files.append(buffer.getvalue())
+    files.insert(2, b"not an image")
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(files))]
+    handler = Handler()
+    try:
+        spec = ModelSpec(str(tiny_qwen), device="cpu", dtype="float32", decode="compiled")
+        assert isinstance(handler.handle(Load(spec, str(tiny_qwen), {})), Loaded)
+        assert handler.backend.fast == FastConfig(static_cache=True, compile=True)
+        reply = handler.handle(Caption(files, prompts, GEN, 2))
+    finally:
+        handler.close()
+    assert isinstance(reply, Captions) and reply.generated == 5
+    assert reply.results[2].bad_image and reply.results[2].caption is None
+    good = [i for i in range(len(files)) if i != 2]
+    expected = reference(tiny_qwen, pictures(), [prompts[i] for i in good])
+    assert [reply.results[i].caption for i in good] == expected
+    assert all(reply.results[i].error is None for i in good)
+
+
+def test_decode_modes_by_device():
+    assert FastConfig.for_device("auto", "cuda:0") == FastConfig(static_cache=True, compile=True)
+    assert FastConfig.for_device("auto", "cpu") == FastConfig(static_cache=False, compile=False)
+    assert FastConfig.for_device("static", "cuda:0") == FastConfig(static_cache=True, compile=False)
+    assert generate_options(FastConfig(False, False), 70, 64) == {}
+    assert generate_options(FastConfig(True, False), 70, 64) == {
+        "cache_implementation": "static", "max_cache_len": 192, "disable_compile": True}
+    assert "compile_config" in generate_options(FastConfig(True, True), 70, 64)
+    with pytest.raises(ValueError):
+        ModelSpec("m", decode="fastest")
+
+
+def test_shapes_stay_put():
+    assert cache_length(250, 64) == cache_length(256, 64) == 320  # one compiled graph across prompt lengths
+    assert pad_rows(["a", "b"], 4) == ["a", "b", "b", "b"] and pad_rows(["a"], 1) == ["a"]
+    assert auto_batch_size(100 << 30, 200 << 20) == 256
+    assert auto_batch_size(10 << 30, 200 << 20) == 40
+    assert auto_batch_size(0, 200 << 20) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("decode", ["static", "compiled"])
+def test_fast_path_on_cuda_equals_plain_generate(tiny_models, decode):
+    for arch in ("qwen2_vl", "llava"):
+        check_equal(tiny_models[arch], decode, device="cuda")
