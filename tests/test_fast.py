@@ -106,7 +106,8 @@ def test_the_worker_pipeline_equals_plain_generate_with_a_bad_image(tiny_qwen, t
 
 
 def test_decode_modes_by_device():
-    assert FastConfig.for_device("auto", "cuda:0") == FastConfig(static_cache=True, compile=True)
+    assert FastConfig.for_device("auto", "cuda:0") == FastConfig(static_cache=False, compile=False)
+    assert FastConfig.for_device("compiled", "cuda:0") == FastConfig(static_cache=True, compile=True)
     assert FastConfig.for_device("auto", "cpu") == FastConfig(static_cache=False, compile=False)
     assert FastConfig.for_device("static", "cuda:0") == FastConfig(static_cache=True, compile=False)
     assert generate_options(FastConfig(False, False), 70, 64) == {}

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# How captions are decoded: auto (compiled on CUDA, dynamic on the CPU), dynamic (HF's default cache), static (a
+# How captions are decoded: auto (dynamic for now: the compiled path is not yet measured on a GPU), dynamic (HF's default cache), static (a
 # static KV cache, eager), compiled (static cache + torch.compile of the decode step; CUDA graphs on CUDA).
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
 
