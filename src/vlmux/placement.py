@@ -42,6 +42,12 @@ class WorkerPlacement:
     def booked(self) -> dict[int, int]:
         return dict(zip(self.gpus, self.charges))
 
+    @property
+    def env(self) -> dict[str, str]:
+        # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
+        # a context.
+        return {"CUDA_VISIBLE_DEVICES": self.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
 
 def select_gpus(inventory: Sequence[GpuMemory], wanted: str | Sequence[int]) -> list[GpuMemory]:
     """`wanted` is "all", "0,1,3" or a list of NVML indices."""

@@ -13,32 +13,20 @@ from pathlib import Path
 from vlmux import vram
 from vlmux.budget import parse_budget
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+from vlmux.dispatch import dispatch
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolFull
 from vlmux.estimate import estimate
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
 from vlmux.placement import WorkerPlacement, place, select_gpus
+from vlmux.release import release_references, verify_release
 from vlmux.resident import ModelStatus, Request, Resident
+from vlmux.spare import WarmSpare
 from vlmux.worker.inprocess import InProcessWorker
-from vlmux.worker.process import Spawner, WorkerDied, WorkerProcess
-from vlmux.worker.protocol import (
-    Caption, Captions, Chat, Chatted, Failed, ItemResult, Load, Loaded, Sleep, Wake, Warm,
-)
+from vlmux.worker.process import WorkerDied, WorkerProcess
+from vlmux.worker.protocol import Caption, Chat, ItemResult, Load, Loaded, Sleep, Wake
 
-
-RECENT_MODELS = 3  # models a warm spare gets ready for
-WARM_AFTER_AT_MOST = 30.0  # seconds a spare waits for a busy new model before it warms up anyway
-
-
-class ModelLoadError(RuntimeError):
-    """The worker could not load the model; the message carries the worker's reason."""
-
-
-class PoolFull(RuntimeError):
-    """The model does not fit the VRAM budget even after evicting every idle model."""
-
-
-class ModelNotLoaded(KeyError):
-    pass
+__all__ = ["ModelLoadError", "ModelNotLoaded", "ModelPool", "PoolFull"]
 
 
 class ModelPool:
@@ -53,10 +41,8 @@ class ModelPool:
         self._reserved: dict[str, dict[int, int]] = {}  # bytes per GPU that loads under way will take
         self._releasing_lock = threading.Lock()
         in_process = config.isolation == "none"
-        self._spawner = None if in_process else Spawner(keep_spare=config.spare_worker)
+        self._spare = None if in_process else WarmSpare(config, self._releases, lambda: self._closed, self._holds_gpu)
         self.last_release: dict[str, vram.Release] = {}
-        self._recent: list[Warm] = []  # what a warm spare gets ready for, most recently loaded first
-        self._warming: threading.Thread | None = None
         if config.keep_alive is not None:
             threading.Thread(target=self._expire_idle, name="vlmux-keep-alive", daemon=True).start()
         _POOLS.add(self)
@@ -129,7 +115,7 @@ class ModelPool:
                 self._baselines.setdefault(index, vram.unattributed(index))
             self._reserved[name] = placement.booked()  # counted against the budget by loads that start meanwhile
         for attempt in range(2):  # a spare that died while waiting gets one fresh replacement
-            worker = self._new_worker(gpu, _worker_env(placement))
+            worker = self._new_worker(gpu, placement.env)
             try:
                 reply = worker.call(self._load_request(worker, spec, path, placement))
                 break
@@ -141,11 +127,15 @@ class ModelPool:
             worker.stop(self.config.unload_grace)
             raise ModelLoadError(f"could not load {spec.model}: {reply.message}")
         resident = Resident(name, spec, path, worker, gpu, need, reply, placement=placement)
-        resident.thread = threading.Thread(target=self._dispatch, args=(resident,), name=f"vlmux-{name}", daemon=True)
+        resident.thread = threading.Thread(
+            target=dispatch, args=(resident, self.config.max_batch_size, self.wake, self._on_death),
+            name=f"vlmux-{name}", daemon=True,
+        )
         with self._lock:
             self._residents[name] = resident
         resident.thread.start()
-        self._warm_spare(resident)
+        if self._spare is not None:
+            self._spare.after_load(resident)
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
@@ -169,10 +159,13 @@ class ModelPool:
                 if resident.thread is not threading.current_thread():
                     resident.thread.join()
                 host_bytes = getattr(resident.worker, "private_bytes", lambda: None)()
-                references = self._release_references(resident)
+                references = release_references(resident, self._baselines)
                 resident.worker.stop(self.config.unload_grace)
-                self.last_release[name] = self._verify_release(resident, host_bytes, references)
-                self._cool_spare_when_idle()
+                self.last_release[name] = verify_release(
+                    resident, self._baselines, self.config.release_timeout, host_bytes, references
+                )
+                if self._spare is not None:
+                    self._spare.cool_when_idle()
                 future.set_result(self.last_release[name])
             except BaseException as e:  # noqa: BLE001 - handed to whoever waits on the future
                 future.set_exception(e)
@@ -187,7 +180,7 @@ class ModelPool:
         """Unload `old` and load `new` (in the spare worker, warm for it if it was loaded lately) at the same time
         when the budget holds both, else one after the other; returns once `new` is loaded and `old`'s release
         is verified. The two overlap only when the spare already holds a context on the same GPU: `new`'s memory
-        is then booked to its own process, and `old`'s release is checked as `_release_references` says. A context
+        is then booked to its own process, and `old`'s release is checked as `release_references` says. A context
         being created is booked to no process for a moment, so with a cold spare the release is verified first."""
         spec = new if isinstance(new, ModelSpec) else ModelSpec(new)
         if not self._spare_is_warm_for(spec):  # a context created now would blur the old one's release check
@@ -221,8 +214,8 @@ class ModelPool:
             names = list(self._residents)
         for releasing in [self.unload_async(name) for name in names]:
             releasing.result()
-        if self._spawner is not None:
-            self._spawner.close()
+        if self._spare is not None:
+            self._spare.close()
 
     # -- requests -----------------------------------------------------------------------------------------
 
@@ -252,14 +245,7 @@ class ModelPool:
     def status(self) -> list[ModelStatus]:
         now = time.monotonic()
         with self._lock:
-            return [
-                ModelStatus(
-                    r.name, r.spec.model, r.state, _device_name(r),
-                    r.loaded.dtype, r.worker.pid, r.estimate.total, now - r.last_used,
-                    holds_device_context=r.gpu is not None, requests=r.requests, batches=r.batches,
-                )
-                for r in self._residents.values()
-            ]
+            return [r.status(now) for r in self._residents.values()]
 
     def load_info(self, name: str) -> dict[str, float]:
         """Seconds the worker spent loading `name`: total and its parts."""
@@ -284,101 +270,9 @@ class ModelPool:
                 return self._residents[name]
         return resident
 
-    def _dispatch(self, resident: Resident) -> None:
-        while True:
-            with resident.condition:
-                while not resident.pending and resident.state not in ("closing", "dead"):
-                    resident.condition.wait()
-                if resident.state in ("closing", "dead"):
-                    self._fail_pending(resident, ModelNotLoaded(f"{resident.name} was unloaded"))
-                    return
-                batch = self._take_batch(resident)
-                resident.busy = True
-            try:
-                if resident.state == "asleep":
-                    self.wake(resident.name)
-                self._serve(resident, batch)
-                resident.requests += len(batch)
-                resident.batches += 1
-            except WorkerDied as e:
-                self._on_death(resident, batch, e)
-                return
-            finally:
-                resident.busy = False
-                resident.last_used = time.monotonic()
-
-    def _take_batch(self, resident: Resident) -> list[Request]:
-        first = resident.pending.popleft()
-        batch = [first]
-        if isinstance(first.payload, Caption):
-            room = max(self.config.max_batch_size, first.size) - first.size
-            while resident.pending and isinstance(resident.pending[0].payload, Caption):
-                follower = resident.pending[0]
-                if follower.payload.gen != first.payload.gen or follower.size > room:
-                    break
-                batch.append(resident.pending.popleft())
-                room -= follower.size
-        return batch
-
-    def _serve(self, resident: Resident, batch: list[Request]) -> None:
-        first = batch[0].payload
-        if isinstance(first, Chat):
-            reply = resident.worker.call(first)
-            _settle(batch[0].future, reply.text if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
-            return
-        items = [item for request in batch for item in request.payload.items]
-        prompts = [prompt for request in batch for prompt in request.payload.prompts]
-        reply = resident.worker.call(Caption(items, prompts, first.gen, first.batch_size))
-        if not isinstance(reply, Captions):
-            for request in batch:
-                _settle(request.future, RuntimeError(_message(reply)))
-            return
-        offset = 0
-        for request in batch:
-            results = reply.results[offset : offset + request.size]
-            share = reply.tokens * request.size // max(1, len(reply.results))  # tokens are counted per worker call
-            _settle(request.future, Captions(results, reply.seconds, sum(r.error is None for r in results), share))
-            offset += request.size
-
-    def _on_death(self, resident: Resident, batch: list[Request], error: WorkerDied) -> None:
-        failure = WorkerDied(f"{resident.name}: {error}; the request failed, the next one reloads the model")
-        with resident.condition:
-            resident.state = "dead"
-            for request in batch:
-                _settle(request.future, failure)
-            self._fail_pending(resident, failure)
+    def _on_death(self, resident: Resident) -> None:
         resident.worker.stop(0)  # it stays listed as dead until _get reloads it
-        self.last_release[resident.name] = self._verify_release(resident)
-
-    def _fail_pending(self, resident: Resident, error: Exception) -> None:
-        while resident.pending:
-            _settle(resident.pending.popleft().future, error)
-
-    def _release_references(self, resident: Resident) -> dict[int, int]:
-        """Per GPU, what the memory booked to no process must come back to once the worker is gone.
-
-        NVML books a few MiB per live CUDA context to no process (5-9 MiB each on the H200, bench/contexts.py).
-        With no other context on the GPU that is the pool's baseline from before its first load: exact. With
-        others alive (a warm spare, the next model, another tenant) it is the figure just before this worker
-        exits, its own share included: nothing it held may stay behind, though a leak smaller than that share
-        (~5 MiB) would go unseen until the GPU is quiet again."""
-        references = {}
-        for gpu in resident.placement.gpus:
-            others = set(vram.process_memory(gpu)) - {resident.worker.pid}
-            references[gpu] = vram.unattributed(gpu) if others else self._baselines[gpu]
-        return references
-
-    def _verify_release(self, resident: Resident, host_bytes: int | None = None,
-                        references: dict[int, int] | None = None) -> vram.Release:
-        if isinstance(resident.worker, InProcessWorker):
-            return resident.worker.release_report()
-        if resident.gpu is None:
-            return vram.cpu_release(resident.worker.pid, resident.worker.alive, host_bytes)
-        references = references if references is not None else self._release_references(resident)
-        return vram.combined([
-            vram.wait_for_release(gpu, resident.worker.pid, references[gpu], self.config.release_timeout)
-            for gpu in resident.placement.gpus
-        ])
+        self.last_release[resident.name] = verify_release(resident, self._baselines, self.config.release_timeout)
 
     def _place(self, device: str) -> str:
         if device == "auto":
@@ -406,8 +300,7 @@ class ModelPool:
             free = vram.gpu_memory(gpu).free
             if ours + need <= budget and need <= free:
                 return
-            with self._releasing_lock:
-                releasing = list(self._releasing)
+            releasing = self._releases()
             if releasing:  # memory on its way back may be enough; release threads never take self._lock
                 for future in releasing:
                     future.exception()
@@ -437,77 +330,28 @@ class ModelPool:
                 raise ModelLoadError("isolation='none' runs on the spec's device only; placements need worker processes")
             return Load(replace(spec, device=device), str(path), {})
         return Load(replace(spec, device=placement.device, max_memory=placement.max_memory), str(path),
-                    _worker_env(placement))
+                    placement.env)
 
     def _new_worker(self, gpu: int | None, env: dict[str, str]) -> WorkerProcess | InProcessWorker:
-        return InProcessWorker(gpu) if self._spawner is None else self._spawner.take(env)
+        return InProcessWorker(gpu) if self._spare is None else self._spare.take(env)
 
     def _spare_is_warm_for(self, spec: ModelSpec) -> bool:
-        if self._spawner is None or spec.device == "cpu" or not vram.available():
+        if self._spare is None or spec.device == "cpu" or not vram.available():
             return False
-        gpu = vram.physical_index(self._place(spec.device))
-        return gpu is not None and self._spawner.warm_for() == _worker_env(WorkerPlacement((gpu,)))
-
-    def _warm_spare(self, loaded: Resident) -> None:
-        """After a load on one GPU, have the spare ready there for the models loaded on it lately (the next
-        switch is most likely to one of them), once this pool has switched models there at least once."""
-        if self._spawner is None or not self.config.warm_spare or len(loaded.placement.gpus) != 1:
-            return
-        env = _worker_env(loaded.placement)
-        with self._lock:
-            self._recent = [entry for entry in self._recent if entry.path != str(loaded.path)]
-            self._recent.insert(0, Warm(replace(loaded.spec, device=loaded.placement.device), str(loaded.path), env))
-            del self._recent[RECENT_MODELS:]
-            requests = [entry for entry in self._recent if entry.env == env]
-        if len(requests) < 2:  # only a pool that switches between models gains from a warm spare
-            return
-
-        def warm_when_quiet() -> None:
-            # Not while a release is being verified (a context being created is booked to no process), and not
-            # before the new model has answered and gone idle: two contexts time-share the GPU, so warming at
-            # once would slow the very first answer the switch is waiting for.
-            with self._releasing_lock:
-                releasing = list(self._releasing)
-            for future in releasing:
-                future.exception()
-            deadline = time.monotonic() + WARM_AFTER_AT_MOST
-            while time.monotonic() < deadline and loaded.state == "ready" and not self._closed:
-                if loaded.batches and not loaded.busy and not loaded.pending:
-                    break
-                time.sleep(0.01)
-            if not self._closed and self._spawner is not None:
-                self._spawner.warm(requests)
-
-        self._warming = threading.Thread(target=warm_when_quiet, name="vlmux-warm-when-quiet", daemon=True)
-        self._warming.start()
-
-    def _cool_spare_when_idle(self) -> None:
-        """Once no model is on a GPU and none is loading for `warm_spare_linger` seconds, the spare drops its
-        context: a pool with nothing loaded holds no device memory."""
-        if self._spawner is None or not self.config.warm_spare:
-            return
-
-        def cool() -> None:
-            with self._lock:
-                busy = self._loading or any(r.gpu is not None and r.state != "dead" for r in self._residents.values())
-            if not busy and self._spawner is not None:
-                self._spawner.warm(None)
-
-        timer = threading.Timer(self.config.warm_spare_linger, cool)
-        timer.daemon = True
-        timer.start()
+        return self._spare.is_warm_for(vram.physical_index(self._place(spec.device)))
 
     def wait_for_spare(self, timeout: float | None = None) -> bool:
         """Block until the spare worker finished getting ready (see PoolConfig.warm_spare); False on timeout."""
-        if self._spawner is None:
-            return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        warming = self._warming
-        if warming is not None:
-            warming.join(timeout)
-            if warming.is_alive():
-                return False
-        return self._spawner.wait_ready(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return True if self._spare is None else self._spare.wait(timeout)
+
+    def _releases(self) -> list[Future]:
+        with self._releasing_lock:
+            return list(self._releasing)
+
+    def _holds_gpu(self) -> bool:
+        """A model on a GPU or a load under way: the warm spare stays warm."""
+        with self._lock:
+            return bool(self._loading) or any(r.gpu is not None and r.state != "dead" for r in self._residents.values())
 
     def _expire_idle(self) -> None:
         while not self._closed:
@@ -531,31 +375,6 @@ class ModelPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _settle(future: Future, outcome) -> None:
-    if future.done():
-        return
-    if isinstance(outcome, BaseException):
-        future.set_exception(outcome)
-    else:
-        future.set_result(outcome)
-
-
-def _worker_env(placement: WorkerPlacement) -> dict[str, str]:
-    # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
-    # a context.
-    return {"CUDA_VISIBLE_DEVICES": placement.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-
-
-def _device_name(resident: Resident) -> str:
-    if resident.gpu is None:
-        return resident.loaded.device
-    return ",".join(f"cuda:{gpu}" for gpu in resident.placement.gpus)
-
-
-def _message(reply) -> str:
-    return reply.message if isinstance(reply, Failed) else f"unexpected reply {type(reply).__name__}"
 
 
 _POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()

@@ -45,6 +45,19 @@ class Resident:
     thread: threading.Thread | None = None
     placement: WorkerPlacement = field(default_factory=WorkerPlacement)  # the GPUs its worker sees
 
+    def status(self, now: float) -> ModelStatus:
+        return ModelStatus(
+            self.name, self.spec.model, self.state, self.device_name,
+            self.loaded.dtype, self.worker.pid, self.estimate.total, now - self.last_used,
+            holds_device_context=self.gpu is not None, requests=self.requests, batches=self.batches,
+        )
+
+    @property
+    def device_name(self) -> str:
+        if self.gpu is None:
+            return self.loaded.device
+        return ",".join(f"cuda:{gpu}" for gpu in self.placement.gpus)
+
 
 @dataclass(frozen=True)
 class ModelStatus:
