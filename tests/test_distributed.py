@@ -19,7 +19,7 @@ import ray  # noqa: E402
 from vlmux.config import GenerationSpec  # noqa: E402
 from vlmux.testing.tiny import draw_sample_images  # noqa: E402
 
-IMAGES = 16
+IMAGES = 32  # enough that the first model is still running when the driver is killed, even on fast cores
 
 
 @pytest.fixture(scope="module")
@@ -70,14 +70,14 @@ def test_two_models_through_ray_equal_one_process_and_a_killed_driver_resumes_wh
     driver = start(*args, "-o", str(out), "--ray", ray_address, "--replicas", "2")
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and driver.poll() is None:
-        if out.exists() and len(jsonl(out)) >= 6:
+        if out.exists() and out.read_text().count("\n") >= 2:  # kill once the first results are on disk
             break
         time.sleep(0.02)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
     written = jsonl(out)
     done_a = sum(row["model"] == str(tiny_llava) for row in written)
-    assert 6 <= len(written) < IMAGES and done_a == len(written), "the kill must land inside the first model"
+    assert 2 <= len(written) < IMAGES and done_a == len(written), "the kill must land inside the first model"
 
     rerun = run(*args, "-o", str(out), "--ray", ray_address, "--replicas", "2")
     assert rerun.returncode == 0, rerun.stderr
