@@ -117,7 +117,8 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
             switch = {"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
                       "unload_and_verify_seconds": marks["released"] - t0, "release_wait_seconds": release.seconds,
                       "load_seconds": t1 - t0, "first_answer_seconds": t2 - t1, "worker_load": load,
-                      "load_gb_per_s": round(sizes[target] / 1e9 / max(load.get("weights", 0), 1e-9), 1),
+                      # the copy alone (`stream`), without building the empty model; `weights` has both
+                      "load_gb_per_s": round(sizes[target] / 1e9 / max(load.get("stream", load.get("weights", 0)), 1e-9), 1),
                       "spare_ready": spare_ready, "residue_mib": release.residue_mib,
                       "release_verified": release.verified}
             switches.append(switch)

@@ -100,13 +100,17 @@ class TransformersBackend:
         self._host_state: dict[str, torch.Tensor] | None = None
 
     def _stream(self, path: Path, spec: ModelSpec, shallow: bool) -> torch.nn.Module:
+        start = time.perf_counter()
         model = empty_model(path, self.torch_dtype, self.device, spec.trust_remote_code, shallow)
+        self.timings["empty_model"] = time.perf_counter() - start
         if shallow:
             return model
         try:
-            stream_weights(model, path)
+            size = stream_weights(model, path)
         finally:
             release_staging()  # half a gigabyte of pinned host memory the model no longer needs
+        self.timings["stream"] = time.perf_counter() - start - self.timings["empty_model"]
+        self.timings["stream_gb"] = size / 1e9
         return model
 
     def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:

@@ -68,7 +68,7 @@ class Loaded:
     seconds: float
     device: str
     dtype: str
-    timings: dict[str, float]  # where the load time went: processor, cuda_init, weights
+    timings: dict[str, float]  # where the load time went: processor, cuda_init, weights (= empty_model + stream)
 
 
 @dataclass(frozen=True)
