@@ -64,15 +64,27 @@ def test_recursive_folders_give_relative_posix_paths_and_sidecars(tmp_path, tiny
     assert missing_r.returncode == 2 and "-r" in missing_r.stderr
 
 
-def test_batched_and_one_by_one_give_the_same_captions(tmp_path, image_dir, tiny_qwen):
-    outputs = {}
-    for batch in ("1", "4"):
+def test_batched_one_by_one_and_auto_give_the_same_captions(tmp_path, image_dir, tiny_qwen):
+    outputs, summaries = {}, {}
+    for batch in ("1", "4", "auto", None):  # None: no --batch-size, which is auto
         out = tmp_path / f"b{batch}.jsonl"
-        run = vlmux("caption", str(image_dir), "-m", str(tiny_qwen), "-o", str(out), "--batch-size", batch,
-                    "--max-new-tokens", "8", "--no-progress")
+        run = vlmux("caption", str(image_dir), "-m", str(tiny_qwen), "-o", str(out),
+                    *(["--batch-size", batch] if batch else []), "--max-new-tokens", "8", "--no-progress")
         assert run.returncode == 0, run.stderr
         outputs[batch] = {row["file"]: row["caption"] for row in records(out)}
-    assert outputs["1"] == outputs["4"]
+        summaries[batch] = run.stdout
+    assert outputs["1"] == outputs["4"] == outputs["auto"] == outputs[None]
+    # 5 images; 4 model batches go in one request: 1 image per batch makes 2 requests, auto (8 on the CPU) one.
+    assert "5 batches of up to 1 images in 2 requests" in summaries["1"]
+    assert "2 batches of up to 4 images in 1 request" in summaries["4"]
+    assert "1 batch of up to 5 images in 1 request" in summaries["auto"]
+    assert "1 batch of up to 5 images in 1 request" in summaries[None]
+
+
+def test_a_bad_batch_size_is_a_usage_error(image_dir, tiny_llava):
+    for value in ("0", "-2", "big"):
+        run = vlmux("caption", str(image_dir), "-m", str(tiny_llava), "--batch-size", value)
+        assert run.returncode == 2 and "--batch-size" in run.stderr and "auto" in run.stderr, (value, run.stderr)
 
 
 def assert_usage_error(run: subprocess.CompletedProcess, *needles: str) -> None:

@@ -197,6 +197,34 @@ def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_
     assert report.captioned == 30 and report.errors == 0
 
 
+def test_auto_batch_size_sends_several_batches_per_request_with_the_captions_of_an_explicit_size(tmp_path, tiny_qwen):
+    from vlmux.caption.job import BATCHES_PER_REQUEST, CaptionJob, run_job, summary_line
+    from vlmux.caption.sinks import JsonlSink
+    from vlmux.caption.sources import collect_images
+    from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+    from vlmux.worker.protocol import CPU_BATCH_SIZE
+
+    draw_sample_images(tmp_path / "images", count=40, seed=6)
+    refs = collect_images([str(tmp_path / "images")])
+    reports, outputs = {}, {}
+    for batch_size in (None, 3):
+        out = tmp_path / f"{batch_size}.jsonl"
+        sink = JsonlSink(out)
+        job = CaptionJob(refs, [ModelSpec(str(tiny_qwen), device="cpu")], GenerationSpec(max_new_tokens=8), [sink],
+                         batch_size=batch_size)
+        [reports[batch_size]] = run_job(job, PoolConfig(), progress=False)
+        sink.close()
+        outputs[batch_size] = {row["file"]: row["caption"] for row in jsonl(out)}
+    assert len(outputs[None]) == 40 and all(outputs[None].values())
+    assert outputs[None] == outputs[3]  # greedy: how the images were batched changes no caption
+    auto, fixed = reports[None], reports[3]
+    # 40 images, 8 per batch on the CPU, 4 batches per request: a request of 32, then one of 8.
+    assert BATCHES_PER_REQUEST * CPU_BATCH_SIZE == 32
+    assert (auto.largest_batch, auto.batches, auto.requests) == (8, 5, 2)
+    assert (fixed.largest_batch, fixed.batches, fixed.requests) == (3, 14, 4)  # requests of 12, 12, 12, 4
+    assert "5 batches of up to 8 images in 2 requests" in summary_line(auto)
+
+
 def test_two_cpu_replicas_caption_a_folder_side_by_side_with_the_same_output_as_one_worker(tmp_path, tiny_llava, tiny_qwen):
     images = tmp_path / "images"
     draw_sample_images(images, count=12, seed=4)

@@ -26,9 +26,12 @@ def expected(model: Path, images: list[Path], prompt_for, max_new_tokens: int) -
 
 def test_options_after_a_model_apply_to_that_model_only(tmp_path, image_dir, tiny_llava, tiny_qwen):
     out = tmp_path / "out.jsonl"
-    result = run(str(image_dir), "--max-new-tokens", "5", "-m", str(tiny_llava), "--prompt", "Name the colours.",
-                 "-m", str(tiny_qwen), "--prompt", "Count the shapes.", "--max-new-tokens", "7", "-o", str(out))
+    result = run(str(image_dir), "--max-new-tokens", "5", "--batch-size", "2", "-m", str(tiny_llava), "--prompt",
+                 "Name the colours.", "-m", str(tiny_qwen), "--prompt", "Count the shapes.", "--max-new-tokens", "7",
+                 "--batch-size", "auto", "-o", str(out))
     assert result.returncode == 0, result.stderr
+    llava, qwen = [line for line in result.stdout.splitlines() if "captioned" in line]
+    assert "3 batches of up to 2 images" in llava and "1 batch of up to 5 images" in qwen
     images = sorted(image_dir.iterdir())
     want = expected(tiny_llava, images, lambda _: "Name the colours.", 5)
     want |= expected(tiny_qwen, images, lambda _: "Count the shapes.", 7)
@@ -51,6 +54,7 @@ batch_size = 2
 model = "{tiny_qwen}"
 prompt = "Describe {{file}}."
 dtype = "float32"
+batch_size = "auto"
 """)
     out = tmp_path / "out.jsonl"
     result = run(str(image_dir), "--job", str(job), "-o", str(out))
@@ -59,6 +63,8 @@ dtype = "float32"
     want = expected(tiny_llava, images, lambda image: f"Say what you see in images/{image.name}.", 4)
     want |= expected(tiny_qwen, images, lambda image: f"Describe {image.name}.", 4)
     assert captions(out) == want
+    llava, qwen = [line for line in result.stdout.splitlines() if "captioned" in line]
+    assert "3 batches of up to 2 images" in llava and "1 batch of up to 5 images" in qwen
 
 
 def test_existing_sidecar_captions_fill_the_existing_placeholder(tmp_path, image_dir, tiny_llava):
@@ -76,6 +82,9 @@ def test_a_bad_job_file_is_a_usage_error(tmp_path, image_dir):
     job.write_text("[[model]]\nprompt = 'no model here'\n")
     result = run(str(image_dir), "--job", str(job))
     assert result.returncode == 2 and "[[model]]" in result.stderr
+    job.write_text("[[model]]\nmodel = 'vlmux/shapes'\nbatch_size = 'big'\n")
+    result = run(str(image_dir), "--job", str(job))
+    assert result.returncode == 2 and "batch_size must be a number or auto" in result.stderr
 
 
 @pytest.mark.parametrize("kind", ["txt", "csv", "parquet"])

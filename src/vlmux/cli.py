@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--prompt", action=_PerModel, help=f"instruction for the model (default: {DEFAULT_PROMPT!r})")
     caption.add_argument("--prompt-file", action=_PerModel, help="read the prompt from a file")
     caption.add_argument("--max-new-tokens", action=_PerModel, type=int)
-    caption.add_argument("--batch-size", action=_PerModel, type=int)
+    caption.add_argument("--batch-size", action=_PerModel, type=_batch_size, metavar="N|auto",
+                         help="images per model batch (default auto: from free GPU memory on CUDA, 8 on the CPU)")
     caption.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     caption.add_argument("--gpus", help="all | 0,1,...: a replica of each model per GPU (a model too large for one "
                                         "GPU is split across several)")
@@ -88,6 +89,14 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _batch_size(text: str) -> int | str:
+    if text == "auto":
+        return text
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"a whole number of at least 1 or auto, not {text!r}")
+    return int(text)
 
 
 class _ModelAction(argparse.Action):
@@ -146,12 +155,13 @@ def _caption(args: argparse.Namespace) -> int:
         sinks.append(SidecarSink(args.sidecar or default, [plan.spec.model for plan in plans]))
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
-            print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, batch {plan.batch_size}")
+            print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, "
+                  f"batch {plan.batch_size or 'auto'}")
     if args.replicas is not None and args.replicas < 1:
         raise UsageError("--replicas must be at least 1")
     job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix,
                      overwrite=args.overwrite, gpus=args.gpus, replicas=args.replicas)
-    pool_config = PoolConfig(vram_budget=args.vram_budget, max_batch_size=max(plan.batch_size for plan in plans))
+    pool_config = PoolConfig(vram_budget=args.vram_budget, max_batch_size=max(plan.fixed_batch_size for plan in plans))
     recorder = None
     if args.report is not None:
         from vlmux.caption.report import Recorder

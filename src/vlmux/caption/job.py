@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from typing import Callable
@@ -15,9 +16,13 @@ from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
 from vlmux.worker.process import WorkerDied
-from vlmux.worker.protocol import Captions, ItemResult
+from vlmux.worker.protocol import CPU_BATCH_SIZE, Caption, Captions, ItemResult
 
-IN_FLIGHT = 2  # batches queued at the worker, so it never waits for the parent between batches
+IN_FLIGHT = 2  # requests queued at the worker, so it never waits for the parent between requests
+# Model batches per worker request: the worker decodes and preprocesses batch i+1 while batch i generates, which a
+# request of one batch never lets it do. Results are still written per request, so a kill loses at most the
+# requests in flight.
+BATCHES_PER_REQUEST = 4
 
 
 @dataclass(frozen=True)
@@ -26,7 +31,7 @@ class CaptionJob:
     models: list[ModelPlan | ModelSpec]  # a bare ModelSpec runs with `generation` and `batch_size`
     generation: GenerationSpec
     sinks: list[Sink]
-    batch_size: int = 8
+    batch_size: int | None = None  # None: auto, the worker picks (ModelPlan.batch_size)
     prefix: str = ""
     suffix: str = ""
     overwrite: bool = False
@@ -49,6 +54,9 @@ class ModelReport:
     unload_seconds: float = 0.0
     release: vram.Release | None = None
     workers: int = 1  # replicas that captioned side by side
+    requests: int = 0  # worker requests whose results were written (a request retried in halves counts once)
+    batch_share: float = 0.0  # 1 / its batch's size summed over the images: each model batch adds up to 1
+    largest_batch: int = 0
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -59,6 +67,27 @@ class ModelReport:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.caption_seconds if self.caption_seconds else 0.0
+
+    @property
+    def batches(self) -> int:
+        """Model batches the workers ran for this model."""
+        return round(self.batch_share)
+
+
+@dataclass
+class RequestSize:
+    """Images per worker request: BATCHES_PER_REQUEST model batches. With batch_size auto only the worker knows
+    its batch size (from free memory on CUDA), so requests follow the largest batch it has made so far: from
+    CPU_BATCH_SIZE they reach a GPU's batch size within a few requests, as each grows to 4x the last batch."""
+
+    batch_size: int | None
+    largest: int = CPU_BATCH_SIZE
+
+    def next(self) -> int:
+        return BATCHES_PER_REQUEST * (self.batch_size or self.largest)
+
+    def saw(self, captions: Captions) -> None:
+        self.largest = max([self.largest, *(result.batch for result in captions.results)])
 
 
 Event = Callable[[str, str], None]  # (model, what happened): load_start, loaded, unload_start, unloaded
@@ -126,15 +155,16 @@ def missing(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[Image
 
 def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[ImageRef], pool: ModelPool,
                  report: ModelReport, progress: bool) -> None:
-    """Batches go to whichever replica finished one; only this thread writes to the sinks."""
+    """Requests go to whichever replica answered one; only this thread writes to the sinks."""
     bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
-    batches = iter([todo[offset : offset + plan.batch_size] for offset in range(0, len(todo), plan.batch_size)])
+    waiting = deque(todo)
+    size = RequestSize(plan.batch_size)
     in_flight: dict[Future, tuple[list[ImageRef], str]] = {}
 
     def feed(name: str) -> None:
-        refs = next(batches, None)
-        if refs is not None:
+        refs = [waiting.popleft() for _ in range(min(size.next(), len(waiting)))]
+        if refs:
             in_flight[_submit(plan, pool, name, refs)] = (refs, name)
 
     try:
@@ -145,7 +175,7 @@ def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
                 refs, name = in_flight.pop(future)
-                _finish(refs, future, job, plan, name, pool, report, bar)
+                size.saw(_finish(refs, future, job, plan, name, pool, report, bar))
                 feed(name)
     finally:
         bar.close()
@@ -157,7 +187,8 @@ def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[
 def _submit(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef]) -> Future:
     prompts = [render_prompt(plan.generation.prompt, ref) for ref in refs]
     items = [ref.payload() for ref in refs]
-    return pool.submit_caption(name, items, prompts, plan.generation, plan.batch_size)
+    # Through submit, not submit_caption: that would turn batch_size None (the worker picks) into the pool's own.
+    return pool.submit(name, Caption(items, prompts, plan.generation, plan.batch_size))
 
 
 def results_or_halves(submit: Callable[[list], Future], items: list, future: Future) -> Captions:
@@ -174,9 +205,12 @@ def results_or_halves(submit: Callable[[list], Future], items: list, future: Fut
 
 
 def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, plan: ModelPlan, name: str, pool: ModelPool,
-            report: ModelReport, bar: tqdm) -> None:
-    record(job, plan, report, refs, results_or_halves(lambda part: _submit(plan, pool, name, part), refs, future))
+            report: ModelReport, bar: tqdm) -> Captions:
+    captions = results_or_halves(lambda part: _submit(plan, pool, name, part), refs, future)
+    record(job, plan, report, refs, captions)
+    report.requests += 1
     bar.update(len(refs))
+    return captions
 
 
 def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[ImageRef], captions: Captions) -> None:
@@ -186,6 +220,9 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
     for ref, result in zip(refs, captions.results):
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
         pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))
+        if result.batch:
+            report.batch_share += 1 / result.batch
+            report.largest_batch = max(report.largest_batch, result.batch)
         if result.error is None:
             report.captioned += 1
         else:
@@ -200,9 +237,16 @@ def summary_line(report: ModelReport) -> str:
     parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
     if report.workers > 1:
         parts.append(f"{report.workers} workers side by side")
+    if report.batches:
+        parts.append(f"{_count(report.batches, 'batch', 'batches')} of up to {report.largest_batch} images"
+                     + (f" in {_count(report.requests, 'request', 'requests')}" if report.requests else ""))
     if report.caption_seconds:
         parts.append(f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, "
                      f"load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
     if report.release is not None:
         parts.append(str(report.release))
     return ", ".join(parts)
+
+
+def _count(number: int, one: str, many: str) -> str:
+    return f"{number} {one if number == 1 else many}"

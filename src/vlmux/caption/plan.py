@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.worker.protocol import CPU_BATCH_SIZE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -21,7 +22,13 @@ PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype")
 class ModelPlan:
     spec: ModelSpec
     generation: GenerationSpec
-    batch_size: int = 8
+    batch_size: int | None = None  # images per model batch; None ("auto"): from free memory on CUDA, else CPU_BATCH_SIZE
+
+    @property
+    def fixed_batch_size(self) -> int:
+        """The batch size where one number is needed before the worker has picked (the pool's memory estimate,
+        Ray's blocks)."""
+        return self.batch_size or CPU_BATCH_SIZE
 
 
 def render_prompt(template: str, ref: ImageRef) -> str:
@@ -41,7 +48,8 @@ def plans_from_options(models: list[dict], defaults: dict, device: str) -> list[
 
 def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]:
     """A TOML job file: optional [defaults] and one [[model]] table per model (model = "...", plus any of
-    prompt, prompt_file, max_new_tokens, batch_size, dtype). Command-line options override [defaults]."""
+    prompt, prompt_file, max_new_tokens, batch_size (a number or "auto"), dtype). Command-line options override
+    [defaults]."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
@@ -69,8 +77,18 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
                                 top_p=float(options.get("top_p") or 1.0), seed=options.get("seed"))
     if prompt:
         generation = replace(generation, prompt=prompt)
-    batch_size = int(options.get("batch_size") or 8)
-    if batch_size < 1:
-        raise UsageError("batch_size must be at least 1")
     spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto")
-    return ModelPlan(spec, generation, batch_size)
+    return ModelPlan(spec, generation, batch_size(options.get("batch_size", "auto")))
+
+
+def batch_size(value: object) -> int | None:
+    """"auto" (None) or a whole number of at least 1, from the command line or a job file."""
+    if value is None or value == "auto":
+        return None
+    try:
+        size = int(str(value))
+    except ValueError:
+        raise UsageError(f"batch_size must be a number or auto, not {value!r}") from None
+    if size < 1:
+        raise UsageError("batch_size must be at least 1")
+    return size

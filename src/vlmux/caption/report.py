@@ -62,8 +62,9 @@ class Recorder:
 
 
 def _model_json(report: ModelReport) -> dict:
-    data = {key: value for key, value in asdict(report).items() if key != "release"}
-    data.update(images_per_second=round(report.images_per_second, 2), tokens_per_second=round(report.tokens_per_second, 1),
+    data = {key: value for key, value in asdict(report).items() if key not in ("release", "batch_share")}
+    data.update(batches=report.batches,
+                images_per_second=round(report.images_per_second, 2), tokens_per_second=round(report.tokens_per_second, 1),
                 release=str(report.release) if report.release else None,
                 residue_mib=report.release.residue_mib if report.release else None)
     return data

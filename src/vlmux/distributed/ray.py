@@ -174,7 +174,7 @@ def run_ray_job(job: CaptionJob, pool_config: PoolConfig, address: str | None, p
         book = _new_book()
         # A block per batch, up to a limit: the driver writes each block as it comes back, so a killed driver
         # loses at most the blocks in flight.
-        blocks = min(MAX_BLOCKS, -(-len(rows) // plan.batch_size))
+        blocks = min(MAX_BLOCKS, -(-len(rows) // plan.fixed_batch_size))
         stage = _stage(ray.data.from_items(rows, override_num_blocks=blocks), plan, columns, job.replicas, pool_config, book)
         report.workers = _concurrency(plan, job.replicas)
         mark(plan.spec.model, "load_start")
@@ -203,9 +203,9 @@ def _stage(ds, plan: ModelPlan, columns: Columns, replicas: int | None, pool_con
     gpus = _use_gpus(plan)
     spec = plan.spec if gpus else replace(plan.spec, device="cpu")  # Ray hides every GPU from a CPU actor
     return ds.map_batches(
-        Captioner, batch_size=plan.batch_size, batch_format="pyarrow",
+        Captioner, batch_size=plan.fixed_batch_size, batch_format="pyarrow",
         compute=_ray().data.ActorPoolStrategy(size=_concurrency(plan, replicas)), num_gpus=1 if gpus else 0, num_cpus=1,
-        fn_constructor_kwargs=dict(spec=spec, generation=plan.generation, batch_size=plan.batch_size,
+        fn_constructor_kwargs=dict(spec=spec, generation=plan.generation, batch_size=plan.fixed_batch_size,
                                    columns=columns, pool_config=pool_config, book=book),
     )
 

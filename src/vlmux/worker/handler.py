@@ -9,7 +9,8 @@ from PIL import Image
 
 from vlmux.images import ImageError, load_image
 from vlmux.worker.protocol import (
-    Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
+    CPU_BATCH_SIZE, Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep,
+    Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -75,10 +76,11 @@ class Handler:
     def _caption(self, request: Caption, start: float) -> Reply:
         """Chunk i generates on the device while chunk i+1 is decoded and preprocessed on host threads."""
         tokens_before = getattr(self.backend, "generated_tokens", 0)
-        size = request.batch_size
         limit = self.backend.batch_limit(request.gen) if hasattr(self.backend, "batch_limit") else None
-        if limit is not None:
-            size = min(size, limit)
+        if request.batch_size is None:
+            size = limit or CPU_BATCH_SIZE
+        else:
+            size = request.batch_size if limit is None else min(request.batch_size, limit)
         indices = range(len(request.items))
         chunks = [list(indices[offset : offset + size]) for offset in range(0, len(indices), size)]
         results: list[ItemResult | None] = [None] * len(request.items)
@@ -122,7 +124,7 @@ class Handler:
                 captions = None
             if captions is not None:
                 for index, caption in zip(images, captions):
-                    results[index] = ItemResult(caption)
+                    results[index] = ItemResult(caption, batch=len(images))
                 return
         self._caption_chunk(list(images), images, request, results)
 
@@ -145,7 +147,7 @@ class Handler:
             self._caption_chunk(chunk[half:], decoded, request, results)
             return
         for i, caption in zip(chunk, captions):
-            results[i] = ItemResult(caption)
+            results[i] = ItemResult(caption, batch=len(chunk))
 
     def _chat(self, request: Chat) -> Reply:
         messages, images = [], []

@@ -7,6 +7,10 @@ from typing import Any, Union
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import ImageInput
 
+# What a Caption's batch_size=None means off CUDA (on CUDA the worker sizes batches from free memory): the size
+# `vlmux caption` has always used there; no measurement has shown a better one yet.
+CPU_BATCH_SIZE = 8
+
 
 @dataclass(frozen=True)
 class Load:
@@ -29,7 +33,7 @@ class Caption:
     items: list[ImageInput]
     prompts: list[str]
     gen: GenerationSpec
-    batch_size: int
+    batch_size: int | None  # images per model batch, capped by free device memory; None: the worker picks
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,7 @@ class ItemResult:
     caption: str | None
     error: str | None = None
     bad_image: bool = False  # the error is the input's fault (undecodable), not the model's
+    batch: int = 0  # images captioned together with this one in one model batch; 0: it reached no model batch
 
 
 @dataclass(frozen=True)
