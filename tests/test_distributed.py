@@ -1,12 +1,9 @@
 """Caption jobs on a local Ray cluster (CPU only, two CPUs, loopback): the same output as one process, and a
 driver killed midway leaves a rerun only what was missing."""
-import json
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,6 +14,8 @@ os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
 import ray  # noqa: E402
 
 from vlmux.config import GenerationSpec  # noqa: E402
+from vlmux.testing.cli import read_jsonl as jsonl  # noqa: E402
+from vlmux.testing.cli import run_caption, start_caption as start  # noqa: E402
 from vlmux.testing.tiny import draw_sample_images  # noqa: E402
 
 IMAGES = 32  # enough that the first model is still running when the driver is killed, even on fast cores
@@ -43,19 +42,8 @@ def job(tmp_path_factory, tiny_llava, tiny_qwen):
     return root, args, by_pair(jsonl(root / "single.jsonl"))
 
 
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *args, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
 def run(*args: str) -> subprocess.CompletedProcess:
-    process = start(*args)
-    stdout, stderr = process.communicate(timeout=400)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    return run_caption(*args, timeout=400)  # a Ray cluster on two cores starts slowly
 
 
 def by_pair(rows: list[dict]) -> dict[tuple[str, str], dict]:

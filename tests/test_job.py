@@ -1,9 +1,6 @@
 """Caption jobs end to end through the CLI: several models, every output format, resume after a kill, bad images."""
-import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -11,23 +8,11 @@ import pytest
 from PIL import Image
 
 from vlmux.caption.sinks import model_tag
+from vlmux.testing.cli import read_jsonl as jsonl
+from vlmux.testing.cli import run_caption as run
+from vlmux.testing.cli import start_caption as start
 from vlmux.testing.processes import children
 from vlmux.testing.tiny import draw_sample_images
-
-
-def start(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *args, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    process = start(*args)
-    stdout, stderr = process.communicate(timeout=300)
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
-
-
-def jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def parquet(path: Path) -> list[dict]:
