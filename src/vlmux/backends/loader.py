@@ -106,9 +106,9 @@ def match_checkpoint(model: nn.Module, path: Path) -> Matched:
     return matched
 
 
-def stream_weights(model: nn.Module, path: Path, config: StreamConfig = StreamConfig(), matched: Matched | None = None) -> int:
+def stream_weights(model: nn.Module, path: Path, config: StreamConfig = StreamConfig()) -> int:
     """Fill the model's tensors from the folder's safetensors files; returns the bytes read."""
-    matched = matched if matched is not None else match_checkpoint(model, path)
+    matched = match_checkpoint(model, path)
     casts: list[tuple[torch.Tensor, torch.Tensor]] = []
     pieces: list[tuple[Path, int, torch.Tensor]] = []
     for entry, target in matched.values():
