@@ -19,6 +19,7 @@ from vlmux.backends.fast import (
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
 )
+from vlmux.backends.packed_attention import use_packed_vision_attention
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.placement import device_map_options
 
@@ -94,6 +95,7 @@ class TransformersBackend:
             ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
+        use_packed_vision_attention(self.model)
         self.tokenizer.padding_side = "left"  # decoder-only batches need the prompt ends aligned
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token

@@ -1,0 +1,153 @@
+"""Where one caption batch's time goes (issue 6): the host's share (JPEG decode, the processor) and the GPU's
+(vision encoder with transformers' per-image attention and with vlmux's packed attention, the prefill, the decode
+steps with the dynamic and the static + compiled cache), and a torch.profiler table of one generate call.
+
+Device command (one H200, ~4 minutes, builds the 2B shape like bench/throughput.py):
+  PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 python3 bench/caption_profile.py --out $OUT/caption_profile.json
+CPU check: PYTHONPATH=src python3 bench/caption_profile.py --model /tmp/tiny-qwen --device cpu --batch 4 --new-tokens 4
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+from throughput import PROMPT, WORKLOADS, bench_copy  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", default="2b")
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--workload", choices=WORKLOADS, default="caption")
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--new-tokens", type=int)
+    parser.add_argument("--steps", default="host,vision,prefill,dynamic,compiled,profile")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/vlmux-bench"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    max_pixels, new_tokens = WORKLOADS[args.workload]
+    new_tokens = args.new_tokens or new_tokens
+    source = args.model
+    if source is None:
+        subprocess.run([sys.executable, str(Path(__file__).parent / "shapes.py"), str(args.work), args.shape], check=True)
+        source = args.work / f"qwen2-vl-{args.shape}"
+    model_path = bench_copy(source, args.work / f"{source.name}-{args.workload}-noeos", max_pixels)
+    from shapes import write_jpegs
+
+    jpegs = write_jpegs(args.work / "jpegs", max(args.batch, 8))
+    files = [jpegs[i % len(jpegs)] for i in range(args.batch)]
+    result = {"benchmark": "caption_profile", "environment": environment(), "model": str(source), "batch": args.batch,
+              "workload": args.workload, "new_tokens": new_tokens, "steps": {}}
+    steps = args.steps.split(",")
+    profile(args, model_path, files, new_tokens, steps, result)
+    write_result("caption_profile", result, args.out)
+
+
+def timed(function, device: str, repeat: int = 3) -> tuple[float, object]:
+    """Best of `repeat` synchronised calls, after one warm-up call."""
+    import torch
+
+    value = function()
+    best = float("inf")
+    for _ in range(repeat):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        value = function()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, value
+
+
+def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: list[str], result: dict) -> None:
+    import torch
+
+    from vlmux.backends.fast import FastConfig, generate_options
+    from vlmux.backends.transformers import TransformersBackend
+    from vlmux.config import GenerationSpec, ModelSpec
+    from vlmux.images import load_image
+
+    out = result["steps"]
+    backend = TransformersBackend(ModelSpec(str(model_path), device=args.device, decode="dynamic"), str(model_path))
+    model, device = backend.model, backend.device
+    out["load"] = {k: round(v, 3) for k, v in backend.timings.items()}
+    out["vision_attention"] = model.config.vision_config._attn_implementation
+
+    start = time.perf_counter()
+    images = [load_image(str(path)) for path in files]
+    decode_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    prepared = backend.prepare(images, [PROMPT] * len(images))
+    prepare_seconds = time.perf_counter() - start
+    if "host" in steps:
+        with ThreadPoolExecutor(8) as pool:
+            start = time.perf_counter()
+            list(pool.map(lambda p: load_image(str(p)), files))
+            decode_8 = time.perf_counter() - start
+        out["host"] = {"decode_jpegs_s": round(decode_seconds, 3), "decode_jpegs_8_threads_s": round(decode_8, 3),
+                       "processor_s": round(prepare_seconds, 3), "torch_threads": torch.get_num_threads(),
+                       "prompt_tokens": prepared.inputs["input_ids"].shape[1]}
+        print("host", out["host"], flush=True)
+    inputs = prepared.inputs.to(device)
+    gen = GenerationSpec(PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
+    vision_config = model.config.vision_config
+
+    if "vision" in steps:
+        visual = model.model.visual
+        for name in ("sdpa", vision_config._attn_implementation):
+            vision_config._attn_implementation = name
+            with torch.inference_mode():
+                seconds, _ = timed(lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]), device)
+            out[f"vision_{name}_s"] = round(seconds, 4)
+            print("vision", name, seconds, flush=True)
+        vision_config._attn_implementation = out["vision_attention"]
+
+    if "prefill" in steps:
+        with torch.inference_mode():
+            seconds, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
+        out["prefill_s"] = round(seconds, 4)
+        print("prefill", seconds, flush=True)
+
+    def run(fast: dict) -> None:
+        backend._generate(inputs, gen, fast, inputs["input_ids"].shape[0])
+
+    if "dynamic" in steps:
+        seconds, _ = timed(lambda: run({}), device, repeat=2)
+        out["generate_dynamic_s"] = round(seconds, 3)
+        out["generate_dynamic_images_per_s"] = round(args.batch / seconds, 1)
+        print("dynamic", seconds, flush=True)
+
+    if "compiled" in steps:
+        options = generate_options(FastConfig(static_cache=True, compile=True), inputs["input_ids"].shape[1], new_tokens)
+        start = time.perf_counter()
+        run(options)
+        out["compile_first_call_s"] = round(time.perf_counter() - start, 1)
+        seconds, _ = timed(lambda: run(options), device, repeat=2)
+        out["generate_compiled_s"] = round(seconds, 3)
+        out["generate_compiled_images_per_s"] = round(args.batch / seconds, 1)
+        print("compiled", seconds, flush=True)
+
+    if "profile" in steps:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+        with torch_profile(activities=activities) as prof:
+            run({})
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+        sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
+        table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
+        out["profile_dynamic_table"] = table.splitlines()
+        print(table, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Packed vision attention gives the vision tower's output that transformers' per-image attention gives, for images
+of one size (one batched call) and of mixed sizes (one call per size)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoModelForImageTextToText, AutoProcessor
+
+from vlmux.backends.packed_attention import NAME, use_packed_vision_attention
+from vlmux.backends.transformers import TransformersBackend
+from vlmux.config import ModelSpec
+
+SIZES = {"one size": [(64, 64)] * 3, "mixed sizes": [(64, 64), (40, 90), (64, 64), (120, 50), (40, 90)]}
+
+
+def vision_features(model, inputs) -> torch.Tensor:
+    with torch.inference_mode():
+        output = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    features = getattr(output, "pooler_output", output)
+    return torch.cat(list(features)) if isinstance(features, (list, tuple)) else features
+
+
+def compare(path, device: str, dtype: torch.dtype) -> dict[str, float]:
+    processor = AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device).eval()
+    assert model.config.vision_config._attn_implementation == "sdpa"
+    differences = {}
+    for name, sizes in SIZES.items():
+        images = [Image.effect_noise(size, 40 + 10 * i).convert("RGB") for i, size in enumerate(sizes)]
+        inputs = processor(text=["<|vision_start|><|image_pad|><|vision_end|>hi"] * len(images),
+                           images=[[image] for image in images], padding=True, return_tensors="pt").to(device, dtype=dtype)
+        model.config.vision_config._attn_implementation = "sdpa"
+        per_image = vision_features(model, inputs)
+        assert use_packed_vision_attention(model)
+        packed = vision_features(model, inputs)
+        differences[name] = (per_image.float() - packed.float()).abs().max().item() / per_image.float().abs().max().item()
+    return differences
+
+
+def test_packed_attention_equals_per_image_attention_on_the_cpu(tiny_qwen):
+    assert compare(tiny_qwen, "cpu", torch.float32) == {"one size": pytest.approx(0, abs=1e-6),
+                                                        "mixed sizes": pytest.approx(0, abs=1e-6)}
+
+
+def test_the_backend_switches_qwen2_vl_vision_to_packed_attention_and_leaves_llava_alone(tiny_qwen, tiny_llava):
+    qwen = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen))
+    llava = TransformersBackend(ModelSpec(str(tiny_llava), device="cpu"), str(tiny_llava))
+    assert qwen.model.config.vision_config._attn_implementation == NAME
+    assert qwen.model.config.text_config._attn_implementation == "sdpa"
+    assert llava.model.config.vision_config._attn_implementation == "sdpa"
+
+
+@pytest.mark.gpu
+def test_packed_attention_equals_per_image_attention_on_the_gpu(tiny_qwen):
+    differences = compare(tiny_qwen, "cuda", torch.bfloat16)
+    assert max(differences.values()) < 2e-2, differences  # bf16: different kernels, rounding apart
