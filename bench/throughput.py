@@ -10,7 +10,7 @@ Rows, each in its own process (the bench's own process never imports torch):
   hf_batch1          from_pretrained + processor + generate, one image at a time, files in (what most scripts do)
   hf_dynamic         generate with the default dynamic cache at each --sweep batch size, inputs on the GPU; best kept
   hf_static_compile  generate with cache_implementation="static" + torch.compile, batch --batch, inputs on the GPU
-  vlmux_gpu          vlmux's backend (ModelSpec.decode, default auto = compiled on CUDA), prepared inputs, generate only
+  vlmux_gpu          vlmux's backend (ModelSpec.decode: --decode, or a row named vlmux_gpu:compiled), prepared inputs, generate only
   vlmux_api          vlmux.pipeline over all files in one call (chunks overlapped with decoding/preprocessing), JSONL out
   vlmux_cli          `vlmux caption FOLDER -o out.jsonl --batch-size --batch` as a user runs it, wall clock included
 GPU-only rows pay their compile in a first call, reported apart (compile_seconds). Every row stops starting new
@@ -69,8 +69,8 @@ def run(args: argparse.Namespace) -> None:
     end = time.time() + args.minutes * 60
     max_pixels, new_tokens = WORKLOADS[args.workload]
     new_tokens = args.new_tokens or new_tokens
-    rows = [row for row in args.rows.split(",") if row]
-    unknown = set(rows) - set(ROWS)
+    rows = [row for row in args.rows.split(",") if row]  # a vlmux row may name its decode mode: vlmux_gpu:compiled
+    unknown = {row.partition(":")[0] for row in rows} - set(ROWS)
     if unknown:
         raise SystemExit(f"unknown rows {sorted(unknown)}; choose from {', '.join(ROWS)}")
     start = time.perf_counter()
@@ -91,15 +91,17 @@ def run(args: argparse.Namespace) -> None:
     for index, row in enumerate(rows):
         share = (end - time.time()) / (len(rows) - index)
         row_start = time.perf_counter()
+        name, _, decode = row.partition(":")
+        row_args = argparse.Namespace(**{**vars(args), "decode": decode or args.decode})
         try:
-            if row == "vlmux_api":
+            if name == "vlmux_api":
                 from throughput_rows import vlmux_api
 
-                data = vlmux_api(args, model, files, PROMPT, new_tokens, time.time() + share * 0.8)
-            elif row == "vlmux_cli":
-                data = vlmux_cli(args, model, files, new_tokens, share)
+                data = vlmux_api(row_args, model, files, PROMPT, new_tokens, time.time() + share * 0.8)
+            elif name == "vlmux_cli":
+                data = vlmux_cli(row_args, model, files, new_tokens, share)
             else:
-                data = child(row, args, model, files, new_tokens, time.time() + share * 0.8, share)
+                data = child(name, row_args, model, files, new_tokens, time.time() + share * 0.8, share)
         except Exception as e:  # noqa: BLE001 - one failed row must not lose the others
             data = {"error": f"{type(e).__name__}: {e}"}
         data["row_seconds"] = round(time.perf_counter() - row_start, 1)
@@ -108,10 +110,9 @@ def run(args: argparse.Namespace) -> None:
         write_result("throughput", result, args.out)  # after each row: a run cut short keeps what it measured
     best_hf = max([result["rows"].get(r, {}).get("images_per_s") or 0 for r in ("hf_batch1", "hf_dynamic", "hf_static_compile")])
     if best_hf:
-        for row in ("vlmux_gpu", "vlmux_api", "vlmux_cli"):
-            rate = result["rows"].get(row, {}).get("images_per_s")
-            if rate:
-                result["rows"][row]["times_hf_best"] = round(rate / best_hf, 2)
+        for row, data in result["rows"].items():
+            if row.startswith("vlmux") and data.get("images_per_s"):
+                data["times_hf_best"] = round(data["images_per_s"] / best_hf, 2)
     write_result("throughput", result, args.out)
     for row, data in result["rows"].items():
         print(f"{row:<18} {summary(data)}")
@@ -167,7 +168,7 @@ def link_files(jpegs: list[Path], folder: Path, count: int) -> list[Path]:
 
 def child(row: str, args: argparse.Namespace, model: Path, files: list[Path], new_tokens: int, deadline: float,
           share: float) -> dict:
-    out = args.work / f"row-{row}.json"
+    out = args.work / f"row-{row}-{args.decode}.json"
     out.unlink(missing_ok=True)
     command = [sys.executable, __file__, "--child", row, "--model", str(model), "--device", args.device,
                "--batch", str(args.batch), "--sweep", args.sweep, "--decode", args.decode, "--new-tokens", str(new_tokens),
@@ -188,7 +189,7 @@ def vlmux_cli(args: argparse.Namespace, model: Path, files: list[Path], new_toke
     command = [sys.executable, "-c", "import sys; from vlmux.cli import main; sys.exit(main())", "caption",
                str(files[0].parent), "-m", str(model), "-o", str(output), "--report", str(report),
                "--batch-size", str(args.batch), "--max-new-tokens", str(new_tokens), "--prompt", PROMPT,
-               "--device", args.device, "--no-progress"]
+               "--device", args.device, "--decode", args.decode, "--no-progress"]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(30.0, share))

@@ -6,7 +6,7 @@ import errno
 import sys
 from pathlib import Path
 
-from vlmux.config import DEFAULT_PROMPT, DTYPES, PoolConfig
+from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, PoolConfig
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser(
         "caption", help="caption images with one or more models in turn",
-        epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size and --dtype given after a -m apply to that "
+        epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size, --dtype and --decode given after a -m apply to that "
                "model only; given before any -m, to all. Prompts may use {file}, {folder} and {existing}.")
     caption.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders, a .txt list of paths, a .csv/.parquet with a path column, or a saved HF dataset")
@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="run on a Ray cluster with Ray Data (pip install 'vlmux[ray]'); without ADDRESS, the "
                               "cluster RAY_ADDRESS or `ray start` names, else a local one")
     caption.add_argument("--dtype", action=_PerModel, choices=DTYPES)
+    caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
+                         help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker)")
     caption.add_argument("--prefix", default="", help="text put before each caption")
     caption.add_argument("--suffix", default="", help="text put after each caption")
     caption.add_argument("--overwrite", action="store_true", help="redo images that already have results")

@@ -15,7 +15,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype")
+PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype", "decode")
 
 
 @dataclass(frozen=True)
@@ -48,7 +48,7 @@ def plans_from_options(models: list[dict], defaults: dict, device: str) -> list[
 
 def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]:
     """A TOML job file: optional [defaults] and one [[model]] table per model (model = "...", plus any of
-    prompt, prompt_file, max_new_tokens, batch_size (a number or "auto"), dtype). Command-line options override
+    prompt, prompt_file, max_new_tokens, batch_size (a number or "auto"), dtype, decode). Command-line options override
     [defaults]."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -77,7 +77,10 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
                                 top_p=float(options.get("top_p") or 1.0), seed=options.get("seed"))
     if prompt:
         generation = replace(generation, prompt=prompt)
-    spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto")
+    try:
+        spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto", decode=options.get("decode") or "auto")
+    except ValueError as e:
+        raise UsageError(str(e)) from None
     return ModelPlan(spec, generation, batch_size(options.get("batch_size", "auto")))
 
 

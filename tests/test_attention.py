@@ -1,5 +1,5 @@
-"""Packed vision attention gives the vision tower's output that transformers' per-image attention gives, for images
-of one size (one batched call) and of mixed sizes (one call per size)."""
+"""vlmux's attention functions give what transformers' sdpa attention gives: packed vision attention for images of
+one size (one batched call) and of mixed sizes (one call per size); grouped-query decode attention with padding."""
 from __future__ import annotations
 
 import pytest
@@ -7,7 +7,9 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmux.backends.packed_attention import NAME, use_packed_vision_attention
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from vlmux.backends.attention import DECODE_NAME, NAME, grouped_query_attention, use_fast_attention
 from vlmux.backends.transformers import TransformersBackend
 from vlmux.config import ModelSpec
 
@@ -32,7 +34,7 @@ def compare(path, device: str, dtype: torch.dtype) -> dict[str, float]:
                            images=[[image] for image in images], padding=True, return_tensors="pt").to(device, dtype=dtype)
         model.config.vision_config._attn_implementation = "sdpa"
         per_image = vision_features(model, inputs)
-        assert use_packed_vision_attention(model)
+        assert "vision" in use_fast_attention(model)
         packed = vision_features(model, inputs)
         differences[name] = (per_image.float() - packed.float()).abs().max().item() / per_image.float().abs().max().item()
     return differences
@@ -47,8 +49,38 @@ def test_the_backend_switches_qwen2_vl_vision_to_packed_attention_and_leaves_lla
     qwen = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen))
     llava = TransformersBackend(ModelSpec(str(tiny_llava), device="cpu"), str(tiny_llava))
     assert qwen.model.config.vision_config._attn_implementation == NAME
-    assert qwen.model.config.text_config._attn_implementation == "sdpa"
+    assert qwen.model.config.text_config._attn_implementation == DECODE_NAME
     assert llava.model.config.vision_config._attn_implementation == "sdpa"
+    assert llava.model.config.text_config._attn_implementation == DECODE_NAME
+
+
+class GroupedModule(torch.nn.Module):
+    num_key_value_groups = 3
+    is_causal = True
+
+
+def decode_difference(device: str, dtype: torch.dtype) -> float:
+    generator = torch.Generator().manual_seed(0)
+    batch, kv_heads, keys, head_dim = 5, 2, 37, 16
+    query = torch.randn(batch, kv_heads * 3, 1, head_dim, generator=generator).to(device, dtype)
+    key, value = (torch.randn(batch, kv_heads, keys, head_dim, generator=generator).to(device, dtype) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, keys + 11, dtype=torch.bool)  # a static cache's mask is longer than the keys
+    for row, padding in enumerate((0, 3, 10, 1, 20)):  # left padding, as in a caption batch
+        mask[row, ..., :padding] = False
+    mask = mask.to(device)
+    expected, _ = sdpa_attention_forward(GroupedModule(), query, key, value, mask[..., :keys], scaling=0.25)
+    actual, _ = grouped_query_attention(GroupedModule(), query, key, value, mask, scaling=0.25)
+    assert actual.shape == expected.shape == (batch, 1, kv_heads * 3, head_dim)
+    return (actual.float() - expected.float()).abs().max().item()
+
+
+def test_grouped_query_decode_attention_equals_sdpa_with_left_padding_on_the_cpu():
+    assert decode_difference("cpu", torch.float32) < 1e-6
+
+
+@pytest.mark.gpu
+def test_grouped_query_decode_attention_equals_sdpa_with_left_padding_on_the_gpu():
+    assert decode_difference("cuda", torch.bfloat16) < 2e-2
 
 
 @pytest.mark.gpu
