@@ -34,7 +34,7 @@ def compare(path, device: str, dtype: torch.dtype) -> dict[str, float]:
                            images=[[image] for image in images], padding=True, return_tensors="pt").to(device, dtype=dtype)
         model.config.vision_config._attn_implementation = "sdpa"
         per_image = vision_features(model, inputs)
-        assert "vision" in use_fast_attention(model)
+        assert "vision" in use_fast_attention(model, packed_vision=True)
         packed = vision_features(model, inputs)
         differences[name] = (per_image.float() - packed.float()).abs().max().item() / per_image.float().abs().max().item()
     return differences
@@ -45,13 +45,15 @@ def test_packed_attention_equals_per_image_attention_on_the_cpu(tiny_qwen):
                                                         "mixed sizes": pytest.approx(0, abs=1e-6)}
 
 
-def test_the_backend_switches_qwen2_vl_vision_to_packed_attention_and_leaves_llava_alone(tiny_qwen, tiny_llava):
-    qwen = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen))
-    llava = TransformersBackend(ModelSpec(str(tiny_llava), device="cpu"), str(tiny_llava))
-    assert qwen.model.config.vision_config._attn_implementation == NAME
-    assert qwen.model.config.text_config._attn_implementation == DECODE_NAME
-    assert llava.model.config.vision_config._attn_implementation == "sdpa"
-    assert llava.model.config.text_config._attn_implementation == DECODE_NAME
+def test_the_backend_packs_vision_attention_when_compiled_and_uses_grouped_decode_attention(tiny_qwen, tiny_llava):
+    compiled = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu", decode="compiled"), str(tiny_qwen))
+    eager = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen))
+    llava = TransformersBackend(ModelSpec(str(tiny_llava), device="cpu", decode="compiled"), str(tiny_llava))
+    assert compiled.model.config.vision_config._attn_implementation == NAME and compiled.compiled_vision_blocks == 2
+    assert eager.model.config.vision_config._attn_implementation == "sdpa" and eager.compiled_vision_blocks == 0
+    assert llava.model.config.vision_config._attn_implementation == "sdpa"  # CLIP: no packed sequences
+    for backend in (compiled, eager, llava):
+        assert backend.model.config.text_config._attn_implementation == DECODE_NAME
 
 
 class GroupedModule(torch.nn.Module):

@@ -90,6 +90,22 @@ def auto_batch_size(free_bytes: int, image_bytes: int, limit: int = MAX_AUTO_BAT
     return max(1, min(limit, int(free_bytes * MEMORY_SHARE) // max(1, image_bytes)))
 
 
+def compile_vision_blocks(model: torch.nn.Module) -> int:
+    """torch.compile each block of the vision tower, fusing its elementwise work (rotary embedding in float32, casts,
+    activations): 1.27 -> 0.83 s for 256 images at the 2B shape on an H200 (bench/caption_profile.py). The blocks
+    share one compiled graph, so the cost (~8 s, once per worker and batch shape) is one block's. Returns how many."""
+    tower = next((getattr(holder, name) for holder in (getattr(model, "model", None), model) if holder is not None
+                  for name in ("visual", "vision_tower", "vision_model") if hasattr(holder, name)), None)
+    if tower is None:
+        return 0
+    blocks = next((m for m in tower.modules() if isinstance(m, torch.nn.ModuleList) and len(m) > 1), None)
+    if blocks is None:
+        return 0
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def use_compile_cache() -> None:
     """Inductor's on-disk caches under the user's cache folder, so a new worker for the same model and batch shape
     reuses the kernels an earlier one compiled instead of compiling again (/tmp may be wiped between boots)."""

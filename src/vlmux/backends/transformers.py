@@ -14,7 +14,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
-    FastConfig, auto_batch_size, generate_options, pad_rows, per_image_bytes, to_device, use_compile_cache,
+    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, per_image_bytes, to_device,
+    use_compile_cache,
 )
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
@@ -96,7 +97,8 @@ class TransformersBackend:
             ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
-        self.attention = use_fast_attention(self.model)
+        self.attention = use_fast_attention(self.model, packed_vision=self.fast.compile)
+        self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.compile else 0
         self.tokenizer.padding_side = "left"  # decoder-only batches need the prompt ends aligned
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
