@@ -127,3 +127,24 @@ def test_a_saved_dataset_with_an_image_column_is_a_source(tmp_path, image_dir, t
     assert rows == {f"{index:06d}": want[(image.name, str(tiny_llava))] for index, image in enumerate(images)}
     sidecar = run(str(tmp_path / "saved"), "-m", str(tiny_llava), "--sidecar", "txt")
     assert sidecar.returncode == 2 and "use -o" not in sidecar.stderr and "-o" in sidecar.stderr
+
+
+def test_a_long_job_on_a_gpu_compiles_its_decode_unless_the_user_chose():
+    from vlmux.caption.plan import COMPILE_MIN_IMAGES, job_decode
+    from vlmux.config import ModelSpec
+
+    auto = ModelSpec("m")
+    assert job_decode(auto, COMPILE_MIN_IMAGES, gpu_present=True).decode == "compiled"
+    assert job_decode(auto, COMPILE_MIN_IMAGES - 1, gpu_present=True).decode == "auto"  # the compile would not pay
+    assert job_decode(auto, COMPILE_MIN_IMAGES, gpu_present=False).decode == "auto"
+    assert job_decode(ModelSpec("m", device="cpu"), COMPILE_MIN_IMAGES, gpu_present=True).decode == "auto"
+    assert job_decode(ModelSpec("m", decode="dynamic"), 10**6, gpu_present=True).decode == "dynamic"
+
+
+def test_decode_is_a_per_model_option_and_a_bad_one_is_a_usage_error(image_dir, tiny_llava):
+    done = run(str(image_dir), "-m", str(tiny_llava), "--decode", "fastest", "--device", "cpu")
+    assert done.returncode == 2 and "--decode" in done.stderr
+    from vlmux.caption.plan import plans_from_options
+
+    [plan] = plans_from_options([{"model": str(tiny_llava), "decode": "static"}], {}, "cpu")
+    assert plan.spec.decode == "static"

@@ -10,7 +10,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from vlmux import vram
-from vlmux.caption.plan import ModelPlan, render_prompt
+from vlmux.caption.plan import ModelPlan, job_decode, render_prompt
 from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
@@ -105,6 +105,7 @@ def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, eve
             todo = missing(job, plan.spec, report)
             if not todo:
                 continue
+            plan = replace(plan, spec=job_decode(plan.spec, len(todo), vram.available()))
             mark(plan.spec.model, "load_start")
             start = time.perf_counter()
             names = _load_replicas(job, plan, pool)
