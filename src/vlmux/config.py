@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# How captions are decoded: auto (dynamic for now: the compiled path is not yet measured on a GPU), dynamic (HF's default cache), static (a
-# static KV cache, eager), compiled (static cache + torch.compile of the decode step; CUDA graphs on CUDA).
+# How captions are decoded: auto (dynamic, except caption jobs long enough to pay for a compile on a GPU:
+# caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
+# torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks).
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
 
 

@@ -34,8 +34,8 @@ class FastConfig:
     @classmethod
     def for_device(cls, mode: str, device: str) -> "FastConfig":
         if mode == "auto":
-            # Plain generate until bench/throughput.py has shown on a GPU that the compiled path is faster end to
-            # end (a compile on the first request would also land on every model switch's first answer).
+            # A compile costs 10-40 s on a worker's first batch (bench/throughput.py): a model switch's first answer
+            # must not pay it. Caption jobs long enough to pay for it ask for "compiled" (caption.plan.job_decode).
             mode = "dynamic"
         return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled")
 
