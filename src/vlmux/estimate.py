@@ -1,7 +1,10 @@
-"""How much device memory a model will take, from its safetensors headers and config, before loading it."""
+"""How much device memory a model will take, from its safetensors headers, config and processor config, before
+loading it: the pool's placement and budget use it, and a worker picks its batch size from the same per-image cost.
+bench/memory.py checks it against the measured peak on a GPU."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -9,7 +12,7 @@ from vlmux.checkpoint import read_index
 
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, measured on the H200
-IMAGE_TOKENS = 1024  # visual tokens per image budgeted for (896x896 on Qwen2-VL; most models use fewer)
+IMAGE_TOKENS = 1024  # visual tokens per image where the processor does not bound them (896x896 on Qwen2-VL)
 PROMPT_TOKENS = 64
 
 
@@ -25,6 +28,14 @@ class Estimate:
         return self.weights + self.kv_cache + self.activations + self.context
 
 
+@dataclass(frozen=True)
+class ImageBudget:
+    """Per image: the tokens it adds to the language model's sequence, and the vision encoder's positions."""
+
+    tokens: int
+    patches: int
+
+
 def count_parameters(model_dir: Path) -> tuple[int, int]:
     """(parameters, bytes on disk) from the safetensors headers."""
     entries = read_index(model_dir).values()
@@ -35,23 +46,62 @@ def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, 
     parameters, stored = count_parameters(model_dir)
     element = TARGET_BYTES.get(dtype, 2)
     weights = parameters * element if parameters else stored
-    text = _text_config(model_dir)
+    config = read_json(Path(model_dir) / "config.json")
+    kv_cache, activations = image_bytes(config, image_budget(model_dir, config), max_new_tokens, element)
+    return Estimate(weights, kv_cache * batch_size, activations * batch_size, CONTEXT_BYTES if on_gpu else 0)
+
+
+def image_bytes(config: dict, budget: ImageBudget, max_new_tokens: int, element: int) -> tuple[int, int]:
+    """(KV cache, activations) one more image in a batch costs. Activations: the prefill's hidden- and MLP-sized
+    tensors per token, and the vision encoder's per position (its rotary and attention scratch in float32)."""
+    text = text_config(config)
     layers = text.get("num_hidden_layers", 0)
     hidden = text.get("hidden_size", 0)
     heads = text.get("num_attention_heads", 1) or 1
     kv_heads = text.get("num_key_value_heads", heads) or heads
     head_dim = text.get("head_dim") or hidden // heads
-    sequence = IMAGE_TOKENS + PROMPT_TOKENS + max_new_tokens
-    kv_cache = 2 * layers * kv_heads * head_dim * sequence * batch_size * element
-    # Prefill holds a few hidden-sized and one MLP-sized activation per token at a time.
+    prompt = budget.tokens + PROMPT_TOKENS
+    kv_cache = 2 * layers * kv_heads * head_dim * (prompt + max_new_tokens) * element
     intermediate = text.get("intermediate_size", 4 * hidden)
-    activations = batch_size * sequence * (4 * hidden + 2 * intermediate) * element
-    return Estimate(weights, kv_cache, activations, CONTEXT_BYTES if on_gpu else 0)
+    prefill = prompt * (4 * hidden + 3 * intermediate) * element
+    vision = config.get("vision_config") or {}
+    embed = vision.get("embed_dim") or vision.get("hidden_size", 0)
+    mlp = vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4))
+    encoder = budget.patches * (6 * embed + 2 * mlp) * 4
+    return kv_cache, prefill + encoder
 
 
-def _text_config(model_dir: Path) -> dict:
+def image_budget(model_dir: Path, config: dict | None = None) -> ImageBudget:
+    """What one image costs in tokens, from the processor's own bounds where it has them."""
+    config = config if config is not None else read_json(Path(model_dir) / "config.json")
+    processor = read_json(Path(model_dir) / "processor_config.json")
+    images = processor.get("image_processor") or read_json(Path(model_dir) / "preprocessor_config.json")
+    vision = config.get("vision_config") or {}
+    if "merge_size" in images and "patch_size" in images:  # Qwen2-VL family: resized to at most max_pixels
+        size = images.get("size") or {}
+        pixels = images.get("max_pixels") or size.get("longest_edge")
+        patches = pixels // images["patch_size"] ** 2 if pixels else 0
+        tokens = patches // images["merge_size"] ** 2
+        if 0 < tokens <= 4 * IMAGE_TOKENS:
+            return ImageBudget(tokens, patches)
+        return ImageBudget(IMAGE_TOKENS, IMAGE_TOKENS * images["merge_size"] ** 2)
+    side = (vision.get("image_size") or 0) // (vision.get("patch_size") or 1)
+    if "image_seq_len" in processor:  # Idefics3: up to a grid of tiles plus the whole image, each image_seq_len tokens
+        longest = (images.get("size") or {}).get("longest_edge", 0)
+        tile = (images.get("max_image_size") or {}).get("longest_edge") or longest or 1
+        tiles = math.ceil(longest / tile) ** 2 + 1 if longest and images.get("do_image_splitting", True) else 1
+        return ImageBudget(processor["image_seq_len"] * tiles, side * side * tiles or IMAGE_TOKENS)
+    if side:  # one fixed-size image (LLaVA with CLIP): a token per patch and the class token
+        return ImageBudget(side * side + 1, side * side + 1)
+    return ImageBudget(IMAGE_TOKENS, IMAGE_TOKENS)
+
+
+def text_config(config: dict) -> dict:
+    return config.get("text_config") or config.get("llm_config") or config
+
+
+def read_json(path: Path) -> dict:
     try:
-        config = json.loads((model_dir / "config.json").read_text())
+        return json.loads(path.read_text())
     except (OSError, ValueError):
         return {}
-    return config.get("text_config") or config.get("llm_config") or config

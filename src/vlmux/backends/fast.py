@@ -23,7 +23,6 @@ T = TypeVar("T")
 CACHE_BUCKET = 64  # tokens: a prompt a few tokens longer than the last must not cost a recompile
 MAX_AUTO_BATCH = 256  # beyond this the 2B shape gained nothing on an H200 (DESIGN.md section 1)
 MEMORY_SHARE = 0.8  # of the free memory after loading, the rest for the allocator's fragmentation and spikes
-VISION_BYTES_PER_IMAGE = 96 << 20  # vision encoder activations for one 448x448 image at the 2B/7B shapes, bf16
 
 
 @dataclass(frozen=True)
@@ -71,19 +70,6 @@ def generate_options(config: FastConfig, prompt_length: int, max_new_tokens: int
 def pad_rows(items: Sequence[T], size: int) -> list[T]:
     """`items` repeated at the end up to `size` rows, so a short last batch reuses the compiled graph."""
     return list(items) + [items[-1]] * max(0, size - len(items))
-
-
-def per_image_bytes(text_config: Any, sequence_length: int, element_bytes: int) -> int:
-    """Device memory one more image in the batch costs: its KV cache, the prefill's activations and the vision
-    encoder's. An estimate on the safe side; `auto_batch_size` takes a share of free memory anyway."""
-    layers = text_config.num_hidden_layers
-    heads = text_config.num_attention_heads
-    kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
-    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
-    kv = 2 * layers * kv_heads * head_dim * sequence_length * element_bytes
-    intermediate = getattr(text_config, "intermediate_size", 4 * text_config.hidden_size)
-    prefill = sequence_length * (3 * intermediate + 4 * text_config.hidden_size) * element_bytes
-    return kv + prefill + VISION_BYTES_PER_IMAGE
 
 
 def auto_batch_size(free_bytes: int, image_bytes: int, limit: int = MAX_AUTO_BATCH) -> int:

@@ -14,7 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
-    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, per_image_bytes, to_device,
+    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, to_device,
     use_compile_cache,
 )
 from vlmux.backends.loader import (
@@ -22,6 +22,7 @@ from vlmux.backends.loader import (
 )
 from vlmux.backends.attention import use_fast_attention
 from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.placement import device_map_options
 
 WARM_UP = GenerationSpec(max_new_tokens=4, ignore_eos=True)
@@ -103,6 +104,8 @@ class TransformersBackend:
         if self.tokenizer.pad_token_id is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self._host_state: dict[str, torch.Tensor] | None = None
+        self._config = read_json(Path(path) / "config.json")
+        self._image_budget = image_budget(Path(path), self._config)
         # Resizing, normalising and patching 256 photos took 2.3 s on 16 host cores (bench/caption_profile.py), more
         # than the GPU spends captioning them; processors with a `device` option do it on the GPU instead.
         self.preprocess_on_device = self.device.startswith("cuda") and not shallow
@@ -174,9 +177,8 @@ class TransformersBackend:
         if not self.device.startswith("cuda"):
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
-        # 1024 tokens of image and prompt: on the safe side of a 448x448 image's 256 visual tokens.
-        need = per_image_bytes(self.model.config.get_text_config(), 1024 + gen.max_new_tokens, self.torch_dtype.itemsize)
-        return auto_batch_size(free, need)
+        kv_cache, activations = image_bytes(self._config, self._image_budget, gen.max_new_tokens, self.torch_dtype.itemsize)
+        return auto_batch_size(free, kv_cache + activations)
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
