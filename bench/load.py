@@ -1,7 +1,10 @@
-"""Weight loading throughput from a warm page cache (run on a GPU): from_pretrained against vlmux's streaming
-loader at a few reader settings, each in a fresh process so no run inherits another's warm allocator.
+"""Weight loading throughput from a warm page cache (run on a GPU): from_pretrained, safetensors' load_file and
+fastsafetensors (when installed) against vlmux's streaming loader at a few reader settings, each in a fresh process
+so no run inherits another's warm allocator.
 
 Usage: python bench/load.py MODEL_DIR [MODEL_DIR ...]   (prints one JSON line per run)
+fastsafetensors on the device (no network there): carry its wheel, e.g. `pip download fastsafetensors --no-deps
+--python-version 312 --only-binary=:all: -d .wheels` here, then `pip install --no-deps .wheels/*.whl` there.
 """
 from __future__ import annotations
 
@@ -27,6 +30,14 @@ elif method == "safetensors_load_file":
     for file in sorted(path.glob("*.safetensors")):
         tensors.update(load_file(file, device="cuda:0"))
     size = sum(t.numel() * t.element_size() for t in tensors.values())
+elif method == "fastsafetensors":  # its defaults, then 16 threads of 64 MiB bounce buffers (bbuf_size_kb)
+    from fastsafetensors import SafeTensorsFileLoader, SingleGroup
+    options = {"max_threads": readers, "bbuf_size_kb": chunk << 10} if readers else {}
+    loader = SafeTensorsFileLoader(SingleGroup(), "cuda:0", nogds=True, **options)
+    loader.add_filenames({0: [str(f) for f in sorted(path.glob("*.safetensors"))]})
+    buffer = loader.copy_files_to_device()
+    tensors = {name: buffer.get_tensor(name) for name in buffer.key_to_rank_lidx}
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
 else:
     model = empty_model(path, torch.bfloat16, "cuda:0", False)
     size = stream_weights(model, path, StreamConfig(readers, chunk << 20))
@@ -36,8 +47,8 @@ print(json.dumps({"model": path.name, "method": method, "readers": readers, "chu
                   "seconds": round(seconds, 3), "gb": round(size / 1e9, 2), "gb_per_s": round(size / 1e9 / seconds, 1)}))
 """
 
-VARIANTS = [("from_pretrained", 0, 0), ("safetensors_load_file", 0, 0), ("stream", 8, 32), ("stream", 16, 16),
-            ("stream", 16, 64)]
+VARIANTS = [("from_pretrained", 0, 0), ("safetensors_load_file", 0, 0), ("fastsafetensors", 0, 0),
+            ("fastsafetensors", 16, 64), ("stream", 8, 32), ("stream", 16, 16), ("stream", 16, 64)]
 
 
 def main(models: list[str]) -> list[dict]:
