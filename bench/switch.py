@@ -7,6 +7,8 @@ Four ways, in one run:
   vlmux_cold_spare  the same with a spare that has imported torch and transformers but never touched CUDA
   in_process   one process: del + gc.collect() + torch.cuda.empty_cache(), then from_pretrained (what users do)
   cold_worker  a fresh Python process per model, as a naive isolation would do (pays the imports every time)
+  vlmux_hot    the hot tier: both models stay in their workers; A sleeps (weights to pinned host RAM) and B wakes
+               (weights back over PCIe): like vLLM's sleep mode, so the sleeper keeps its CUDA context on the GPU
 
 Usage (on a GPU machine): python bench/switch.py [--rounds 10] [--baseline-rounds 3] [--models /tmp/vlmux-bench]
 """
@@ -35,6 +37,7 @@ def main() -> None:
     parser.add_argument("--baseline-rounds", type=int, default=3)
     parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"))
     parser.add_argument("--shapes", default="2b,7b")
+    parser.add_argument("--methods", default="vlmux,vlmux_cold_spare,in_process,cold_worker,vlmux_hot")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
@@ -52,12 +55,14 @@ def main() -> None:
                     pass
     result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
               "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
-    methods = ("vlmux", "vlmux_cold_spare", "in_process", "cold_worker")
+    wanted = args.methods.split(",")
+    methods = tuple(m for m in ("vlmux", "vlmux_cold_spare", "in_process", "cold_worker", "vlmux_hot") if m in wanted)
     runs = {
         "vlmux": lambda: run_vlmux(models, image, args.rounds),
         "vlmux_cold_spare": lambda: run_vlmux(models, image, args.baseline_rounds, warm_spare=False),
         "in_process": lambda: run_child("in_process", models, image, args.baseline_rounds),
         "cold_worker": lambda: run_cold(models, image, args.baseline_rounds),
+        "vlmux_hot": lambda: run_hot(models, image, args.rounds),
     }
     for method in methods:
         result[method] = runs[method]()
@@ -126,6 +131,33 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
                   f"(unload+verify {switch['unload_and_verify_seconds']:.3f}, load {t1 - t0:.3f} {load}, "
                   f"{switch['load_gb_per_s']} GB/s, answer {t2 - t1:.3f}), {release}", file=sys.stderr)
     return {"fork_server_start_seconds": fork_server_seconds, "warm_spare": warm_spare, "switches": switches}
+
+
+def run_hot(models: list[Path], image: Path, rounds: int) -> dict:
+    """Sleep the current model, wake the next by asking it: seconds to B's first answer, and what the sleeping
+    worker keeps on the GPU (its CUDA context: no weights)."""
+    from vlmux.pool import ModelPool
+
+    switches = []
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare=False)) as pool:
+        names = {model: pool.load(ModelSpec(str(model), device="cuda")) for model in models}
+        for model in models:
+            pool.caption(names[model], [str(image)], [PROMPT], FIRST_ANSWER)
+        pool.sleep(names[models[1]])
+        pids = {status.name: status.pid for status in pool.status()}
+        for source, target in _order(models, rounds):
+            t0 = time.perf_counter()
+            pool.sleep(names[source])
+            t1 = time.perf_counter()
+            pool.caption(names[target], [str(image)], [PROMPT], FIRST_ANSWER)  # wakes it first
+            t2 = time.perf_counter()
+            kept = vram.process_memory(0).get(pids[names[source]], 0)
+            switches.append({"from": _shape(source), "to": _shape(target), "switch_seconds": t2 - t0,
+                             "sleep_seconds": t1 - t0, "wake_and_first_answer_seconds": t2 - t1,
+                             "sleeper_keeps_mib": kept / 2**20, "residue_mib": None})
+            print(f"hot {_shape(source)}->{_shape(target)}: {t2 - t0:.3f} s (sleep {t1 - t0:.3f}, wake+answer "
+                  f"{t2 - t1:.3f}), the sleeper keeps {kept / 2**20:.0f} MiB", file=sys.stderr)
+    return {"switches": switches}
 
 
 def run_child(mode: str, models: list[Path], image: Path, rounds: int) -> dict:

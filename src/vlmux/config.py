@@ -65,6 +65,7 @@ class PoolConfig:
     # loaded and for warm_spare_linger seconds after the last one is unloaded.
     warm_spare: bool = True
     warm_spare_linger: float = 10.0
+    host_ram_budget: str | float | int | None = None  # models asleep in pinned host RAM: "64GiB", 0.5 of it, None: no limit
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from vlmux import vram
 from vlmux.budget import parse_budget
+from vlmux.hot import host_budget, to_evict
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.dispatch import dispatch
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolFull
@@ -194,9 +195,18 @@ class ModelPool:
         return loaded, release
 
     def sleep(self, name: str) -> None:
+        """Move the model's weights to pinned host RAM (the hot tier); over PoolConfig.host_ram_budget, the models
+        asleep longest are unloaded first."""
         resident = self._get(name)
         if resident.placement.split:
             raise ValueError(f"{name} is split across GPUs {resident.placement.cuda_visible_devices}; it cannot sleep")
+        budget = host_budget(self.config.host_ram_budget)
+        if budget is not None:
+            with self._lock:
+                asleep = [(r.name, r.estimate.weights, r.last_used) for r in self._residents.values()
+                          if r.state == "asleep" and r.name != name]
+            for other in to_evict(name, resident.estimate.weights, asleep, budget):
+                self.unload(other)
         resident.worker.call(Sleep())
         resident.state = "asleep"
 
