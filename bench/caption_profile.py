@@ -2,7 +2,12 @@
 (vision encoder with transformers' per-image attention and with vlmux's packed attention, the prefill, the decode
 steps with the dynamic and the static + compiled cache), and a torch.profiler table of one generate call.
 
-Device command (one H200, ~4 minutes, builds the 2B shape like bench/throughput.py):
+Steps (--steps): host, vision (per-image against packed attention), vision_compiled, prefill, dynamic, overlap
+(generate alone against generate while the next batch is decoded and prepared in threads, as the worker does),
+compiled, profile (torch.profiler table of a dynamic generate), text_compiled (last: the language model's layers
+compiled too, prefill before and after).
+
+Device command (one H200, ~5 minutes, builds the 2B shape like bench/throughput.py):
   PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 python3 bench/caption_profile.py --out $OUT/caption_profile.json
 CPU check: PYTHONPATH=src python3 bench/caption_profile.py --model /tmp/tiny-qwen --device cpu --batch 4 --new-tokens 4
 """
@@ -28,7 +33,7 @@ def main() -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="caption")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--steps", default="host,vision,prefill,dynamic,compiled,profile,vision_compiled")
+    parser.add_argument("--steps", default="host,vision,vision_compiled,prefill,dynamic,overlap,compiled,profile,text_compiled")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vlmux-bench"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -106,9 +111,13 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
     gen = GenerationSpec(PROMPT, max_new_tokens=new_tokens, ignore_eos=True)
     vision_config = model.config.vision_config
 
+    from vlmux.backends.attention import NAME as PACKED, use_fast_attention
+
+    use_fast_attention(model, packed_vision=True)  # registers packed attention; the loop below picks per run
+    vision_config._attn_implementation = out["vision_attention"]
     if "vision" in steps:
         visual = model.model.visual
-        for name in ("sdpa", vision_config._attn_implementation):
+        for name in ("sdpa", PACKED):
             vision_config._attn_implementation = name
             with torch.inference_mode():
                 seconds, _ = timed(lambda: visual(inputs["pixel_values"], grid_thw=inputs["image_grid_thw"]), device)
@@ -116,8 +125,9 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
             print("vision", name, seconds, flush=True)
         vision_config._attn_implementation = out["vision_attention"]
 
-    if "vision_compiled" in steps:  # each vision block compiled (fusing its elementwise work), packed attention kept
+    if "vision_compiled" in steps:  # each vision block compiled with packed attention, as decode "compiled" runs it
         visual = model.model.visual
+        vision_config._attn_implementation = PACKED
         for block in visual.blocks:
             block.compile()
         start = time.perf_counter()
@@ -153,6 +163,30 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
         out["generate_compiled_images_per_s"] = round(args.batch / seconds, 1)
         print("compiled", seconds, flush=True)
 
+    if "overlap" in steps:  # the worker's pattern: the next batch decoded and prepared while this one generates
+        import threading
+
+        alone, _ = timed(lambda: run({}), device, repeat=1)
+        busy = threading.Event()
+
+        def prepare_meanwhile() -> None:
+            with ThreadPoolExecutor(8) as decoders:
+                while not busy.is_set():
+                    decoded = list(decoders.map(lambda p: load_image(str(p)), files))
+                    ready = backend.prepare(decoded, [PROMPT] * len(decoded)).ready
+                    if ready is not None:
+                        ready.synchronize()
+
+        thread = threading.Thread(target=prepare_meanwhile)
+        thread.start()
+        try:
+            together, _ = timed(lambda: run({}), device, repeat=1)
+        finally:
+            busy.set()
+            thread.join()
+        out["overlap"] = {"generate_alone_s": round(alone, 3), "generate_while_preparing_s": round(together, 3)}
+        print("overlap", out["overlap"], flush=True)
+
     if "profile" in steps:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -165,6 +199,19 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
         table = prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60)
         out["profile_dynamic_table"] = table.splitlines()
         print(table, flush=True)
+
+    if "text_compiled" in steps:  # an experiment, last: the language model's layers compiled for the prefill
+        with torch.inference_mode():
+            seconds, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
+            out["prefill_before_text_compiled_s"] = round(seconds, 4)
+            for layer in model.model.language_model.layers:
+                layer.compile(dynamic=True)
+            start = time.perf_counter()
+            model(**inputs, use_cache=True, logits_to_keep=1)
+            out["text_compile_first_call_s"] = round(time.perf_counter() - start, 1)
+            seconds, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
+        out["prefill_text_compiled_s"] = round(seconds, 4)
+        print("prefill, text layers compiled", seconds, flush=True)
 
 
 if __name__ == "__main__":
