@@ -138,8 +138,8 @@ class TransformersBackend:
         if self.preprocess_on_device:
             try:
                 return self._prepare_on_device(texts, images, rows)
-            except (TypeError, ValueError):  # a processor without the device option: the host does it, from now on
-                self.preprocess_on_device = False
+            except TypeError:  # a processor without the device option: the host does it from now on. A bad
+                self.preprocess_on_device = False  # image raises ValueError, which must not turn this off for good.
         inputs = self.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
         return Prepared(to_device(inputs, self.device, self.torch_dtype), rows)
 
