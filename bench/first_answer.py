@@ -19,7 +19,9 @@ import time
 
 import vlmux.worker.preload  # noqa: F401  (what every worker starts with)
 
-VARIANTS = ("cold", "warm_spare", "eager_modules", "preimport_model")
+# warm_spare_no_cudnn_sdpa: whether the first answer's extra time is cuDNN attention building an execution plan for
+# each new shape (every decode step's key length is new in a first answer), which flash/efficient kernels skip.
+VARIANTS = ("cold", "warm_spare", "warm_spare_no_cudnn_sdpa", "eager_modules", "preimport_model")
 
 
 def _top(profile: cProfile.Profile, sort: str, count: int = 25) -> str:
@@ -38,7 +40,9 @@ def child(model: str, image: str, variant: str, queue: multiprocessing.Queue) ->
     if variant == "eager_modules":
         os.environ["CUDA_MODULE_LOADING"] = "EAGER"
     result: dict = {"variant": variant}
-    if variant == "warm_spare":  # what a warm spare did before the load was asked for: not timed here
+    if variant.endswith("no_cudnn_sdpa"):
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    if variant.startswith("warm_spare"):  # what a warm spare did before the load was asked for: not timed here
         from vlmux.backends.transformers import warm_up
 
         result["warm_up"] = {k: round(v, 3) for k, v in warm_up(ModelSpec(model, device="cuda"), model).items()}
