@@ -3,6 +3,9 @@ greedy captions as plain `generate`, batched and one by one, over images of diff
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -157,3 +160,23 @@ def test_images_are_preprocessed_on_the_gpu_like_on_the_host(tiny_models):
         print(arch, "mean", difference.mean().item(), "max", difference.max().item(),
               "share over 0.05", (difference > 0.05).float().mean().item())
         assert difference.mean() < 1e-2 and (difference > 0.05).float().mean() < 0.02, arch
+
+
+BROKEN_COMPILER = """
+import sys
+import torch._inductor.config
+torch._inductor.config.cpp.cxx = ("/nonexistent/g++",)  # inductor cannot build a single kernel
+sys.path.insert(0, sys.argv[2])
+from test_fast import check_equal
+check_equal(sys.argv[1], "compiled")
+print("captions equal")
+"""
+
+
+def test_a_compile_that_fails_falls_back_to_eager_and_still_captions(tiny_qwen, tmp_path):
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),
+           "XDG_CACHE_HOME": str(tmp_path / "cache")}  # nothing compiled before can stand in
+    done = subprocess.run([sys.executable, "-c", BROKEN_COMPILER, str(tiny_qwen), str(Path(__file__).parent)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0 and "captions equal" in done.stdout, done.stderr[-3000:]
+    assert "InvalidCxxCompiler" in done.stderr  # the compile really failed, and dynamo ran the code eagerly

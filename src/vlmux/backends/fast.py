@@ -92,13 +92,18 @@ def compile_vision_blocks(model: torch.nn.Module) -> int:
     return len(blocks)
 
 
-def use_compile_cache() -> None:
-    """Inductor's on-disk caches under the user's cache folder, so a new worker for the same model and batch shape
-    reuses the kernels an earlier one compiled instead of compiling again (/tmp may be wiped between boots)."""
+def prepare_compile() -> None:
+    """Before the first compile in this worker. Inductor's on-disk caches go under the user's cache folder, so a new
+    worker for the same model and batch shape reuses the kernels an earlier one compiled instead of compiling again
+    (/tmp may be wiped between boots). A compile that fails (no C++ compiler, an unsupported op) runs that code
+    eagerly instead, with dynamo's warning: captions come out either way, as with decode "dynamic"."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "vlmux" / "inductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
     os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "1")
     os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "1")
+    import torch._dynamo
+
+    torch._dynamo.config.suppress_errors = True
 
 
 def to_device(inputs: Any, device: str, dtype: torch.dtype) -> Any:

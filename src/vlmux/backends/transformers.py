@@ -14,8 +14,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
-    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, to_device,
-    use_compile_cache,
+    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, prepare_compile, to_device,
 )
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
@@ -74,7 +73,7 @@ class TransformersBackend:
         # A shallow copy only warms kernels up: compiling it would cost seconds and serve nothing.
         self.fast = FastConfig.for_device("dynamic" if shallow else spec.decode, self.device)
         if self.fast.compile:
-            use_compile_cache()
+            prepare_compile()
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
