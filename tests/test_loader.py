@@ -67,3 +67,26 @@ def test_tied_embeddings_stay_tied_and_load_once(tiny_qwen, tmp_path):
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
     for (name, expected), actual in zip(reference.state_dict().items(), model.state_dict().values()):
         assert torch.equal(actual, expected), name
+
+
+def test_sharded_checkpoints_stream_like_from_pretrained(tiny_qwen, tmp_path):
+    import shutil
+
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_qwen, sharded, ignore=shutil.ignore_patterns("*.safetensors"))
+    AutoModelForImageTextToText.from_pretrained(tiny_qwen).save_pretrained(sharded, max_shard_size="200KB")
+    assert len(list(sharded.glob("*.safetensors"))) > 2 and (sharded / "model.safetensors.index.json").exists()
+    reference = AutoModelForImageTextToText.from_pretrained(sharded)
+    model = empty_model(sharded, torch.float32, "cpu", trust_remote_code=False)
+    stream_weights(model, sharded, StreamConfig(readers=4, chunk_bytes=1 << 16))
+    for (name, expected), actual in zip(reference.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(actual, expected), name
+
+
+def test_remote_code_models_load_through_from_pretrained(tiny_qwen):
+    from vlmux.backends.transformers import TransformersBackend
+    from vlmux.config import ModelSpec
+
+    backend = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu", trust_remote_code=True), str(tiny_qwen))
+    assert backend.loader.startswith("from_pretrained (remote code")
+    assert TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen)).loader == "stream"
