@@ -5,7 +5,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Callable
+from typing import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -99,12 +99,7 @@ def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, eve
     # A job's switches are amortised over its images, and its report must show memory back at the baseline between
     # models, so no spare holds a context while the next model is waited for.
     with ModelPool(replace(pool_config, warm_spare=False)) as pool:
-        for plan in job.plans():
-            report = ModelReport(plan.spec.model)
-            reports.append(report)
-            todo = missing(job, plan.spec, report)
-            if not todo:
-                continue
+        for plan, report, todo in models_to_caption(job, reports):
             plan = replace(plan, spec=job_decode(plan.spec, len(todo), vram.available()))
             mark(plan.spec.model, "load_start")
             start = time.perf_counter()
@@ -142,6 +137,17 @@ def _unload(pool: ModelPool, names: list[str], report: ModelReport, mark: Event)
     report.release = vram.combined([future.result() for future in [pool.unload_async(name) for name in names]])
     report.unload_seconds = time.perf_counter() - start
     mark(report.model, "unloaded")
+
+
+def models_to_caption(job: CaptionJob, reports: list[ModelReport]) -> Iterator[tuple[ModelPlan, ModelReport, list[ImageRef]]]:
+    """Each model in turn with its report (appended to `reports`, done or not) and the images it still lacks; a model
+    with none left is reported and skipped. Shared by run_job and the Ray path, so both resume alike."""
+    for plan in job.plans():
+        report = ModelReport(plan.spec.model)
+        reports.append(report)
+        todo = missing(job, plan.spec, report)
+        if todo:
+            yield plan, report, todo
 
 
 def missing(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:

@@ -19,7 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from vlmux import vram
-from vlmux.caption.job import CaptionJob, Event, ModelReport, missing, record, results_or_halves
+from vlmux.caption.job import CaptionJob, Event, ModelReport, models_to_caption, record, results_or_halves
 from vlmux.caption.plan import ModelPlan, render_prompt
 from vlmux.caption.sinks import model_tag
 from vlmux.caption.sources import UsageError
@@ -158,12 +158,7 @@ def run_ray_job(job: CaptionJob, pool_config: PoolConfig, address: str | None, p
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own bar counts what reached the sinks
     mark = event or (lambda model, what: None)
     reports = []
-    for plan in job.plans():
-        report = ModelReport(plan.spec.model)
-        reports.append(report)
-        todo = missing(job, plan.spec, report)
-        if not todo:
-            continue
+    for plan, report, todo in models_to_caption(job, reports):
         by_key = {ref.key: ref for ref in todo}
         payloads = [ref.payload() for ref in todo]
         if len({type(p) for p in payloads}) > 1:  # a folder and a dataset in one job: one column type for Arrow
