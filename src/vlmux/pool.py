@@ -12,11 +12,11 @@ from pathlib import Path
 
 from vlmux import vram
 from vlmux.budget import parse_budget
-from vlmux.hot import host_budget, to_evict
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.dispatch import dispatch
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolFull
 from vlmux.estimate import estimate
+from vlmux.hot import host_budget, to_evict
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
 from vlmux.placement import WorkerPlacement, place, select_gpus

@@ -17,6 +17,7 @@ transformers do the same outside torch.compile).
 """
 from __future__ import annotations
 
+import inspect
 from collections import defaultdict
 
 import torch
@@ -41,7 +42,6 @@ def packed_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     for start, end in zip(bounds, bounds[1:]):
         groups[end - start].append(start)
     heads, total, head_dim = query.shape[1:]
-    output = query.new_empty(total, heads, head_dim)
     if len(groups) == 1:  # every image the same size: the packed sequence is already (spans x length), a view
         (length, starts), = groups.items()
         q, k, v = (t[0].view(heads, len(starts), length, head_dim).transpose(0, 1) for t in (query, key, value))
@@ -92,8 +92,6 @@ def use_fast_attention(model: PreTrainedModel, packed_vision: bool) -> list[str]
 
 def _packs_images(model: PreTrainedModel) -> bool:
     """Whether the vision tower's attention takes cu_seqlens: the packed-sequence style this serves."""
-    import inspect
-
     for module in model.modules():
         name = type(module).__name__
         if "Vision" in name and name.endswith("Attention"):

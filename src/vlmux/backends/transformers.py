@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 
+from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
     FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, prepare_compile, to_device,
@@ -19,7 +20,6 @@ from vlmux.backends.fast import (
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
 )
-from vlmux.backends.attention import use_fast_attention
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.placement import device_map_options
