@@ -203,7 +203,8 @@ def vlmux_cli(args: argparse.Namespace, model: Path, files: list[Path], new_toke
     return {"images_per_s": model_report["images_per_second"], "end_to_end_images_per_s": round(captioned / wall, 2),
             "wall_seconds": round(wall, 1), "captioned": captioned, "errors": len(records) - captioned,
             "batch": args.batch, "tokens_per_image": round(model_report["tokens"] / max(1, captioned), 1),
-            "load_seconds": model_report.get("load_seconds"), "note": "images_per_s: the job's report (captioning "
+            "load_seconds": model_report.get("load_seconds"), "batches": model_report.get("batches"),
+            "prepared_apart": model_report.get("prepared_apart"), "note": "images_per_s: the job's report (captioning "
             "time); end_to_end: wall clock of the command, start-up and load included"}
 
 

@@ -22,12 +22,17 @@ class ModelSpec:
     trust_remote_code: bool = False
     max_memory: tuple[int, ...] = ()  # set by placement for a split model: weight bytes per visible GPU
     decode: str = "auto"  # one of DECODE_MODES
+    # Processes that decode and preprocess caption batches beside the worker; None: on a GPU the host's cores less
+    # two (at most 12), on the CPU none. 0 keeps it all in the worker's threads.
+    prep_processes: int | None = None
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        if self.prep_processes is not None and self.prep_processes < 0:
+            raise ValueError("prep_processes must be 0 or more")
         if not _is_device(self.device):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
 

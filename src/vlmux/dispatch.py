@@ -71,7 +71,8 @@ def serve(resident: Resident, batch: list[Request]) -> None:
     for request in batch:
         results = reply.results[offset : offset + request.size]
         share = reply.tokens * request.size // max(1, len(reply.results))  # tokens are counted per worker call
-        settle(request.future, Captions(results, reply.seconds, sum(r.error is None for r in results), share))
+        apart = reply.prepared_apart if offset == 0 else 0  # chunks too: the first caller's share holds them
+        settle(request.future, Captions(results, reply.seconds, sum(r.error is None for r in results), share, apart))
         offset += request.size
 
 

@@ -56,9 +56,42 @@ class Prepared:
 def _start_cuda(device: str) -> threading.Thread | None:
     if not device.startswith("cuda"):
         return None
+    use_flash_not_cudnn_attention()
     thread = threading.Thread(target=lambda: torch.empty(1, device=device), name="vlmux-cuda-init", daemon=True)
     thread.start()
     return thread
+
+
+def load_processor(path: str | Path, trust_remote_code: bool):
+    """The model's processor, set up for batched captions: left padding (decoder-only batches need the prompt ends
+    aligned) and a pad token."""
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return processor
+
+
+def caption_text(processor, prompt: str) -> str:
+    """One image and the prompt as a user turn, through the model's chat template."""
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def host_inputs(processor, images: list[Image.Image], prompts: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """What `prepare` makes on the host, as plain tensors in the model's dtype (floating ones): what a preparing
+    process sends to the worker."""
+    texts = [caption_text(processor, prompt) for prompt in prompts]
+    inputs = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+    return dict(inputs.to(dtype=dtype))
+
+
+def use_flash_not_cudnn_attention() -> None:
+    """cuDNN's attention builds an execution plan for every new shape, and a first answer's every decode step has a
+    new key length: a warm worker's first one-image answer took 1.03 s with it and 0.32 s without (H200,
+    bench/first_answer.py); flash and memory-efficient attention need no plans."""
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 class TransformersBackend:
@@ -78,7 +111,7 @@ class TransformersBackend:
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # ~0.1-0.3 s of driver work, overlapped with reading the processor
-        self.processor = AutoProcessor.from_pretrained(path, **common)
+        self.processor = load_processor(path, spec.trust_remote_code)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.timings["processor"] = time.perf_counter() - start
         if context is not None:
@@ -99,15 +132,13 @@ class TransformersBackend:
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
         self.attention = use_fast_attention(self.model, packed_vision=self.fast.compile)
         self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.compile else 0
-        self.tokenizer.padding_side = "left"  # decoder-only batches need the prompt ends aligned
-        if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self._host_state: dict[str, torch.Tensor] | None = None
         self._config = read_json(Path(path) / "config.json")
         self._image_budget = image_budget(Path(path), self._config)
         # Resizing, normalising and patching 256 photos took 2.3 s on 16 host cores (bench/caption_profile.py), more
         # than the GPU spends captioning them; processors with a `device` option do it on the GPU instead.
-        self.preprocess_on_device = self.device.startswith("cuda") and not shallow
+        # A shallow copy (warm_up) takes this path too: its kernels are part of a first answer.
+        self.preprocess_on_device = self.device.startswith("cuda")
         self._prepare_stream: torch.cuda.Stream | None = None
 
     def _stream(self, path: Path, spec: ModelSpec, shallow: bool) -> torch.nn.Module:
@@ -117,7 +148,9 @@ class TransformersBackend:
         if shallow:
             return model
         try:
-            size = stream_weights(model, path)
+            phases: dict[str, float] = {}
+            size = stream_weights(model, path, timings=phases)
+            self.timings.update({f"stream_{phase}": seconds for phase, seconds in phases.items()})
         finally:
             release_staging()  # half a gigabyte of pinned host memory the model no longer needs
         self.timings["stream"] = time.perf_counter() - start - self.timings["empty_model"]
@@ -133,7 +166,7 @@ class TransformersBackend:
         rows = len(images)
         if pad_to and self.fast.pads_batches and rows < pad_to:
             images, prompts = pad_rows(images, pad_to), pad_rows(prompts, pad_to)
-        texts = [self._prompt_text([{"type": "image"}, {"type": "text", "text": p}]) for p in prompts]
+        texts = [caption_text(self.processor, prompt) for prompt in prompts]
         if self.preprocess_on_device:
             try:
                 return self._prepare_on_device(texts, images, rows)
@@ -141,6 +174,20 @@ class TransformersBackend:
                 self.preprocess_on_device = False  # image raises ValueError, which must not turn this off for good.
         inputs = self.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
         return Prepared(to_device(inputs, self.device, self.torch_dtype), rows)
+
+    def from_host(self, inputs: dict[str, torch.Tensor], rows: int) -> Prepared:
+        """A batch another process prepared (`host_inputs`, in the model's dtype) onto the device, on the preparing
+        stream when there is one."""
+        batch = BatchFeature(inputs)
+        if not self.device.startswith("cuda"):
+            return Prepared(batch, rows)
+        if self._prepare_stream is None:
+            self._prepare_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._prepare_stream):
+            batch = batch.to(self.device, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record(self._prepare_stream)
+        return Prepared(batch, rows, ready)
 
     def _prepare_on_device(self, texts: list[str], images: list[Image.Image], rows: int) -> Prepared:
         """The processor's image work on a stream of its own, so it overlaps a batch generating on the main one."""
@@ -184,10 +231,6 @@ class TransformersBackend:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
         return self._generate(inputs, gen, {})[0]
-
-    def _prompt_text(self, content: list[dict[str, Any]]) -> str:
-        messages = [{"role": "user", "content": content}]
-        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
 
     @torch.inference_mode()
     def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
@@ -259,6 +302,7 @@ def warm_up(spec: ModelSpec, path: str) -> dict[str, float]:
     device = resolve_device(spec.device)
     if not device.startswith("cuda"):
         return {}
+    use_flash_not_cudnn_attention()
     torch.empty(1, device=device)
     timings = {"cuda_init": time.perf_counter() - start}
     staging_buffers(StreamConfig())

@@ -57,6 +57,7 @@ class ModelReport:
     requests: int = 0  # worker requests whose results were written (a request retried in halves counts once)
     batch_share: float = 0.0  # 1 / its batch's size summed over the images: each model batch adds up to 1
     largest_batch: int = 0
+    prepared_apart: int = 0  # model batches decoded and preprocessed in the worker's preparing processes
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -224,6 +225,7 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
     """Write one batch's results to every sink and count them in the report."""
     pairs = []
     report.tokens += captions.tokens
+    report.prepared_apart += captions.prepared_apart
     for ref, result in zip(refs, captions.results):
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
         pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))

@@ -32,3 +32,13 @@ def children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid`'s children, their children, and so on."""
+    found, frontier = [], [pid]
+    while frontier:
+        below = [child for parent in frontier for child in children(parent)]
+        found.extend(below)
+        frontier = below
+    return found

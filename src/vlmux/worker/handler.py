@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from PIL import Image
 
 from vlmux.images import ImageError, load_image
+from vlmux.worker import prep
 from vlmux.worker.protocol import (
     CPU_BATCH_SIZE, Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep,
     Wake, Warm,
@@ -22,6 +23,9 @@ class Handler:
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vlmux-decode")
         # One thread: it prepares the next chunk only; its own work waits on the decoder pool, never the reverse.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="vlmux-prepare")
+        self._prep: prep.PrepPool | None = None  # preparing processes, started at the first large caption request
+        self._load_request: Load | None = None
+        self._prepared_apart = 0
 
     def handle(self, request: Request) -> Reply:
         start = time.perf_counter()
@@ -48,6 +52,8 @@ class Handler:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
+        if self._prep is not None:
+            self._prep.close()
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._preparer.shutdown(wait=False, cancel_futures=True)
 
@@ -59,6 +65,7 @@ class Handler:
             self.backend = TransformersBackend(request.spec, request.path)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
+        self._load_request = request
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
 
     def _warm(self, request: Warm, start: float) -> Reply:
@@ -76,11 +83,14 @@ class Handler:
     def _caption(self, request: Caption, start: float) -> Reply:
         """Chunk i generates on the device while chunk i+1 is decoded and preprocessed on host threads."""
         tokens_before = getattr(self.backend, "generated_tokens", 0)
+        self._prepared_apart = 0
         limit = self.backend.batch_limit(request.gen) if hasattr(self.backend, "batch_limit") else None
         if request.batch_size is None:
             size = limit or CPU_BATCH_SIZE
         else:
             size = request.batch_size if limit is None else min(request.batch_size, limit)
+        if len(request.items) >= prep.MIN_IMAGES:
+            self._start_prep()
         indices = range(len(request.items))
         chunks = [list(indices[offset : offset + size]) for offset in range(0, len(indices), size)]
         results: list[ItemResult | None] = [None] * len(request.items)
@@ -96,10 +106,25 @@ class Handler:
             generated += len(images)
             self._generate_chunk(images, prepared, request, results)
         tokens = getattr(self.backend, "generated_tokens", 0) - tokens_before
-        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated, tokens)
+        return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated,
+                        tokens, self._prepared_apart)
 
-    def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image], dict[int, str], object]:
-        """On the preparing thread: decode the chunk's images, then the backend's host-side preprocessing."""
+    def _start_prep(self) -> None:
+        if self._prep is not None or not hasattr(self.backend, "from_host") or self._load_request is None:
+            return
+        spec, path = self._load_request.spec, self._load_request.path
+        processes = prep.auto_processes(self.backend.device) if spec.prep_processes is None else spec.prep_processes
+        if processes > 0:
+            self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, self.backend.dtype))
+
+    def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image | None], dict[int, str], object]:
+        """On the preparing thread: decode the chunk's images and preprocess them, in the preparing processes when
+        they are up (images then maps to None: decoded there, not here), else here on threads."""
+        if self._prep is not None and self._prep.ready and len(request.items) >= prep.MIN_IMAGES:
+            try:
+                return self._prepare_in_processes(chunk, request, size)
+            except Exception:  # noqa: BLE001 - a process died or the processor rejected an image: done here, below
+                pass
         images, bad = {}, {}
         for index, image in zip(chunk, self._decoder.map(_decode, [request.items[i] for i in chunk])):
             if isinstance(image, str):
@@ -114,7 +139,16 @@ class Handler:
                 prepared = None
         return images, bad, prepared
 
-    def _generate_chunk(self, images: dict[int, Image.Image], prepared: object, request: Caption, results: list) -> None:
+    def _prepare_in_processes(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, None], dict[int, str], object]:
+        pad_to = size if getattr(self.backend, "fast", None) is not None and self.backend.fast.pads_batches else None
+        done = self._prep.prepare([request.items[i] for i in chunk], [request.prompts[i] for i in chunk], pad_to,
+                                  self.backend.tokenizer.pad_token_id)
+        bad = {chunk[position]: reason for position, reason in done.bad.items()}
+        images = {chunk[position]: None for position in done.good}
+        self._prepared_apart += 1
+        return images, bad, (self.backend.from_host(done.inputs, done.rows) if done.inputs is not None else None)
+
+    def _generate_chunk(self, images: dict[int, Image.Image | None], prepared: object, request: Caption, results: list) -> None:
         if not images:
             return
         if prepared is not None:
@@ -126,6 +160,13 @@ class Handler:
                 for index, caption in zip(images, captions):
                     results[index] = ItemResult(caption, batch=len(images))
                 return
+        missing = [index for index, image in images.items() if image is None]  # decoded in a preparing process
+        for index, image in zip(missing, self._decoder.map(_decode, [request.items[i] for i in missing])):
+            if isinstance(image, str):
+                results[index] = ItemResult(None, image, bad_image=True)
+                del images[index]
+            else:
+                images[index] = image
         self._caption_chunk(list(images), images, request, results)
 
     def _caption_chunk(self, chunk: list[int], decoded: dict[int, Image.Image], request: Caption, results: list) -> None:

@@ -1,6 +1,7 @@
 """The worker process's side: it owns the device context and serves requests until told to exit."""
 from __future__ import annotations
 
+import multiprocessing
 import os
 import threading
 import time
@@ -14,6 +15,9 @@ PARENT_POLL_SECONDS = 0.5
 
 def serve(conn: Connection, parent_pid: int) -> None:
     _exit_when_orphaned(parent_pid)
+    # The parent starts workers as daemons (gone with it); a daemon may not start processes, and a worker starts its
+    # preparing processes (worker/prep.py), which watch its pid and end with it.
+    multiprocessing.current_process().daemon = False
     handler = Handler()
     while True:
         try:

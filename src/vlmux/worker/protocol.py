@@ -82,6 +82,7 @@ class Captions:
     seconds: float
     generated: int  # images that reached the model, for rates
     tokens: int = 0  # new tokens generated, for tokens/s
+    prepared_apart: int = 0  # chunks decoded and preprocessed in the preparing processes (worker/prep.py)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,220 @@
+"""Decoding and preprocessing caption batches in processes of their own, so that they do not hold the worker's GIL.
+
+Threads in the worker were not enough: on an H200 a 256-image batch generated in 3.6 s alone and in 12.3 s while
+the next batch was decoded and preprocessed beside it (bench/caption_profile.py, step overlap), because the
+processor's Python and the generate loop's kernel launches share one interpreter. Here each process decodes a part
+of the batch and runs the model's own processor on it; the worker only joins the parts.
+
+The processes come from a fork server of their own, started fresh (not forked from the worker): a worker has a
+CUDA context, and a process forked from it would inherit the context's device files and keep its memory booked
+after the worker is gone.
+"""
+from __future__ import annotations
+
+import math
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+PRELOAD = ["vlmux.worker.prep", "vlmux.backends.transformers", "vlmux.images"]
+MIN_IMAGES = 16  # smaller requests (a first answer, a chat) are prepared in the worker: no round trip
+MAX_PROCESSES = 12
+# Tensors along the token sequence (rows x tokens): parts are left-padded to the longest before joining.
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a preparing process finds the processor, and the dtype the model takes."""
+
+    path: str
+    trust_remote_code: bool
+    dtype: str  # "bfloat16" | "float16" | "float32"
+
+
+@dataclass(frozen=True)
+class Part:
+    bad: dict[int, str]  # position in the part -> why it could not be read
+    inputs: dict[str, torch.Tensor] | None  # None when no image of the part could be read
+
+
+@dataclass(frozen=True)
+class Prepped:
+    good: list[int]  # positions in the chunk that were read, in the order of the inputs' rows
+    bad: dict[int, str]
+    inputs: dict[str, torch.Tensor] | None
+    rows: int  # real rows; the rows after them repeat the last good image (padding for a compiled batch)
+
+
+class NotJoinable(ValueError):
+    """Parts whose image tensors differ in shape beyond the first dimension (tiles per image, say)."""
+
+
+def auto_processes(device: str) -> int:
+    """On a GPU: the host's cores less one for the worker's own thread and one for the rest; on the CPU none, since
+    the model itself uses every core."""
+    if not device.startswith("cuda"):
+        return 0
+    spare = len(os.sched_getaffinity(0)) - 2
+    return min(MAX_PROCESSES, spare) if spare >= 2 else 0
+
+
+class PrepPool:
+    """`processes` preparing processes for one worker, started in the background: `ready` says when they can take
+    work; until then (~2-6 s of imports) the worker prepares its chunks itself."""
+
+    def __init__(self, processes: int, source: Source) -> None:
+        self.processes = processes
+        self.source = source
+        self._executor: ProcessPoolExecutor | None = None
+        self._ready = threading.Event()
+        self.failed: str | None = None
+        threading.Thread(target=self._start, name="vlmux-prep-start", daemon=True).start()
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set() and self.failed is None
+
+    def _start(self) -> None:
+        try:
+            context = multiprocessing.get_context("forkserver")
+            context.set_forkserver_preload(PRELOAD)
+            self._executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_child_init,
+                                                 initargs=(os.getpid(), self.source))
+            # One task per process makes the executor start them all now, not one by one as work arrives.
+            for future in [self._executor.submit(_ping) for _ in range(self.processes)]:
+                future.result()
+        except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
+            self.failed = f"{type(e).__name__}: {e}"
+            print(f"vlmux worker: no preparing processes ({self.failed}); the worker prepares batches itself",
+                  file=sys.stderr, flush=True)
+        self._ready.set()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        self._ready.wait(timeout)
+        return self.ready
+
+    def prepare(self, items: list, prompts: list[str], pad_to: int | None, pad_token_id: int) -> Prepped:
+        """Decode and preprocess a chunk in parts, one per process, and join them; raises RuntimeError if a
+        process died (the caller prepares the chunk itself)."""
+        size = math.ceil(len(items) / self.processes)
+        starts = range(0, len(items), size)
+        parts = [self._submit(items[s : s + size], prompts[s : s + size]) for s in starts]
+        good, bad, inputs = [], {}, []
+        for start, future in zip(starts, parts):
+            part = self._result(future)
+            bad.update({start + position: reason for position, reason in part.bad.items()})
+            good.extend(start + p for p in range(min(size, len(items) - start)) if p not in part.bad)
+            if part.inputs is not None:
+                inputs.append(part.inputs)
+        if not good:
+            return Prepped([], bad, None, 0)
+        if pad_to and len(good) < pad_to:  # the compiled batch shape: repeat the last good image
+            last = good[-1]
+            padding = self._result(self._submit([items[last]] * (pad_to - len(good)), [prompts[last]] * (pad_to - len(good))))
+            inputs.append(padding.inputs)
+        try:
+            joined = join(inputs, pad_token_id)
+        except NotJoinable:  # one process does the whole chunk: the processor pads the parts itself
+            everything = [items[i] for i in good] + [items[good[-1]]] * max(0, (pad_to or 0) - len(good))
+            texts = [prompts[i] for i in good] + [prompts[good[-1]]] * max(0, (pad_to or 0) - len(good))
+            joined = self._result(self._submit(everything, texts)).inputs
+        return Prepped(good, bad, joined, len(good))
+
+    def _submit(self, items: list, prompts: list[str]) -> Future:
+        try:
+            return self._executor.submit(_prepare_part, items, prompts)
+        except (BrokenProcessPool, RuntimeError) as e:
+            self.failed = f"{type(e).__name__}: {e}"
+            raise RuntimeError(f"preparing processes stopped: {e}") from None
+
+    def _result(self, future: Future) -> Part:
+        try:
+            return future.result()
+        except BrokenProcessPool as e:
+            self.failed = f"a preparing process died: {e}"
+            raise RuntimeError(self.failed) from None
+
+    def close(self) -> None:
+        self.failed = self.failed or "closed"
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """One batch from parts prepared apart: exactly what the processor makes of the whole batch, since it left-pads
+    the token rows to the longest and concatenates the image tensors in order."""
+    import torch
+    from torch.nn import functional
+
+    if len(parts) == 1:
+        return parts[0]
+    joined = {}
+    for key in parts[0]:
+        tensors = [part[key] for part in parts]
+        if key in SEQUENCE_KEYS and all(t.dim() == 2 for t in tensors):
+            length = max(t.shape[1] for t in tensors)
+            fill = pad_token_id if key == "input_ids" else 0
+            tensors = [functional.pad(t, (length - t.shape[1], 0), value=fill) for t in tensors]
+        elif len({tuple(t.shape[1:]) for t in tensors}) > 1:
+            raise NotJoinable(f"{key}: shapes {[tuple(t.shape) for t in tensors]}")
+        joined[key] = torch.cat(tensors)
+    return joined
+
+
+# --- in the preparing processes ---
+
+_source: Source | None = None
+_processor = None
+
+
+def _child_init(worker_pid: int, source: Source) -> None:
+    import torch
+
+    from vlmux.backends.transformers import load_processor
+
+    global _source, _processor
+    _source = source
+    _processor = load_processor(source.path, source.trust_remote_code)
+    torch.set_num_threads(1)  # one core each: the processes are the parallelism
+
+    def exit_with_worker() -> None:  # the fork server, not the worker, is the parent: watch the worker's pid
+        while True:
+            time.sleep(0.5)
+            try:
+                os.kill(worker_pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+
+    threading.Thread(target=exit_with_worker, daemon=True).start()
+
+
+def _ping() -> int:
+    return os.getpid()
+
+
+def _prepare_part(items: list, prompts: list[str]) -> Part:
+    import torch
+
+    from vlmux.backends.transformers import host_inputs
+    from vlmux.images import ImageError, load_image
+
+    images, texts, bad = [], [], {}
+    for position, (item, prompt) in enumerate(zip(items, prompts)):
+        try:
+            images.append(load_image(item))
+            texts.append(prompt)
+        except ImageError as e:
+            bad[position] = str(e)
+    if not images:
+        return Part(bad, None)
+    return Part(bad, host_inputs(_processor, images, texts, getattr(torch, _source.dtype)))

@@ -1,0 +1,74 @@
+"""Preparing processes: parts joined equal the processor's whole batch, and captions equal the worker's own path."""
+import time
+
+import pytest
+import torch
+from PIL import Image
+
+from vlmux.backends.transformers import host_inputs, load_processor
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.testing.processes import descendants, process_gone
+from vlmux.testing.tiny import draw_sample_images
+from vlmux.worker.prep import NotJoinable, join
+from vlmux.worker.process import WorkerProcess
+from vlmux.worker.protocol import Caption, Captions, Load, Loaded
+
+CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+GEN = GenerationSpec(max_new_tokens=6)
+PROMPTS = ["Describe.", "Describe this picture in a few words, please.", "What is it?"]
+
+
+def pictures(count: int) -> list[Image.Image]:
+    sizes = [(64, 48), (40, 72), (96, 96), (50, 50), (120, 80)]
+    return [Image.new("RGB", sizes[i % len(sizes)], (30 * i % 255, 90, 160)) for i in range(count)]
+
+
+@pytest.mark.parametrize("arch", ["qwen2_vl", "llava", "idefics3"])
+def test_parts_joined_equal_the_processor_on_the_whole_batch(tiny_models, arch):
+    processor = load_processor(tiny_models[arch], trust_remote_code=False)
+    images = pictures(7)
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(7)]  # prompts of different lengths: padding differs per part
+    whole = host_inputs(processor, images, prompts, torch.float32)
+    parts = [host_inputs(processor, images[s : s + 3], prompts[s : s + 3], torch.float32) for s in range(0, 7, 3)]
+    try:
+        joined = join(parts, processor.tokenizer.pad_token_id)
+    except NotJoinable:  # tiles per image differ between parts: the pool then prepares the chunk in one part
+        assert arch == "idefics3"
+        return
+    assert joined.keys() == whole.keys()
+    for key in whole:
+        assert torch.equal(joined[key], whole[key]), key
+
+
+def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_path):
+    folder = tmp_path / "images"
+    draw_sample_images(folder, count=18, seed=3)
+    items = sorted(str(p) for p in folder.iterdir())
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    items.insert(5, str(tmp_path / "broken.jpg"))
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(items))]
+    request = Caption(items, prompts, GEN, 8)
+
+    def captions(processes: int) -> tuple[Captions, list[int]]:
+        worker = WorkerProcess()
+        try:
+            spec = ModelSpec(str(tiny_qwen), device="cpu", prep_processes=processes)
+            assert isinstance(worker.call(Load(spec, str(tiny_qwen), CPU_ENV)), Loaded)
+            reply = worker.call(request)
+            deadline = time.monotonic() + 120
+            while processes and reply.prepared_apart < 3 and time.monotonic() < deadline:  # 3 chunks of 8
+                time.sleep(1)  # the processes start in the background; until then the worker prepares chunks itself
+                reply = worker.call(request)
+            helpers = descendants(worker.pid)
+        finally:
+            worker.stop(5)
+        return reply, helpers
+
+    own, _ = captions(0)
+    apart, helpers = captions(2)
+    assert own.prepared_apart == 0 and apart.prepared_apart == 3
+    assert [r.caption for r in apart.results] == [r.caption for r in own.results]
+    assert apart.results[5].bad_image and apart.results[5].caption is None
+    assert all(r.caption for i, r in enumerate(apart.results) if i != 5)
+    assert len(helpers) >= 3  # the fork server and its two preparing processes
+    assert all(process_gone(pid, within=10) for pid in helpers), "a preparing process outlived its worker"
