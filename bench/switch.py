@@ -1,9 +1,11 @@
 """Switch benchmark (DESIGN.md section 5): A (2B shape) -> B (7B shape) -> A ..., seconds from "unload the
 current model" to "the next one answered its first request", and NVML residue after every unload.
 
-Four ways, in one run:
+The ways, in one run:
   vlmux        ModelPool: A's worker exits while B loads in the spare worker, which is warm (CUDA context and
                B's kernels ready, see PoolConfig.warm_spare); A's release is verified by NVML
+  vlmux_pinned the same, the spare also pinning the recent checkpoints' page-cache pages for DMA
+               (PoolConfig.warm_spare_pins_weights)
   vlmux_cold_spare  the same with a spare that has imported torch and transformers but never touched CUDA
   in_process   one process: del + gc.collect() + torch.cuda.empty_cache(), then from_pretrained (what users do)
   cold_worker  a fresh Python process per model, as a naive isolation would do (pays the imports every time)
@@ -56,10 +58,12 @@ def main() -> None:
     result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
               "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
     wanted = args.methods.split(",")
-    methods = tuple(m for m in ("vlmux", "vlmux_cold_spare", "in_process", "cold_worker", "vlmux_hot") if m in wanted)
+    methods = tuple(m for m in ("vlmux", "vlmux_pinned", "vlmux_cold_spare", "in_process", "cold_worker", "vlmux_hot")
+                    if m in wanted)
     runs = {
         "vlmux": lambda: run_vlmux(models, image, args.rounds),
         "vlmux_cold_spare": lambda: run_vlmux(models, image, args.baseline_rounds, warm_spare=False),
+        "vlmux_pinned": lambda: run_vlmux(models, image, args.rounds, pins=True),  # spare pins the recent checkpoints
         "in_process": lambda: run_child("in_process", models, image, args.baseline_rounds),
         "cold_worker": lambda: run_cold(models, image, args.baseline_rounds),
         "vlmux_hot": lambda: run_hot(models, image, args.rounds),
@@ -92,7 +96,7 @@ def _shape(model: Path) -> str:
     return model.name.rsplit("-", 1)[-1]
 
 
-def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = True) -> dict:
+def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = True, pins: bool = False) -> dict:
     """The steps of ModelPool.switch, timed one by one: unload_async(A), load(B) (in the spare, at the same time
     when both fit), B's first answer. Between switches the bench waits for the spare to be ready again, as a job
     or a server has seconds between switches."""
@@ -104,7 +108,7 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
     fork_server_seconds = time.perf_counter() - start
     sizes = {model: sum(f.stat().st_size for f in model.glob("*.safetensors")) for model in models}
     switches = []
-    with ModelPool(PoolConfig(max_batch_size=1, warm_spare=warm_spare)) as pool:
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare=warm_spare, warm_spare_pins_weights=pins)) as pool:
         current = pool.load(ModelSpec(str(models[0]), device="cuda"))
         pool.caption(current, [str(image)], [PROMPT], FIRST_ANSWER)
         for source, target in _order(models, rounds):
@@ -127,10 +131,10 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
                       "spare_ready": spare_ready, "residue_mib": release.residue_mib,
                       "release_verified": release.verified}
             switches.append(switch)
-            print(f"vlmux{'' if warm_spare else ' (cold spare)'} {switch['from']}->{switch['to']}: {t2 - t0:.3f} s "
+            print(f"vlmux{'' if warm_spare else ' (cold spare)'}{' (pinned)' if pins else ''} {switch['from']}->{switch['to']}: {t2 - t0:.3f} s "
                   f"(unload+verify {switch['unload_and_verify_seconds']:.3f}, load {t1 - t0:.3f} {load}, "
                   f"{switch['load_gb_per_s']} GB/s, answer {t2 - t1:.3f}), {release}", file=sys.stderr)
-    return {"fork_server_start_seconds": fork_server_seconds, "warm_spare": warm_spare, "switches": switches}
+    return {"fork_server_start_seconds": fork_server_seconds, "warm_spare": warm_spare, "pins": pins, "switches": switches}
 
 
 def run_hot(models: list[Path], image: Path, rounds: int) -> dict:

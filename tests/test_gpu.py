@@ -123,3 +123,30 @@ def test_a_pool_that_switches_keeps_a_warm_spare_and_still_gives_back_every_byte
         assert ours() == set()
         assert vram.gpu_memory(0).used <= baseline
     assert all(len(set(runs)) == 1 for runs in answers.values()), answers  # a warm spare answers like a cold one
+
+
+def test_weights_a_warm_up_pinned_load_by_dma_and_caption_the_same(tiny_qwen, image_dir, monkeypatch):
+    import time
+
+    from vlmux.backends import pinned
+    from vlmux.backends.transformers import TransformersBackend, warm_up
+    from vlmux.images import load_image
+
+    spec = ModelSpec(str(tiny_qwen), device="cuda", dtype="bfloat16")
+    images = [load_image(path) for path in sorted(image_dir.iterdir())]
+    gen = GenerationSpec(max_new_tokens=8)
+    plain = TransformersBackend(spec, str(tiny_qwen))
+    assert plain.timings["stream_pinned"] == 0.0
+    expected = plain.caption(images, ["Describe."] * len(images), gen)
+    plain.close()
+    monkeypatch.setattr(pinned, "SLICE_BYTES", 1 << 16)  # many registered slices: copies must not cross them
+    timings = warm_up(spec, str(tiny_qwen), pin_weights=True)
+    assert timings["pinned_gb"] > 0 and pinned.pinned_views(tiny_qwen) is not None
+    backend = TransformersBackend(spec, str(tiny_qwen))
+    assert backend.timings["stream_pinned"] == 1.0
+    assert backend.caption(images, ["Describe."] * len(images), gen) == expected
+    deadline = time.monotonic() + 10
+    while pinned.pinned_views(tiny_qwen) is not None and time.monotonic() < deadline:  # unpinned after the load
+        time.sleep(0.05)
+    assert pinned.pinned_views(tiny_qwen) is None
+    backend.close()

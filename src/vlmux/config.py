@@ -70,6 +70,10 @@ class PoolConfig:
     # loaded and for warm_spare_linger seconds after the last one is unloaded.
     warm_spare: bool = True
     warm_spare_linger: float = 10.0
+    # A warm spare also pins the recent models' checkpoint pages in the page cache (if they fit in half of the host's
+    # available memory), so that a switch copies the weights by DMA (~54 GB/s) instead of reading them (~30). Off by
+    # default until a GPU run has measured it on checkpoints larger than one registered slice (backends/pinned.py).
+    warm_spare_pins_weights: bool = False
     host_ram_budget: str | float | int | None = None  # models asleep in pinned host RAM: "64GiB", 0.5 of it, None: no limit
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 

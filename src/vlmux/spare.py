@@ -48,7 +48,8 @@ class WarmSpare:
         env = loaded.placement.env
         with self._lock:
             self._recent = [entry for entry in self._recent if entry.path != str(loaded.path)]
-            self._recent.insert(0, Warm(replace(loaded.spec, device=loaded.placement.device), str(loaded.path), env))
+            self._recent.insert(0, Warm(replace(loaded.spec, device=loaded.placement.device), str(loaded.path), env,
+                                        self.config.warm_spare_pins_weights))
             del self._recent[RECENT_MODELS:]
             requests = [entry for entry in self._recent if entry.env == env]
         if len(requests) < 2:  # only a pool that switches between models gains from a warm spare

@@ -75,7 +75,7 @@ class Handler:
         from vlmux.backends.transformers import warm_up
 
         try:
-            warm_up(request.spec, request.path)
+            warm_up(request.spec, request.path, request.pin_weights)
         except Exception as e:  # noqa: BLE001 - the load that follows will report what is really wrong
             return Failed("warm", f"{type(e).__name__}: {e}")
         return Done(time.perf_counter() - start)

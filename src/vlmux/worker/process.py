@@ -197,7 +197,8 @@ class Spawner:
             if request.path in spare.warmed:
                 continue
             try:
-                spare.call(Warm(request.spec, request.path, requests[0].env))  # a worker that loaded since skips it
+                # a worker that loaded since skips it
+                spare.call(Warm(request.spec, request.path, requests[0].env, request.pin_weights))
             except WorkerDied:
                 return
             spare.warmed.add(request.path)

@@ -26,6 +26,7 @@ class Warm:
     spec: ModelSpec
     path: str
     env: dict[str, str]
+    pin_weights: bool = False  # also pin the checkpoint's page-cache pages for DMA (backends/pinned.py)
 
 
 @dataclass(frozen=True)
