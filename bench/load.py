@@ -2,7 +2,7 @@
 fastsafetensors (when installed) against vlmux's streaming loader at a few reader settings, each in a fresh process
 so no run inherits another's warm allocator.
 
-Usage: python bench/load.py MODEL_DIR [MODEL_DIR ...]   (prints one JSON line per run)
+Usage: python bench/load.py [--methods=stream,fastsafetensors] MODEL_DIR [MODEL_DIR ...]   (one JSON line per run)
 fastsafetensors on the device (no network there): carry its wheel, e.g. `pip download fastsafetensors --no-deps
 --python-version 312 --only-binary=:all: -d .wheels` here, then `pip install --no-deps .wheels/*.whl` there.
 """
@@ -57,7 +57,7 @@ VARIANTS = [("from_pretrained", 0, 0), ("safetensors_load_file", 0, 0), ("fastsa
             ("fastsafetensors", 16, 64), ("stream", 16, 16), ("stream", 16, 32), ("stream", 16, 64)]
 
 
-def main(models: list[str]) -> list[dict]:
+def main(models: list[str], methods: set[str] | None = None) -> list[dict]:
     results = []
     for model in models:
         for file in Path(model).glob("*.safetensors"):  # warm the page cache
@@ -65,6 +65,8 @@ def main(models: list[str]) -> list[dict]:
                 while f.read(64 << 20):
                     pass
         for method, readers, chunk in VARIANTS:
+            if methods and method not in methods:
+                continue
             out = subprocess.run([sys.executable, "-c", CHILD, model, method, str(readers), str(chunk)],
                                  capture_output=True, text=True)
             line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps({"model": model, "method": method, "error": out.stderr[-500:]})
@@ -74,4 +76,8 @@ def main(models: list[str]) -> list[dict]:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    arguments = sys.argv[1:]
+    chosen = None
+    if arguments and arguments[0].startswith("--methods="):  # e.g. --methods=fastsafetensors,stream
+        chosen = set(arguments.pop(0).split("=", 1)[1].split(","))
+    main(arguments, chosen)

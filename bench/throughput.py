@@ -12,7 +12,8 @@ Rows, each in its own process (the bench's own process never imports torch):
   hf_static_compile  generate with cache_implementation="static" + torch.compile, batch --batch, inputs on the GPU
   vlmux_gpu          vlmux's backend (ModelSpec.decode: --decode, or a row named vlmux_gpu:compiled), prepared inputs, generate only
   vlmux_api          vlmux.pipeline over all files in one call (chunks overlapped with decoding/preprocessing), JSONL out
-  vlmux_cli          `vlmux caption FOLDER -o out.jsonl --batch-size --batch` as a user runs it, wall clock included
+  vlmux_cli          `vlmux caption FOLDER -o out.jsonl --batch-size --batch` as a user runs it, wall clock included;
+                     vlmux_cli:DECODE:pN also sets --prep-processes N (p0: the worker's own threads)
 GPU-only rows pay their compile in a first call, reported apart (compile_seconds). Every row stops starting new
 batches at its share of --minutes. CPU check with a tiny model:
   PYTHONPATH=src python3 bench/throughput.py --device cpu --model /tmp/tiny-qwen --jpegs 12 --files 24 --batch 8 --sweep 1,4,8 --new-tokens 8
@@ -90,8 +91,10 @@ def run(args: argparse.Namespace) -> None:
     for index, row in enumerate(rows):
         share = (end - time.time()) / (len(rows) - index)
         row_start = time.perf_counter()
-        name, _, decode = row.partition(":")
-        row_args = argparse.Namespace(**{**vars(args), "decode": decode or args.decode})
+        name, _, options = row.partition(":")
+        decode, _, prep = options.partition(":")  # vlmux_cli:dynamic:p0 -> decode dynamic, 0 preparing processes
+        row_args = argparse.Namespace(**{**vars(args), "decode": decode or args.decode,
+                                         "prep_processes": int(prep[1:]) if prep.startswith("p") else None})
         try:
             if name == "vlmux_api":
                 from throughput_rows import vlmux_api
@@ -189,6 +192,8 @@ def vlmux_cli(args: argparse.Namespace, model: Path, files: list[Path], new_toke
                str(files[0].parent), "-m", str(model), "-o", str(output), "--report", str(report),
                "--batch-size", str(args.batch), "--max-new-tokens", str(new_tokens), "--prompt", PROMPT,
                "--device", args.device, "--decode", args.decode, "--no-progress"]
+    if getattr(args, "prep_processes", None) is not None:
+        command += ["--prep-processes", str(args.prep_processes)]
     start = time.perf_counter()
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=max(30.0, share))

@@ -148,3 +148,13 @@ def test_decode_is_a_per_model_option_and_a_bad_one_is_a_usage_error(image_dir, 
 
     [plan] = plans_from_options([{"model": str(tiny_llava), "decode": "static"}], {}, "cpu")
     assert plan.spec.decode == "static"
+
+
+def test_prep_processes_apply_to_every_model_and_a_negative_count_is_a_usage_error(tiny_llava, tiny_qwen):
+    from vlmux.caption.plan import plans_from_options
+    from vlmux.caption.sources import UsageError
+
+    plans = plans_from_options([{"model": str(tiny_llava)}, {"model": str(tiny_qwen)}], {"prep_processes": 3}, "cpu")
+    assert [plan.spec.prep_processes for plan in plans] == [3, 3]
+    with pytest.raises(UsageError, match="prep_processes"):
+        plans_from_options([{"model": str(tiny_llava)}], {"prep_processes": -1}, "cpu")

@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--dtype", action=_PerModel, choices=DTYPES)
     caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
                          help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker)")
+    caption.add_argument("--prep-processes", type=int, metavar="N",
+                         help="processes decoding and preprocessing images beside each GPU worker (default: the "
+                              "host's cores less two, at most 12; 0: the worker's own threads)")
     caption.add_argument("--prefix", default="", help="text put before each caption")
     caption.add_argument("--suffix", default="", help="text put after each caption")
     caption.add_argument("--overwrite", action="store_true", help="redo images that already have results")
@@ -128,7 +131,7 @@ def _caption(args: argparse.Namespace) -> int:
     from vlmux.hub import resolve_model
 
     defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                **(getattr(args, "model_defaults", None) or {})}
+                "prep_processes": args.prep_processes, **(getattr(args, "model_defaults", None) or {})}
     if args.job is not None:
         if args.models:
             raise UsageError("give the models either with -m or in --job, not both")

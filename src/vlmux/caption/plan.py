@@ -67,7 +67,7 @@ def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]
 
 
 def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
-    unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed"}
+    unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed", "prep_processes"}
     if unknown:
         raise UsageError(f"unknown model options {sorted(unknown)}; known: model, prompt_file, {', '.join(PER_MODEL)}")
     prompt = options.get("prompt")
@@ -83,7 +83,8 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
     if prompt:
         generation = replace(generation, prompt=prompt)
     try:
-        spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto", decode=options.get("decode") or "auto")
+        spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto", decode=options.get("decode") or "auto",
+                         prep_processes=options.get("prep_processes"))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ModelPlan(spec, generation, batch_size(options.get("batch_size", "auto")))
