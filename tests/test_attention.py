@@ -89,3 +89,17 @@ def test_grouped_query_decode_attention_equals_sdpa_with_left_padding_on_the_gpu
 def test_packed_attention_equals_per_image_attention_on_the_gpu(tiny_qwen):
     differences = compare(tiny_qwen, "cuda", torch.bfloat16)
     assert max(differences.values()) < 2e-2, differences  # bf16: different kernels, rounding apart
+
+
+def test_small_batches_leave_cudnn_attention_out_and_large_ones_keep_it():
+    import torch
+
+    from vlmux.backends.transformers import CUDNN_MIN_ROWS, attention_kernels
+
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(1, "cuda:0"):  # a first answer: no per-shape cuDNN plans
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert torch.backends.cuda.flash_sdp_enabled() and torch.backends.cuda.mem_efficient_sdp_enabled()
+    assert torch.backends.cuda.cudnn_sdp_enabled()
+    with attention_kernels(CUDNN_MIN_ROWS, "cuda:0"):
+        assert torch.backends.cuda.cudnn_sdp_enabled()

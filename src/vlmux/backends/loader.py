@@ -29,9 +29,11 @@ TORCH_DTYPES = {
 @dataclass(frozen=True)
 class StreamConfig:
     readers: int = 16
-    # Per staging buffer, two per reader. H200, 7B shape, page cache warm (bench/load_paths.py): 16 x 16 MiB moved
-    # 28.8 GB/s, 16 x 64 MiB 31.5, 32 x 16 MiB 25.4; 16 threads only reading reach 37 and pinned copies 54.
-    chunk_bytes: int = 32 << 20
+    # Per staging buffer, two per reader. H200, 7B shape, page cache warm: the transport alone moved 28.8 GB/s with
+    # 16 x 16 MiB, 31.5 with 16 x 64 MiB, 25.4 with 32 x 16 MiB (bench/load_paths.py; threads only reading reach 37,
+    # pinned copies 54); in a fresh process the read took 0.44 s with 16 MiB and 0.52 s with 32 MiB, whose 1 GiB of
+    # staging also took 0.6 s to pin against 0.28 s (bench/load.py). A warm spare pins its staging ahead.
+    chunk_bytes: int = 16 << 20
 
 
 class Unsupported(Exception):

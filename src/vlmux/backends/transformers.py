@@ -1,6 +1,7 @@
 """The default backend: any AutoModelForImageTextToText model through Hugging Face transformers."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import threading
 import time
@@ -10,6 +11,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
 
 from vlmux.backends.attention import use_fast_attention
@@ -57,7 +59,6 @@ class Prepared:
 def _start_cuda(device: str) -> threading.Thread | None:
     if not device.startswith("cuda"):
         return None
-    use_flash_not_cudnn_attention()
     thread = threading.Thread(target=lambda: torch.empty(1, device=device), name="vlmux-cuda-init", daemon=True)
     thread.start()
     return thread
@@ -88,11 +89,18 @@ def host_inputs(processor, images: list[Image.Image], prompts: list[str], dtype:
     return dict(inputs.to(dtype=dtype))
 
 
-def use_flash_not_cudnn_attention() -> None:
-    """cuDNN's attention builds an execution plan for every new shape, and a first answer's every decode step has a
-    new key length: a warm worker's first one-image answer took 1.03 s with it and 0.32 s without (H200,
-    bench/first_answer.py); flash and memory-efficient attention need no plans."""
-    torch.backends.cuda.enable_cudnn_sdp(False)
+CUDNN_MIN_ROWS = 16
+
+
+def attention_kernels(rows: int, device: str) -> contextlib.AbstractContextManager:
+    """cuDNN's attention builds an execution plan for every new shape, and each decode step of an answer has a new
+    key length: a warm worker's first one-image answer took 1.03 s with it and 0.32 s without (H200,
+    bench/first_answer.py), since flash and memory-efficient attention need no plans. A large caption batch pays
+    the plans once per worker (every batch has the same shapes), and its throughput was measured with cuDNN on,
+    so only small batches leave it out."""
+    if rows >= CUDNN_MIN_ROWS or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
 class TransformersBackend:
@@ -253,7 +261,8 @@ class TransformersBackend:
             options["min_new_tokens"] = gen.max_new_tokens
         prompt_length = inputs["input_ids"].shape[1]
         try:
-            output = self.model.generate(**inputs, **options, **fast)
+            with attention_kernels(inputs["input_ids"].shape[0], self.device):
+                output = self.model.generate(**inputs, **options, **fast)
         except torch.OutOfMemoryError as e:
             del inputs  # free the batch before the caller retries a smaller one
             torch.cuda.empty_cache()
@@ -306,7 +315,6 @@ def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, 
     device = resolve_device(spec.device)
     if not device.startswith("cuda"):
         return {}
-    use_flash_not_cudnn_attention()
     torch.empty(1, device=device)
     timings = {"cuda_init": time.perf_counter() - start}
     staging_buffers(StreamConfig())
