@@ -158,3 +158,17 @@ def test_prep_processes_apply_to_every_model_and_a_negative_count_is_a_usage_err
     assert [plan.spec.prep_processes for plan in plans] == [3, 3]
     with pytest.raises(UsageError, match="prep_processes"):
         plans_from_options([{"model": str(tiny_llava)}], {"prep_processes": -1}, "cpu")
+
+
+def test_a_job_on_a_gpu_counts_its_preparing_processes_unless_the_user_chose():
+    from vlmux.caption.plan import job_prep
+    from vlmux.config import ModelSpec
+
+    from vlmux.worker.prep import auto_processes
+
+    auto = ModelSpec("m")
+    assert job_prep(auto, 1000, gpu_present=True).prep_processes == auto_processes("cuda")
+    assert job_prep(auto, 1000, gpu_present=False).prep_processes is None
+    assert job_prep(ModelSpec("m", device="cpu"), 1000, gpu_present=True).prep_processes is None
+    assert job_prep(auto, 3, gpu_present=True).prep_processes is None  # a few images: prepared in the worker
+    assert job_prep(ModelSpec("m", prep_processes=0), 1000, gpu_present=True).prep_processes == 0

@@ -72,3 +72,25 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
     assert all(r.caption for i, r in enumerate(apart.results) if i != 5)
     assert len(helpers) >= 3  # the fork server and its two preparing processes
     assert all(process_gone(pid, within=10) for pid in helpers), "a preparing process outlived its worker"
+
+
+@pytest.mark.parametrize("cores,expected", [(16, 12), (64, 12), (6, 4), (4, 2), (3, 0)])
+def test_on_a_gpu_the_host_cores_less_two_prepare_and_on_the_cpu_none(monkeypatch, cores, expected):
+    from vlmux.worker import prep
+
+    monkeypatch.setattr(prep.os, "sched_getaffinity", lambda pid: set(range(cores)))
+    assert prep.auto_processes("cuda:0") == expected
+    assert prep.auto_processes("cpu") == 0
+
+
+def test_an_explicit_count_starts_the_processes_with_the_load(tiny_qwen):
+    worker = WorkerProcess()
+    try:
+        spec = ModelSpec(str(tiny_qwen), device="cpu", prep_processes=2)
+        assert isinstance(worker.call(Load(spec, str(tiny_qwen), CPU_ENV)), Loaded)
+        deadline = time.monotonic() + 120
+        while len(descendants(worker.pid)) < 3 and time.monotonic() < deadline:  # before any caption request
+            time.sleep(0.2)
+        assert len(descendants(worker.pid)) >= 3  # the fork server and two preparing processes
+    finally:
+        worker.stop(5)

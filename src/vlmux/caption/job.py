@@ -10,7 +10,7 @@ from typing import Callable, Iterator
 from tqdm import tqdm
 
 from vlmux import vram
-from vlmux.caption.plan import ModelPlan, job_decode, render_prompt
+from vlmux.caption.plan import ModelPlan, job_decode, job_prep, render_prompt
 from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
@@ -101,7 +101,8 @@ def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, eve
     # models, so no spare holds a context while the next model is waited for.
     with ModelPool(replace(pool_config, warm_spare=False)) as pool:
         for plan, report, todo in models_to_caption(job, reports):
-            plan = replace(plan, spec=job_decode(plan.spec, len(todo), vram.available()))
+            gpu_present = vram.available()
+            plan = replace(plan, spec=job_prep(job_decode(plan.spec, len(todo), gpu_present), len(todo), gpu_present))
             mark(plan.spec.model, "load_start")
             start = time.perf_counter()
             names = _load_replicas(job, plan, pool)

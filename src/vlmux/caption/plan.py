@@ -98,6 +98,17 @@ def job_decode(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:
     return replace(spec, decode="compiled")
 
 
+def job_prep(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:
+    """Preparing processes for a caption job on a GPU, counted now so that the worker starts them with the load
+    (`prep_processes` left at None starts them only at the first large request, after ~5-10 s of imports that the
+    first batches then miss); anything the user chose stays."""
+    from vlmux.worker.prep import MIN_IMAGES, auto_processes
+
+    if spec.prep_processes is not None or not gpu_present or spec.device == "cpu" or images < MIN_IMAGES:
+        return spec
+    return replace(spec, prep_processes=auto_processes("cuda"))
+
+
 def batch_size(value: object) -> int | None:
     """"auto" (None) or a whole number of at least 1, from the command line or a job file."""
     if value is None or value == "auto":

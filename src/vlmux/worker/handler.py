@@ -66,6 +66,8 @@ class Handler:
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
         self._load_request = request
+        if request.spec.prep_processes:  # asked for explicitly (a caption job): ready by its first batches
+            self._start_prep()
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
 
     def _warm(self, request: Warm, start: float) -> Reply:
