@@ -2,13 +2,16 @@
 fastsafetensors (when installed) against vlmux's streaming loader at a few reader settings, each in a fresh process
 so no run inherits another's warm allocator.
 
-Usage: python bench/load.py [--methods=stream,fastsafetensors] MODEL_DIR [MODEL_DIR ...]   (one JSON line per run)
+Usage: python bench/load.py [--methods stream,fastsafetensors] [--cold] MODEL_DIR [MODEL_DIR ...]   (a JSON line per
+run; --cold evicts the checkpoint from the page cache before each row: the disk's figure)
 fastsafetensors on the device (no network there): carry its wheel, e.g. `pip download fastsafetensors --no-deps
 --python-version 312 --only-binary=:all: -d .wheels` here, then `pip install --no-deps .wheels/*.whl` there.
 """
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -57,27 +60,44 @@ VARIANTS = [("from_pretrained", 0, 0), ("safetensors_load_file", 0, 0), ("fastsa
             ("fastsafetensors", 16, 64), ("stream", 16, 16), ("stream", 16, 32), ("stream", 16, 64)]
 
 
-def main(models: list[str], methods: set[str] | None = None) -> list[dict]:
+def main(models: list[str], methods: set[str] | None = None, cold: bool = False) -> list[dict]:
     results = []
     for model in models:
-        for file in Path(model).glob("*.safetensors"):  # warm the page cache
-            with open(file, "rb") as f:
-                while f.read(64 << 20):
-                    pass
+        files = sorted(Path(model).glob("*.safetensors"))
+        if not cold:
+            for file in files:  # warm the page cache
+                with open(file, "rb") as f:
+                    while f.read(64 << 20):
+                        pass
         for method, readers, chunk in VARIANTS:
             if methods and method not in methods:
                 continue
+            if cold:
+                evict(files)
             out = subprocess.run([sys.executable, "-c", CHILD, model, method, str(readers), str(chunk)],
                                  capture_output=True, text=True)
             line = out.stdout.strip().splitlines()[-1] if out.returncode == 0 else json.dumps({"model": model, "method": method, "error": out.stderr[-500:]})
-            print(line, flush=True)
-            results.append(json.loads(line))
+            row = {**json.loads(line), "page_cache": "cold" if cold else "warm"}
+            print(json.dumps(row), flush=True)
+            results.append(row)
     return results
 
 
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (no root needed): the next read comes from the disk."""
+    for file in files:
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages are not dropped: write them first
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    chosen = None
-    if arguments and arguments[0].startswith("--methods="):  # e.g. --methods=fastsafetensors,stream
-        chosen = set(arguments.pop(0).split("=", 1)[1].split(","))
-    main(arguments, chosen)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("models", nargs="+")
+    parser.add_argument("--methods", help="comma-separated: from_pretrained, safetensors_load_file, fastsafetensors, stream")
+    parser.add_argument("--cold", action="store_true", help="evict the files from the page cache before each row")
+    args = parser.parse_args()
+    main(args.models, set(args.methods.split(",")) if args.methods else None, args.cold)
