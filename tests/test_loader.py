@@ -90,3 +90,20 @@ def test_remote_code_models_load_through_from_pretrained(tiny_qwen):
     backend = TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu", trust_remote_code=True), str(tiny_qwen))
     assert backend.loader.startswith("from_pretrained (remote code")
     assert TransformersBackend(ModelSpec(str(tiny_qwen), device="cpu"), str(tiny_qwen)).loader == "stream"
+
+
+def test_a_prebuilt_structure_is_taken_by_the_next_load_and_fills_like_a_fresh_one(tiny_qwen):
+    from vlmux.backends.loader import prebuild
+
+    fresh = empty_model(tiny_qwen, torch.float32, "cpu", False)
+    stream_weights(fresh, tiny_qwen)
+    prebuilt = prebuild(tiny_qwen, torch.float32, False)
+    taken = empty_model(tiny_qwen, torch.float32, "cpu", False)
+    assert taken is prebuilt
+    assert empty_model(tiny_qwen, torch.float32, "cpu", False) is not prebuilt  # taken once
+    stream_weights(taken, tiny_qwen)
+    expected = fresh.state_dict()
+    assert taken.state_dict().keys() == expected.keys()
+    for name, tensor in taken.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    assert taken.generation_config.to_dict() == fresh.generation_config.to_dict()

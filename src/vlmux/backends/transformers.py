@@ -21,7 +21,7 @@ from vlmux.backends.fast import (
     FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, prepare_compile, to_device,
 )
 from vlmux.backends.loader import (
-    StreamConfig, Unsupported, empty_model, release_staging, staging_buffers, stream_weights,
+    StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
 )
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
@@ -327,6 +327,10 @@ def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, 
     finally:
         shallow.close()
     timings["kernels"] = time.perf_counter() - start - timings["cuda_init"]
+    try:
+        prebuild(Path(path), resolve_dtype(spec.dtype, device), spec.trust_remote_code)
+    except Unsupported:
+        pass
     if pin_weights:
         begin = time.perf_counter()
         try:
