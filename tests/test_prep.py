@@ -7,7 +7,7 @@ from PIL import Image
 
 from vlmux.backends.transformers import host_inputs, load_processor
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.testing.processes import descendants, process_gone
+from vlmux.testing.processes import children, descendants, process_gone
 from vlmux.testing.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
 from vlmux.worker.process import WorkerProcess
@@ -46,6 +46,8 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
     items = sorted(str(p) for p in folder.iterdir())
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     items.insert(5, str(tmp_path / "broken.jpg"))
+    Image.new("RGB", (1, 1000)).save(tmp_path / "sliver.png")  # decodes, but the processor rejects its aspect ratio
+    items.insert(11, str(tmp_path / "sliver.png"))
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(items))]
     request = Caption(items, prompts, GEN, 8)
 
@@ -56,7 +58,7 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
             assert isinstance(worker.call(Load(spec, str(tiny_qwen), CPU_ENV)), Loaded)
             reply = worker.call(request)
             deadline = time.monotonic() + 120
-            while processes and reply.prepared_apart < 3 and time.monotonic() < deadline:  # 3 chunks of 8
+            while processes and reply.prepared_apart < 3 and time.monotonic() < deadline:  # 3 chunks of 8 (20 images)
                 time.sleep(1)  # the processes start in the background; until then the worker prepares chunks itself
                 reply = worker.call(request)
             helpers = descendants(worker.pid)
@@ -69,7 +71,8 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
     assert own.prepared_apart == 0 and apart.prepared_apart == 3
     assert [r.caption for r in apart.results] == [r.caption for r in own.results]
     assert apart.results[5].bad_image and apart.results[5].caption is None
-    assert all(r.caption for i, r in enumerate(apart.results) if i != 5)
+    assert apart.results[11].caption is None and "aspect ratio" in apart.results[11].error
+    assert all(r.caption for i, r in enumerate(apart.results) if i not in (5, 11))
     assert len(helpers) >= 3  # the fork server and its two preparing processes
     assert all(process_gone(pid, within=10) for pid in helpers), "a preparing process outlived its worker"
 
@@ -94,3 +97,33 @@ def test_an_explicit_count_starts_the_processes_with_the_load(tiny_qwen):
         assert len(descendants(worker.pid)) >= 3  # the fork server and two preparing processes
     finally:
         worker.stop(5)
+
+
+def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself(tiny_qwen, tmp_path):
+    import os
+    import signal
+
+    folder = tmp_path / "images"
+    draw_sample_images(folder, count=16, seed=4)
+    items = sorted(str(p) for p in folder.iterdir())
+    request = Caption(items, ["Describe."] * len(items), GEN, 8)
+    worker = WorkerProcess()
+    try:
+        spec = ModelSpec(str(tiny_qwen), device="cpu", prep_processes=2)
+        assert isinstance(worker.call(Load(spec, str(tiny_qwen), CPU_ENV)), Loaded)
+        reply = worker.call(request)
+        deadline = time.monotonic() + 120
+        while reply.prepared_apart < 2 and time.monotonic() < deadline:
+            time.sleep(1)
+            reply = worker.call(request)
+        assert reply.prepared_apart == 2
+        helpers = [pid for pid in descendants(worker.pid) if pid not in set(children(worker.pid))]  # not the server
+        os.kill(helpers[0], signal.SIGKILL)
+        assert process_gone(helpers[0])
+        after = worker.call(request)
+        again = worker.call(request)
+    finally:
+        worker.stop(5)
+    assert after.prepared_apart == 0 and again.prepared_apart == 0  # the worker's own threads from now on
+    assert [r.caption for r in after.results] == [r.caption for r in reply.results]
+    assert [r.caption for r in again.results] == [r.caption for r in reply.results]

@@ -138,10 +138,15 @@ class PrepPool:
             raise RuntimeError(f"preparing processes stopped: {e}") from None
 
     def _result(self, future: Future) -> Part:
+        """A part's result. Bad images come back as `Part.bad`; anything raised is the processes' own failure (one
+        died, shared memory ran out): the worker then prepares every chunk itself."""
         try:
             return future.result()
-        except BrokenProcessPool as e:
-            self.failed = f"a preparing process died: {e}"
+        except Exception as e:  # noqa: BLE001 - reported once, then the worker's own threads take over
+            if self.failed is None:
+                self.failed = f"{type(e).__name__}: {e}"
+                print(f"vlmux worker: preparing processes failed ({self.failed}); the worker prepares batches itself"
+                      " from now on", file=sys.stderr, flush=True)
             raise RuntimeError(self.failed) from None
 
     def close(self) -> None:
@@ -208,13 +213,21 @@ def _prepare_part(items: list, prompts: list[str]) -> Part:
     from vlmux.backends.transformers import host_inputs
     from vlmux.images import ImageError, load_image
 
-    images, texts, bad = [], [], {}
+    dtype = getattr(torch, _source.dtype)
+    read, bad = {}, {}
     for position, (item, prompt) in enumerate(zip(items, prompts)):
         try:
-            images.append(load_image(item))
-            texts.append(prompt)
+            read[position] = (load_image(item), prompt)
         except ImageError as e:
             bad[position] = str(e)
-    if not images:
-        return Part(bad, None)
-    return Part(bad, host_inputs(_processor, images, texts, getattr(torch, _source.dtype)))
+    try:
+        inputs = host_inputs(_processor, [i for i, _ in read.values()], [p for _, p in read.values()], dtype) if read else None
+    except Exception:  # noqa: BLE001 - an image the processor rejects (too small, say): find it, keep the others
+        for position, (image, prompt) in list(read.items()):
+            try:
+                host_inputs(_processor, [image], [prompt], dtype)
+            except Exception as e:  # noqa: BLE001 - named in the image's result
+                bad[position] = f"the processor rejected it: {type(e).__name__}: {e}"
+                del read[position]
+        inputs = host_inputs(_processor, [i for i, _ in read.values()], [p for _, p in read.values()], dtype) if read else None
+    return Part(bad, inputs)
