@@ -123,7 +123,8 @@ def run(args: argparse.Namespace) -> None:
 def summary(data: dict) -> str:
     if "error" in data:
         return "error: " + data["error"].splitlines()[0][:200]
-    keys = ("images_per_s", "end_to_end_images_per_s", "batch", "compile_seconds", "tokens_per_image", "times_hf_best")
+    keys = ("images_per_s", "end_to_end_images_per_s", "steady_images_per_s", "prepared_apart", "batch", "compile_seconds",
+            "tokens_per_image", "times_hf_best")
     return "  ".join(f"{k}={data[k]}" for k in keys if data.get(k) is not None)
 
 
@@ -209,7 +210,8 @@ def vlmux_cli(args: argparse.Namespace, model: Path, files: list[Path], new_toke
             "wall_seconds": round(wall, 1), "captioned": captioned, "errors": len(records) - captioned,
             "batch": args.batch, "tokens_per_image": round(model_report["tokens"] / max(1, captioned), 1),
             "load_seconds": model_report.get("load_seconds"), "batches": model_report.get("batches"),
-            "prepared_apart": model_report.get("prepared_apart"), "note": "images_per_s: the job's report (captioning "
+            "prepared_apart": model_report.get("prepared_apart"),
+            "steady_images_per_s": model_report.get("steady_images_per_second"), "note": "images_per_s: the job's report (captioning "
             "time); end_to_end: wall clock of the command, start-up and load included"}
 
 

@@ -208,6 +208,12 @@ def test_auto_batch_size_sends_several_batches_per_request_with_the_captions_of_
     assert (auto.largest_batch, auto.batches, auto.requests) == (8, 5, 2)
     assert (fixed.largest_batch, fixed.batches, fixed.requests) == (3, 14, 4)  # requests of 12, 12, 12, 4
     assert "5 batches of up to 8 images in 2 requests" in summary_line(auto)
+    # A steady rate needs results from two requests or more (it leaves the first request's start-up out).
+    assert auto.steady_images_per_second > 0 and fixed.steady_images_per_second > 0
+    one = CaptionJob(refs[:5], [ModelSpec(str(tiny_qwen), device="cpu")], GenerationSpec(max_new_tokens=8),
+                     [JsonlSink(tmp_path / "one.jsonl")])
+    [single] = run_job(one, PoolConfig(), progress=False)
+    assert single.requests == 1 and single.steady_images_per_second is None
 
 
 def test_two_cpu_replicas_caption_a_folder_side_by_side_with_the_same_output_as_one_worker(tmp_path, tiny_llava, tiny_qwen):

@@ -58,6 +58,8 @@ class ModelReport:
     batch_share: float = 0.0  # 1 / its batch's size summed over the images: each model batch adds up to 1
     largest_batch: int = 0
     prepared_apart: int = 0  # model batches decoded and preprocessed in the worker's preparing processes
+    # images/s between the first request's results and the last's: without the start-up (first batches, compiles)
+    steady_images_per_second: float | None = None
     error_samples: list[str] = field(default_factory=list)
 
     @property
@@ -180,12 +182,17 @@ def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[
         for name in names:
             for _ in range(IN_FLIGHT):
                 feed(name)
+        finished: list[tuple[float, int]] = []  # (when, images done so far) after each request
         while in_flight:
             done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
                 refs, name = in_flight.pop(future)
                 size.saw(_finish(refs, future, job, plan, name, pool, report, bar))
+                finished.append((time.perf_counter(), report.captioned + report.errors))
                 feed(name)
+        if len(finished) >= 2 and finished[-1][0] > finished[0][0]:
+            (first_at, first_done), (last_at, last_done) = finished[0], finished[-1]
+            report.steady_images_per_second = (last_done - first_done) / (last_at - first_at)
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
