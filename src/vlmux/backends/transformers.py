@@ -329,7 +329,7 @@ def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, 
     timings["kernels"] = time.perf_counter() - start - timings["cuda_init"]
     try:
         prebuild(Path(path), resolve_dtype(spec.dtype, device), spec.trust_remote_code)
-    except Unsupported:
+    except Exception:  # noqa: BLE001 - remote code, quantised, anything else: the load builds it itself
         pass
     if pin_weights:
         begin = time.perf_counter()
