@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The device runs issues 6 and 7 still need, each sized for one 10-minute call on one H200. Run from the
+# repository root: `bash bench/device_runs.sh switch` (issue 7) or `bash bench/device_runs.sh throughput` (issue 6).
+# Writes JSON under $OUT (default ./device-out). The benchmark models are built on the GPU first (~90 s) unless
+# /tmp/vlmux-bench already holds them (a machine kept warm between calls).
+# fastsafetensors is not on the device: carry its wheel in .wheels/ (pip download fastsafetensors==0.5.0 --no-deps
+# --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .wheels).
+set -uo pipefail
+OUT=${OUT:-$PWD/device-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+MODELS=/tmp/vlmux-bench
+shapes() {
+    python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from shapes import build_shape
+for s in ('2b', '7b'): build_shape(Path('$MODELS') / f'qwen2-vl-{s}', s)" 2>&1 | grep -v '^Writing' | tail -2
+}
+case "${1:-}" in
+switch)  # issue 7: pinned spares on a GPU, the switch goals, the memory estimate, a cold-disk load
+    ls .wheels/fastsafetensors-*.whl >/dev/null 2>&1 &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/fastsafetensors-*.whl
+    timeout 100 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py -k "pinned or warm_spare" 2>&1 | tail -3
+    shapes
+    timeout 140 python3 bench/switch.py --methods vlmux,vlmux_pinned --rounds 6 --out "$OUT/switch.json" 2>&1 | tail -8
+    timeout 100 python3 bench/load.py --methods stream,fastsafetensors --cold "$MODELS/qwen2-vl-7b" | tee "$OUT/load-cold.jsonl"
+    timeout 130 python3 bench/memory.py --batches 64,256 --out "$OUT/memory.json" 2>&1 | tail -6
+    ;;
+throughput)  # issue 6: preparing processes against threads (most batches through them), GPU-only, HF's best
+    timeout 560 python3 bench/throughput.py --rows hf_static_compile,vlmux_gpu,vlmux_cli:dynamic:p0,vlmux_cli:dynamic \
+        --files 4096 --minutes 9 --out "$OUT/throughput-2b.json" 2>&1 | grep -v "Warning\|^W11" | tail -8
+    ;;
+*)
+    echo "usage: bash bench/device_runs.sh switch|throughput" >&2
+    exit 2
+    ;;
+esac
