@@ -7,6 +7,7 @@ from PIL import Image
 
 from vlmux.backends.transformers import host_inputs, load_processor
 from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.images import load_image
 from vlmux.testing.processes import children, descendants, process_gone
 from vlmux.testing.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
@@ -127,3 +128,28 @@ def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself
     assert after.prepared_apart == 0 and again.prepared_apart == 0  # the worker's own threads from now on
     assert [r.caption for r in after.results] == [r.caption for r in reply.results]
     assert [r.caption for r in again.results] == [r.caption for r in reply.results]
+
+
+def test_a_short_chunk_is_padded_to_the_compiled_batch_like_the_worker_pads_it(tiny_qwen, tmp_path):
+    from vlmux.backends.fast import pad_rows
+    from vlmux.worker.prep import PrepPool, Source
+
+    folder = tmp_path / "images"
+    draw_sample_images(folder, count=5, seed=5)
+    items = sorted(str(p) for p in folder.iterdir())
+    items.insert(2, str(tmp_path / "missing.jpg"))  # a bad image: the rows shrink to 5, then pad to 8
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(items))]
+    pool = PrepPool(2, Source(str(tiny_qwen), False, "float32"))
+    try:
+        assert pool.wait_ready(120), pool.failed
+        processor = load_processor(tiny_qwen, trust_remote_code=False)
+        done = pool.prepare(items, prompts, pad_to=8, pad_token_id=processor.tokenizer.pad_token_id)
+    finally:
+        pool.close()
+    assert done.good == [0, 1, 3, 4, 5] and list(done.bad) == [2] and done.rows == 5
+    good_images = [load_image(items[i]) for i in done.good]
+    good_prompts = [prompts[i] for i in done.good]
+    expected = host_inputs(processor, pad_rows(good_images, 8), pad_rows(good_prompts, 8), torch.float32)
+    assert done.inputs.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(done.inputs[key], expected[key]), key
