@@ -23,7 +23,7 @@ class Handler:
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vlmux-decode")
         # One thread: it prepares the next chunk only; its own work waits on the decoder pool, never the reverse.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="vlmux-prepare")
-        self._prep: prep.PrepPool | None = None  # preparing processes, started at the first large caption request
+        self._prep: prep.PrepPool | None = None  # started with the load when asked for, else at a large request
         self._load_request: Load | None = None
         self._prepared_apart = 0
 
@@ -83,7 +83,8 @@ class Handler:
         return Done(time.perf_counter() - start)
 
     def _caption(self, request: Caption, start: float) -> Reply:
-        """Chunk i generates on the device while chunk i+1 is decoded and preprocessed on host threads."""
+        """Chunk i generates on the device while chunk i+1 is decoded and preprocessed (in the preparing processes,
+        or on the worker's threads)."""
         tokens_before = getattr(self.backend, "generated_tokens", 0)
         self._prepared_apart = 0
         limit = self.backend.batch_limit(request.gen) if hasattr(self.backend, "batch_limit") else None
@@ -125,7 +126,7 @@ class Handler:
         if self._prep is not None and self._prep.ready and len(request.items) >= prep.MIN_IMAGES:
             try:
                 return self._prepare_in_processes(chunk, request, size)
-            except Exception:  # noqa: BLE001 - a process died or the processor rejected an image: done here, below
+            except Exception:  # noqa: BLE001 - the processes failed (said once, on stderr): prepared here, below
                 pass
         images, bad = {}, {}
         for index, image in zip(chunk, self._decoder.map(_decode, [request.items[i] for i in chunk])):
