@@ -14,7 +14,7 @@ PARENT_POLL_SECONDS = 0.5
 
 
 def serve(conn: Connection, parent_pid: int) -> None:
-    _exit_when_orphaned(parent_pid)
+    exit_when_orphaned(parent_pid)
     # The parent starts workers as daemons (gone with it); a daemon may not start processes, and a worker starts its
     # preparing processes (worker/prep.py), which watch its pid and end with it.
     multiprocessing.current_process().daemon = False
@@ -32,8 +32,9 @@ def serve(conn: Connection, parent_pid: int) -> None:
     os._exit(0)
 
 
-def _exit_when_orphaned(parent_pid: int) -> None:
-    # Workers fork from the fork server, not from the parent, so they watch the parent's pid themselves.
+def exit_when_orphaned(parent_pid: int) -> None:
+    # Workers fork from the fork server, not from the parent, so they watch the parent's pid themselves (and a
+    # worker's preparing processes watch the worker's).
     def watch() -> None:
         while True:
             time.sleep(PARENT_POLL_SECONDS)

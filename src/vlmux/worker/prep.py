@@ -16,7 +16,6 @@ import multiprocessing
 import os
 import sys
 import threading
-import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -52,7 +51,11 @@ class Prepped:
     good: list[int]  # positions in the chunk that were read, in the order of the inputs' rows
     bad: dict[int, str]
     inputs: dict[str, torch.Tensor] | None
-    rows: int  # real rows; the rows after them repeat the last good image (padding for a compiled batch)
+
+    @property
+    def rows(self) -> int:
+        """Real rows; the rows after them repeat the last good image (padding for a compiled batch)."""
+        return len(self.good)
 
 
 class NotJoinable(ValueError):
@@ -117,25 +120,22 @@ class PrepPool:
             if part.inputs is not None:
                 inputs.append(part.inputs)
         if not good:
-            return Prepped([], bad, None, 0)
-        if pad_to and len(good) < pad_to:  # the compiled batch shape: repeat the last good image
-            last = good[-1]
-            padding = self._result(self._submit([items[last]] * (pad_to - len(good)), [prompts[last]] * (pad_to - len(good))))
-            inputs.append(padding.inputs)
+            return Prepped([], bad, None)
+        last, missing = good[-1], max(0, (pad_to or 0) - len(good))  # the compiled batch shape: repeat the last
+        if missing:
+            inputs.append(self._result(self._submit([items[last]] * missing, [prompts[last]] * missing)).inputs)
         try:
             joined = join(inputs, pad_token_id)
         except NotJoinable:  # one process does the whole chunk: the processor pads the parts itself
-            everything = [items[i] for i in good] + [items[good[-1]]] * max(0, (pad_to or 0) - len(good))
-            texts = [prompts[i] for i in good] + [prompts[good[-1]]] * max(0, (pad_to or 0) - len(good))
-            joined = self._result(self._submit(everything, texts)).inputs
-        return Prepped(good, bad, joined, len(good))
+            chosen = good + [last] * missing
+            joined = self._result(self._submit([items[i] for i in chosen], [prompts[i] for i in chosen])).inputs
+        return Prepped(good, bad, joined)
 
     def _submit(self, items: list, prompts: list[str]) -> Future:
         try:
             return self._executor.submit(_prepare_part, items, prompts)
-        except (BrokenProcessPool, RuntimeError) as e:
-            self.failed = f"{type(e).__name__}: {e}"
-            raise RuntimeError(f"preparing processes stopped: {e}") from None
+        except (BrokenProcessPool, RuntimeError) as e:  # broken by an earlier part, or shut down
+            raise self._failure(e) from None
 
     def _result(self, future: Future) -> Part:
         """A part's result. Bad images come back as `Part.bad`; anything raised is the processes' own failure (one
@@ -143,11 +143,14 @@ class PrepPool:
         try:
             return future.result()
         except Exception as e:  # noqa: BLE001 - reported once, then the worker's own threads take over
-            if self.failed is None:
-                self.failed = f"{type(e).__name__}: {e}"
-                print(f"vlmux worker: preparing processes failed ({self.failed}); the worker prepares batches itself"
-                      " from now on", file=sys.stderr, flush=True)
-            raise RuntimeError(self.failed) from None
+            raise self._failure(e) from None
+
+    def _failure(self, error: Exception) -> RuntimeError:
+        if self.failed is None:
+            self.failed = f"{type(error).__name__}: {error}"
+            print(f"vlmux worker: preparing processes failed ({self.failed}); the worker prepares batches itself"
+                  " from now on", file=sys.stderr, flush=True)
+        return RuntimeError(self.failed)
 
     def close(self) -> None:
         self.failed = self.failed or "closed"
@@ -186,21 +189,13 @@ def _child_init(worker_pid: int, source: Source) -> None:
     import torch
 
     from vlmux.backends.transformers import load_processor
+    from vlmux.worker.main import exit_when_orphaned
 
     global _source, _processor
     _source = source
     _processor = load_processor(source.path, source.trust_remote_code)
     torch.set_num_threads(1)  # one core each: the processes are the parallelism
-
-    def exit_with_worker() -> None:  # the fork server, not the worker, is the parent: watch the worker's pid
-        while True:
-            time.sleep(0.5)
-            try:
-                os.kill(worker_pid, 0)
-            except ProcessLookupError:
-                os._exit(0)
-
-    threading.Thread(target=exit_with_worker, daemon=True).start()
+    exit_when_orphaned(worker_pid)  # their parent is their own fork server, not the worker
 
 
 def _ping() -> int:
