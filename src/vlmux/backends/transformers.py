@@ -16,13 +16,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
-from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
 from vlmux.backends.fast import (
     FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, prepare_compile, to_device,
 )
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
 )
+from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.placement import device_map_options
@@ -177,13 +177,14 @@ class TransformersBackend:
         rows = len(images)
         if pad_to and self.fast.pads_batches and rows < pad_to:
             images, prompts = pad_rows(images, pad_to), pad_rows(prompts, pad_to)
-        texts = [caption_text(self.processor, prompt) for prompt in prompts]
         if self.preprocess_on_device:
+            texts = [caption_text(self.processor, prompt) for prompt in prompts]
             try:
                 return self._prepare_on_device(texts, images, rows)
             except TypeError:  # a processor without the device option: the host does it from now on. A bad
                 self.preprocess_on_device = False  # image raises ValueError, which must not turn this off for good.
-        inputs = self.processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
+        # The same inputs a preparing process makes (worker/prep.py), here pinned for the copy to the device.
+        inputs = BatchFeature(host_inputs(self.processor, images, prompts, self.torch_dtype))
         return Prepared(to_device(inputs, self.device, self.torch_dtype), rows)
 
     def from_host(self, inputs: dict[str, torch.Tensor], rows: int) -> Prepared:
