@@ -44,8 +44,9 @@ def empty_model(path: Path, dtype: torch.dtype, device: str, trust_remote_code: 
     """The model with uninitialised parameters on `device` and its computed buffers (rotary tables) in place.
 
     shallow: one layer deep at full width (see `shrink`), to run the model's kernels once without its weights."""
-    model = None if shallow else _prebuilt.pop((str(path), dtype), None)
+    model = None
     if not shallow:
+        model = _prebuilt.pop((str(path), dtype), None)
         _prebuilt.clear()  # a worker loads one model: what was built for the others is not needed
     if model is None:
         model = meta_model(path, dtype, trust_remote_code, shallow)
@@ -89,7 +90,7 @@ _prebuilt: dict[tuple[str, torch.dtype], nn.Module] = {}
 def prebuild(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
     """Build the model's structure now (a warm spare, before the load is asked for: ~0.05-0.1 s of Python for
     the 2B and 7B shapes) for the next `empty_model` of this path and dtype to take."""
-    model = _prebuilt[(str(path), dtype)] = meta_model(path, dtype, trust_remote_code)
+    _prebuilt[(str(path), dtype)] = model = meta_model(path, dtype, trust_remote_code)
     return model
 
 

@@ -46,11 +46,10 @@ def pin_checkpoint(path: Path, threads: int = 16) -> int:
     path = Path(path)
     with _lock:
         if path in _pinned:
-            return sum(f.view.numel() for f in _pinned[path].values())
+            return _bytes(_pinned[path])
+        held = sum(_bytes(files) for files in _pinned.values())  # pinned pages still count as available in meminfo
     files = sorted({entry.file for entry in read_index(path).values()})
     size = sum(file.stat().st_size for file in files)
-    with _lock:  # pinned page-cache pages still count as available in /proc/meminfo: add ours ourselves
-        held = sum(f.view.numel() for files in _pinned.values() for f in files.values())
     if held + size > AVAILABLE_SHARE * available_host_bytes():
         return 0
     pinned: dict[Path, PinnedFile] = {}
@@ -101,6 +100,10 @@ def unpin_all() -> None:
         _pinned.clear()
     for files in checkpoints:
         _release(files)
+
+
+def _bytes(files: dict[Path, PinnedFile]) -> int:
+    return sum(pinned.view.numel() for pinned in files.values())
 
 
 def available_host_bytes() -> int:
