@@ -121,13 +121,17 @@ def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself
         helpers = [pid for pid in descendants(worker.pid) if pid not in set(children(worker.pid))]  # not the server
         os.kill(helpers[0], signal.SIGKILL)
         assert process_gone(helpers[0])
-        after = worker.call(request)
-        again = worker.call(request)
+        # The executor notices the death on its own thread: a chunk submitted before that may still be prepared
+        # by the surviving process, so the first reply after the kill can be mixed; every caption must be right.
+        afterwards = [worker.call(request)]
+        while afterwards[-1].prepared_apart and len(afterwards) < 5:
+            afterwards.append(worker.call(request))
+        afterwards.append(worker.call(request))
     finally:
         worker.stop(5)
-    assert after.prepared_apart == 0 and again.prepared_apart == 0  # the worker's own threads from now on
-    assert [r.caption for r in after.results] == [r.caption for r in reply.results]
-    assert [r.caption for r in again.results] == [r.caption for r in reply.results]
+    assert afterwards[-2].prepared_apart == 0 and afterwards[-1].prepared_apart == 0  # its own threads from now on
+    for after in afterwards:
+        assert [r.caption for r in after.results] == [r.caption for r in reply.results]
 
 
 def test_a_short_chunk_is_padded_to_the_compiled_batch_like_the_worker_pads_it(tiny_qwen, tmp_path):
