@@ -12,6 +12,15 @@ def host_ram() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def available_host_bytes() -> int:
+    """MemAvailable: what the host can still give without swapping (page cache it may drop included)."""
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def host_budget(budget: str | float | int | None) -> int | None:
     """PoolConfig.host_ram_budget in bytes ("64GiB", 0.5 of the host's RAM), or None for no limit."""
     return None if budget is None else parse_budget(budget, host_ram())

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from vlmux.checkpoint import read_index
+from vlmux.hot import available_host_bytes
 
 REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: a read-only file mapping is pinned without copy-on-write
 SLICE_BYTES = 64 << 20  # registered in slices, on threads: pinning pages is the slow part
@@ -104,14 +105,6 @@ def unpin_all() -> None:
 
 def _bytes(files: dict[Path, PinnedFile]) -> int:
     return sum(pinned.view.numel() for pinned in files.values())
-
-
-def available_host_bytes() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _register(piece: tuple[int, int]) -> tuple[tuple[int, int], str | None]:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from vlmux import vram
 from vlmux.caption.job import ModelReport
+from vlmux.hot import available_host_bytes, host_ram
 
 SAMPLE_SECONDS = 0.1
 
@@ -56,8 +57,7 @@ class Recorder:
         if self.gpu:
             used = sum(gpu.used for gpu in vram.gpus())
         else:
-            info = dict(line.split(":", 1) for line in Path("/proc/meminfo").read_text().splitlines())
-            used = (int(info["MemTotal"].split()[0]) - int(info["MemAvailable"].split()[0])) * 1024
+            used = host_ram() - available_host_bytes()
         self.samples.append((time.monotonic() - self.start, used / vram.MIB))
 
 
