@@ -215,8 +215,12 @@ def _prepare_part(items: list, prompts: list[str]) -> Part:
             read[position] = (load_image(item), prompt)
         except ImageError as e:
             bad[position] = str(e)
+    def inputs() -> dict[str, torch.Tensor] | None:
+        pairs = list(read.values())
+        return host_inputs(_processor, [i for i, _ in pairs], [p for _, p in pairs], dtype) if pairs else None
+
     try:
-        inputs = host_inputs(_processor, [i for i, _ in read.values()], [p for _, p in read.values()], dtype) if read else None
+        return Part(bad, inputs())
     except Exception:  # noqa: BLE001 - an image the processor rejects (too small, say): find it, keep the others
         for position, (image, prompt) in list(read.items()):
             try:
@@ -224,5 +228,4 @@ def _prepare_part(items: list, prompts: list[str]) -> Part:
             except Exception as e:  # noqa: BLE001 - named in the image's result
                 bad[position] = f"the processor rejected it: {type(e).__name__}: {e}"
                 del read[position]
-        inputs = host_inputs(_processor, [i for i, _ in read.values()], [p for _, p in read.values()], dtype) if read else None
-    return Part(bad, inputs)
+        return Part(bad, inputs())
