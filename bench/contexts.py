@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 
-from vlmux import vram
+from vlmux.pool import vram
 
 CHILD = """
 import os, sys, torch

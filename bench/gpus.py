@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 
-from vlmux import vram  # noqa: E402
+from vlmux.pool import vram  # noqa: E402
 from vlmux.caption.job import CaptionJob, run_job  # noqa: E402
 from vlmux.caption.plan import ModelPlan  # noqa: E402
 from vlmux.caption.sinks import JsonlSink  # noqa: E402

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
 from throughput import PROMPT, bench_copy  # noqa: E402
 
-from vlmux import vram  # noqa: E402
+from vlmux.pool import vram  # noqa: E402
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig  # noqa: E402
 from vlmux.estimate import estimate, image_budget  # noqa: E402
 from vlmux.pool import ModelPool  # noqa: E402

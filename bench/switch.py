@@ -26,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, summarise, write_result  # noqa: E402
 
-from vlmux import vram  # noqa: E402
+from vlmux.pool import vram  # noqa: E402
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig  # noqa: E402
 
 PROMPT = "Describe this image in one short sentence for a caption dataset, please."
@@ -101,7 +101,7 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
     when both fit), B's first answer. Between switches the bench waits for the spare to be ready again, as a job
     or a server has seconds between switches."""
     from vlmux.pool import ModelPool
-    from vlmux.worker.process import warm_fork_server
+    from vlmux.pool.process import warm_fork_server
 
     start = time.perf_counter()
     warm_fork_server()

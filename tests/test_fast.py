@@ -17,7 +17,7 @@ from vlmux.backends.fast import FastConfig, auto_batch_size, cache_length, gener
 from vlmux.backends.transformers import TransformersBackend
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.worker.handler import Handler
-from vlmux.worker.protocol import Caption, Captions, Load, Loaded
+from vlmux.protocol import Caption, Captions, Load, Loaded
 
 GEN = GenerationSpec(max_new_tokens=10, ignore_eos=True)
 PROMPTS = ("Describe the image.", "What is in this picture?", "Colours and shapes, please, all of them.", "Caption.")

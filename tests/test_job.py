@@ -187,7 +187,7 @@ def test_auto_batch_size_sends_several_batches_per_request_with_the_captions_of_
     from vlmux.caption.sinks import JsonlSink
     from vlmux.caption.sources import collect_images
     from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-    from vlmux.worker.protocol import CPU_BATCH_SIZE
+    from vlmux.protocol import CPU_BATCH_SIZE
 
     draw_sample_images(tmp_path / "images", count=40, seed=6)
     refs = collect_images([str(tmp_path / "images")])
@@ -235,7 +235,7 @@ def test_two_cpu_replicas_caption_a_folder_side_by_side_with_the_same_output_as_
 
 
 def test_gpus_without_an_nvidia_gpu_fail_clearly(tmp_path, tiny_llava, image_dir):
-    from vlmux import vram
+    from vlmux.pool import vram
 
     if vram.available():
         pytest.skip("this machine has a GPU")

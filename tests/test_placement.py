@@ -3,8 +3,9 @@ import pytest
 
 from vlmux.config import ModelSpec
 from vlmux.estimate import Estimate
-from vlmux.placement import PlacementError, WorkerPlacement, device_map_options, place, select_gpus
-from vlmux.vram import GpuMemory
+from vlmux.backends.transformers import device_map_options
+from vlmux.pool.placement import PlacementError, WorkerPlacement, place, select_gpus
+from vlmux.pool.vram import GpuMemory
 
 GIB = 2**30
 CONTEXT = 620 * 2**20

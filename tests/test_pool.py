@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from vlmux import GenerationSpec, ModelLoadError, ModelPool, ModelSpec, PoolConfig, pipeline
-from vlmux.budget import parse_budget
-from vlmux.pool import ModelNotLoaded
+from vlmux.pool.budget import parse_budget
+from vlmux.pool.pool import ModelNotLoaded
 from vlmux.testing.processes import process_gone
-from vlmux.worker.process import WorkerDied
+from vlmux.errors import WorkerDied
 
 
 def rss_kib() -> int:
@@ -143,7 +143,7 @@ def test_a_spare_killed_while_it_waits_never_fails_a_load(tiny_llava):
 
 
 def test_a_worker_sees_only_the_gpus_of_its_placement_and_a_split_model_gets_its_device_map(tmp_path):
-    from vlmux.placement import WorkerPlacement
+    from vlmux.pool.placement import WorkerPlacement
 
     pool = ModelPool(PoolConfig(spare_worker=False))
     try:

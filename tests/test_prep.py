@@ -11,8 +11,8 @@ from vlmux.images import load_image
 from vlmux.testing.processes import children, descendants, process_gone
 from vlmux.testing.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
-from vlmux.worker.process import WorkerProcess
-from vlmux.worker.protocol import Caption, Captions, Load, Loaded
+from vlmux.pool.process import WorkerProcess
+from vlmux.protocol import Caption, Captions, Load, Loaded
 
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 GEN = GenerationSpec(max_new_tokens=6)

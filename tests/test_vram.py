@@ -1,6 +1,6 @@
 import pytest
 
-from vlmux import vram
+from vlmux.pool import vram
 
 
 def test_without_a_gpu_it_says_so(monkeypatch):

@@ -1,7 +1,7 @@
 """The spare worker: warm for one placement, never handed to a load placed elsewhere."""
 from vlmux.config import ModelSpec
-from vlmux.worker.process import Spawner
-from vlmux.worker.protocol import Caption, Captions, Load, Loaded, Warm
+from vlmux.pool.process import Spawner
+from vlmux.protocol import Caption, Captions, Load, Loaded, Warm
 from vlmux.config import GenerationSpec
 
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}

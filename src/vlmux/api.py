@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import fields, replace
 from typing import Any, Sequence
 
-from vlmux import vram
+from vlmux.pool import vram
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.images import ImageError, ImageInput
 from vlmux.pool import ModelPool

@@ -1,4 +1,4 @@
-"""What the pool raises to its callers (re-exported by `vlmux.pool`)."""
+"""What the pool raises to its callers; all of it is exported from `vlmux`."""
 
 
 class ModelLoadError(RuntimeError):
@@ -9,5 +9,14 @@ class PoolFull(RuntimeError):
     """The model does not fit the VRAM budget even after evicting every idle model."""
 
 
-class ModelNotLoaded(KeyError):
-    pass
+class ModelNotLoaded(LookupError):
+    """The name is not loaded in this pool (never loaded, unloaded, evicted or expired): load() it again."""
+
+
+class WorkerDied(RuntimeError):
+    """The worker process ended, or stopped answering and was killed, while a request was with it. The request
+    failed; the model is loaded again for the next one."""
+
+
+class PoolClosed(RuntimeError):
+    """The pool was closed; nothing more can be loaded or asked of it."""

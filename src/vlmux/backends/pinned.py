@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from vlmux.checkpoint import read_index
-from vlmux.hot import available_host_bytes
+from vlmux.hostmem import available_host_bytes
 
 REGISTER_READ_ONLY = 8  # cudaHostRegisterReadOnly: a read-only file mapping is pinned without copy-on-write
 SLICE_BYTES = 64 << 20  # registered in slices, on threads: pinning pages is the slow part

@@ -25,7 +25,6 @@ from vlmux.backends.loader import (
 from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
-from vlmux.placement import device_map_options
 
 WARM_UP = GenerationSpec(max_new_tokens=4, ignore_eos=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -340,3 +339,10 @@ def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, 
             timings["pinned_gb"] = 0.0
         timings["pin"] = time.perf_counter() - begin
     return timings
+
+
+def device_map_options(spec: ModelSpec, device: str) -> dict:
+    """from_pretrained's placement arguments: one device, or a split over the worker's visible GPUs."""
+    if not spec.max_memory:
+        return {"device_map": device}
+    return {"device_map": "auto", "max_memory": dict(enumerate(spec.max_memory))}

@@ -9,14 +9,14 @@ from typing import Callable, Iterator
 
 from tqdm import tqdm
 
-from vlmux import vram
+from vlmux.pool import vram
 from vlmux.caption.plan import ModelPlan, job_decode, job_prep, render_prompt
 from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
-from vlmux.worker.process import WorkerDied
-from vlmux.worker.protocol import CPU_BATCH_SIZE, Caption, Captions, ItemResult
+from vlmux.errors import WorkerDied
+from vlmux.protocol import CPU_BATCH_SIZE, Caption, Captions, ItemResult
 
 IN_FLIGHT = 2  # requests queued at the worker, so it never waits for the parent between requests
 # Model batches per worker request: the worker decodes and preprocesses batch i+1 while batch i generates, which a

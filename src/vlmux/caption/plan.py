@@ -8,7 +8,7 @@ from pathlib import Path
 
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.worker.protocol import CPU_BATCH_SIZE
+from vlmux.protocol import CPU_BATCH_SIZE
 
 if sys.version_info >= (3, 11):
     import tomllib

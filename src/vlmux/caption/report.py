@@ -9,9 +9,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vlmux import vram
+from vlmux.pool import vram
 from vlmux.caption.job import ModelReport
-from vlmux.hot import available_host_bytes, host_ram
+from vlmux.hostmem import available_host_bytes, host_ram
 
 SAMPLE_SECONDS = 0.1
 

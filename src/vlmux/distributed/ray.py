@@ -18,13 +18,13 @@ from typing import Any
 
 from tqdm import tqdm
 
-from vlmux import vram
+from vlmux.pool import vram
 from vlmux.caption.job import CaptionJob, Event, ModelReport, models_to_caption, record, results_or_halves
 from vlmux.caption.plan import ModelPlan, render_prompt
 from vlmux.caption.sinks import model_tag
 from vlmux.caption.sources import UsageError
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.worker.protocol import Captions
+from vlmux.protocol import Captions
 
 MAX_BLOCKS = 10_000
 RELEASE_WAIT = 60.0  # seconds the driver waits for a model's actors to report their workers gone
@@ -260,7 +260,7 @@ def _image(value: Any) -> str | bytes | Any:
 
 
 def _item(caption: Any, error: Any):
-    from vlmux.worker.protocol import ItemResult
+    from vlmux.protocol import ItemResult
 
     return ItemResult(_text(caption), _text(error))
 

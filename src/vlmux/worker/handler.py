@@ -9,7 +9,7 @@ from PIL import Image
 
 from vlmux.images import ImageError, load_image
 from vlmux.worker import prep
-from vlmux.worker.protocol import (
+from vlmux.protocol import (
     CPU_BATCH_SIZE, Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep,
     Wake, Warm,
 )

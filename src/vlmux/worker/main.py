@@ -8,7 +8,7 @@ import time
 from multiprocessing.connection import Connection
 
 from vlmux.worker.handler import Handler
-from vlmux.worker.protocol import Exit
+from vlmux.protocol import Exit
 
 PARENT_POLL_SECONDS = 0.5
 

@@ -10,10 +10,10 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from vlmux.config import PoolConfig
-from vlmux.placement import WorkerPlacement
-from vlmux.resident import Resident
-from vlmux.worker.process import Spawner, WorkerProcess
-from vlmux.worker.protocol import Warm
+from vlmux.pool.placement import WorkerPlacement
+from vlmux.pool.resident import Resident
+from vlmux.pool.process import Spawner, WorkerProcess
+from vlmux.protocol import Warm
 
 RECENT_MODELS = 3  # models a warm spare gets ready for
 WARM_AFTER_AT_MOST = 30.0  # seconds a spare waits for a busy new model before it warms up anyway

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vlmux.budget import parse_budget
-from vlmux.config import ModelSpec
+from vlmux.pool.budget import parse_budget
 from vlmux.estimate import Estimate
-from vlmux.vram import GpuMemory
+from vlmux.pool.vram import GpuMemory
 
 GIB = 2**30
 
@@ -141,13 +140,6 @@ def _split(need: Estimate, room: dict[int, int], replicas: int | None) -> tuple[
         f"cannot hold it either ({_rooms(room)}, {_gib(together)} in all). "
         + ("Use --gpus all to split it across this host's GPUs, " if len(room) == 1 else "")
         + "lower --batch-size, use a smaller --dtype or raise --vram-budget")
-
-
-def device_map_options(spec: ModelSpec, device: str) -> dict:
-    """from_pretrained's placement arguments: one device, or a split over the worker's visible GPUs."""
-    if not spec.max_memory:
-        return {"device_map": device}
-    return {"device_map": "auto", "max_memory": dict(enumerate(spec.max_memory))}
 
 
 def _gib(size: int) -> str:

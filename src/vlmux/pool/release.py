@@ -1,9 +1,9 @@
 """Verified release: what a stopped worker's memory must come back to, and the wait until NVML shows it back."""
 from __future__ import annotations
 
-from vlmux import vram
-from vlmux.resident import Resident
-from vlmux.worker.inprocess import InProcessWorker
+from vlmux.pool import vram
+from vlmux.pool.resident import Resident
+from vlmux.pool.inprocess import InProcessWorker
 
 
 def release_references(resident: Resident, baselines: dict[int, int]) -> dict[int, int]:

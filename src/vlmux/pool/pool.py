@@ -10,22 +10,23 @@ from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
-from vlmux import vram
-from vlmux.budget import parse_budget
+from vlmux.pool import vram
+from vlmux.pool.budget import parse_budget
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.dispatch import dispatch
+from vlmux.pool.dispatch import dispatch
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolFull
 from vlmux.estimate import estimate
-from vlmux.hot import host_budget, to_evict
+from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
-from vlmux.placement import WorkerPlacement, place, select_gpus
-from vlmux.release import release_references, verify_release
-from vlmux.resident import ModelStatus, Request, Resident
-from vlmux.spare import WarmSpare
-from vlmux.worker.inprocess import InProcessWorker
-from vlmux.worker.process import WorkerDied, WorkerProcess
-from vlmux.worker.protocol import Caption, Chat, ItemResult, Load, Loaded, Sleep, Wake
+from vlmux.pool.placement import WorkerPlacement, place, select_gpus
+from vlmux.pool.release import release_references, verify_release
+from vlmux.pool.resident import ModelStatus, Request, Resident
+from vlmux.pool.spare import WarmSpare
+from vlmux.pool.inprocess import InProcessWorker
+from vlmux.errors import WorkerDied
+from vlmux.pool.process import WorkerProcess
+from vlmux.protocol import Caption, Chat, ItemResult, Load, Loaded, Sleep, Wake
 
 __all__ = ["ModelLoadError", "ModelNotLoaded", "ModelPool", "PoolFull"]
 

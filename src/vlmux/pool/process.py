@@ -9,13 +9,10 @@ import time
 from multiprocessing.connection import wait
 
 from vlmux.worker.main import serve
-from vlmux.worker.protocol import Exit, Reply, Request, Warm
+from vlmux.errors import WorkerDied
+from vlmux.protocol import Exit, Reply, Request, Warm
 
 _PRELOAD = ["vlmux.worker.preload"]
-
-
-class WorkerDied(RuntimeError):
-    """The worker process ended while the parent was waiting for it."""
 
 
 def _context() -> multiprocessing.context.BaseContext:

@@ -5,7 +5,7 @@ import pytest
 
 from vlmux import ModelPool, ModelSpec, PoolConfig
 from vlmux.estimate import estimate
-from vlmux.hot import host_budget, host_ram, to_evict
+from vlmux.pool.host_tier import host_budget, host_ram, to_evict
 
 
 def test_the_least_recently_used_sleepers_make_room():

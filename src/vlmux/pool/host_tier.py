@@ -2,23 +2,10 @@
 GPU) under a host-RAM budget, so waking one is a copy over PCIe instead of a load from disk."""
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
-from vlmux.budget import parse_budget
-
-
-def host_ram() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def available_host_bytes() -> int:
-    """MemAvailable: what the host can still give without swapping (page cache it may drop included)."""
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    return 0
+from vlmux.hostmem import host_ram
+from vlmux.pool.budget import parse_budget
 
 
 def host_budget(budget: str | float | int | None) -> int | None:

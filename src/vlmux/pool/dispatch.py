@@ -7,9 +7,9 @@ from collections.abc import Callable
 from concurrent.futures import Future
 
 from vlmux.errors import ModelNotLoaded
-from vlmux.resident import Request, Resident
-from vlmux.worker.process import WorkerDied
-from vlmux.worker.protocol import Caption, Captions, Chat, Chatted, Failed
+from vlmux.pool.resident import Request, Resident
+from vlmux.errors import WorkerDied
+from vlmux.protocol import Caption, Captions, Chat, Chatted, Failed
 
 
 def dispatch(resident: Resident, max_batch_size: int, wake: Callable[[str], None],

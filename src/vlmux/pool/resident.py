@@ -10,10 +10,10 @@ from pathlib import Path
 
 from vlmux.config import ModelSpec
 from vlmux.estimate import Estimate
-from vlmux.placement import WorkerPlacement
-from vlmux.worker.inprocess import InProcessWorker
-from vlmux.worker.process import WorkerProcess
-from vlmux.worker.protocol import Caption, Chat, Loaded
+from vlmux.pool.placement import WorkerPlacement
+from vlmux.pool.inprocess import InProcessWorker
+from vlmux.pool.process import WorkerProcess
+from vlmux.protocol import Caption, Chat, Loaded
 
 
 @dataclass

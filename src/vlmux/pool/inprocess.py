@@ -7,9 +7,9 @@ from __future__ import annotations
 import os
 import threading
 
-from vlmux import vram
+from vlmux.pool import vram
 from vlmux.worker.handler import Handler
-from vlmux.worker.protocol import Reply, Request
+from vlmux.protocol import Reply, Request
 
 
 class InProcessWorker:
