@@ -7,9 +7,8 @@ from typing import Any, Union
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import ImageInput
 
-# What a Caption's batch_size=None means off CUDA (on CUDA the worker sizes batches from free memory): the size
-# `vlmux caption` has always used there; no measurement has shown a better one yet.
-CPU_BATCH_SIZE = 8
+
+CPU_BATCH_SIZE = 8  # moving: the worker alone resolves an auto batch size (Loaded.batch_size)
 
 
 @dataclass(frozen=True)
@@ -17,6 +16,11 @@ class Load:
     spec: ModelSpec
     path: str
     env: dict[str, str]  # applied before CUDA starts: CUDA_VISIBLE_DEVICES places the worker
+    # Device bytes the worker may spend on batches (KV cache and activations) beyond its weights and context: the
+    # placement's charge less the weights. None: no budget from the pool (the CPU); the worker keeps to free memory.
+    memory_budget: int | None = None
+    batch_size: int | None = None  # the caller's largest batch; None: auto, the worker sizes it within its budget
+    max_new_tokens: int = GenerationSpec.max_new_tokens  # what Loaded.batch_size is sized for
 
 
 @dataclass(frozen=True)
@@ -34,7 +38,7 @@ class Caption:
     items: list[ImageInput]
     prompts: list[str]
     gen: GenerationSpec
-    batch_size: int | None  # images per model batch, capped by free device memory; None: the worker picks
+    batch_size: int | None  # images per model batch, capped by the worker's budget; None: the worker's own size
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,7 @@ class Loaded:
     device: str
     dtype: str
     timings: dict[str, float]  # where the load time went: processor, cuda_init, weights (= empty_model + stream)
+    batch_size: int = 1  # images per model batch for a Caption with batch_size None and Load.max_new_tokens
 
 
 @dataclass(frozen=True)
@@ -97,9 +102,17 @@ class Done:
 
 
 @dataclass(frozen=True)
+class Heartbeat:
+    """Sent every HEARTBEAT_SECONDS while the worker works on a request: silence means it hangs."""
+
+
+HEARTBEAT_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
 class Failed:
     kind: str  # load | oom | request
     message: str
 
 
-Reply = Union[Loaded, Captions, Chatted, Done, Failed]
+Reply = Union[Loaded, Captions, Chatted, Done, Failed]  # Heartbeats come between, never instead of, a reply
