@@ -44,7 +44,7 @@ def main() -> None:
     import ray
 
     from vlmux.distributed.ray import run_ray_job
-    from vlmux.testing.tiny import build_tiny, draw_sample_images
+    from vlmux.tiny import build_tiny, draw_sample_images
 
     scratch = Path(tempfile.mkdtemp(prefix="vlmux-ray-bench-"))
     models = [build_tiny(scratch / arch, arch, seed=0) for arch in ("llava", "qwen2_vl")]

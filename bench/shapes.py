@@ -28,7 +28,7 @@ def build_shape(out_dir: Path, shape: str, seed: int = 0) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlmux.testing.tiny import build_tiny
+    from vlmux.tiny import build_tiny
 
     out_dir = Path(out_dir)
     if (out_dir / "model.safetensors.index.json").exists() or (out_dir / "model.safetensors").exists():

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from vlmux.pool import vram  # noqa: E402
-from vlmux.testing.tiny import ARCHITECTURES, build_tiny, draw_sample_images  # noqa: E402
+from vlmux.tiny import ARCHITECTURES, build_tiny, draw_sample_images  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):

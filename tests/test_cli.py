@@ -50,7 +50,7 @@ def test_rerun_skips_done_images_and_overwrite_redoes_them(tmp_path, image_dir, 
 
 
 def test_recursive_folders_give_relative_posix_paths_and_sidecars(tmp_path, tiny_llava):
-    from vlmux.testing.tiny import draw_sample_images
+    from vlmux.tiny import draw_sample_images
 
     root = tmp_path / "data"
     draw_sample_images(root / "a" / "b", count=2, seed=3)

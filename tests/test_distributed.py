@@ -16,7 +16,7 @@ import ray  # noqa: E402
 from vlmux.config import GenerationSpec  # noqa: E402
 from vlmux.testing.cli import read_jsonl as jsonl  # noqa: E402
 from vlmux.testing.cli import run_caption, start_caption as start  # noqa: E402
-from vlmux.testing.tiny import draw_sample_images  # noqa: E402
+from vlmux.tiny import draw_sample_images  # noqa: E402
 
 IMAGES = 32  # enough that the first model is still running when the driver is killed, even on fast cores
 

@@ -12,7 +12,7 @@ from vlmux.testing.cli import read_jsonl as jsonl
 from vlmux.testing.cli import run_caption as run
 from vlmux.testing.cli import start_caption as start
 from vlmux.testing.processes import children
-from vlmux.testing.tiny import draw_sample_images
+from vlmux.tiny import draw_sample_images
 
 
 def parquet(path: Path) -> list[dict]:

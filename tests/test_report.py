@@ -18,7 +18,7 @@ def chromium(*args: str, profile) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory, tiny_llava, tiny_qwen):
-    from vlmux.testing.tiny import draw_sample_images
+    from vlmux.tiny import draw_sample_images
 
     root = tmp_path_factory.mktemp("report")
     draw_sample_images(root / "images", count=6, seed=4)

@@ -24,7 +24,7 @@ import vlmux
 from vlmux.config import DEFAULT_PROMPT
 from vlmux.hub import resolve_model
 from vlmux.images import load_image
-from vlmux.testing import shapes
+from vlmux import shapes
 
 TEST_SEED = 7_654_321  # neither the training stream (0), its held-out set nor tools/eval_shapes.py
 SHAPES = "vlmux/shapes"

@@ -12,10 +12,10 @@ from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, PreTrainedModel, ProcessorMixin
 
 try:
-    from vlmux.testing.tiny import ARCHITECTURES, build_tiny, draw_sample_images
+    from vlmux.tiny import ARCHITECTURES, build_tiny, draw_sample_images
 except ModuleNotFoundError:  # running from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from vlmux.testing.tiny import ARCHITECTURES, build_tiny, draw_sample_images
+    from vlmux.tiny import ARCHITECTURES, build_tiny, draw_sample_images
 
 QUESTIONS = (
     "Describe the image.",

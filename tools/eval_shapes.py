@@ -18,7 +18,7 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import vlmux  # noqa: E402
-from vlmux.testing.shapes import write_dataset  # noqa: E402
+from vlmux.shapes import write_dataset  # noqa: E402
 
 # Training draws from seed 0 and checks itself on seed 1_000_003; this seed is neither.
 EVAL_SEED = 20_250_417

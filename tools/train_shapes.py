@@ -46,8 +46,8 @@ from transformers import (  # noqa: E402
 
 from vlmux.config import DEFAULT_PROMPT  # noqa: E402
 from vlmux.images import load_image  # noqa: E402
-from vlmux.testing import shapes  # noqa: E402
-from vlmux.testing.tiny import QWEN2_VL_SPECIALS, TextDims, VisionDims, qwen2_vl_parts  # noqa: E402
+from vlmux import shapes  # noqa: E402
+from vlmux.tiny import QWEN2_VL_SPECIALS, TextDims, VisionDims, qwen2_vl_parts  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "src" / "vlmux" / "models" / "shapes"

@@ -204,7 +204,7 @@ def _quiet_transformers() -> None:
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
-    from vlmux.testing.tiny import build_tiny
+    from vlmux.tiny import build_tiny
 
     _quiet_transformers()
     path = build_tiny(args.out_dir, args.arch, args.seed)

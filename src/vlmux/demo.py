@@ -11,7 +11,7 @@ from vlmux.caption.job import CaptionJob, run_job, summary_line
 from vlmux.caption.sinks import JsonlSink
 from vlmux.caption.sources import collect_images
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.testing.tiny import build_tiny
+from vlmux.tiny import build_tiny
 
 SHAPES = "vlmux/shapes"
 TINY_ARCH = "llava"
@@ -21,7 +21,7 @@ SAMPLE_SEED = 504  # a seed no training or evaluation uses, giving both relation
 
 def write_samples(folder: Path) -> None:
     """Regenerate the bundled samples (src/vlmux/samples) from the shapes grammar."""
-    from vlmux.testing.shapes import write_dataset
+    from vlmux.shapes import write_dataset
 
     written = write_dataset(folder, 6, SAMPLE_SEED, max_side=320, stem="sample_")
     captions = {path.name: caption for path, caption in written}
