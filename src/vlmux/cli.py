@@ -125,7 +125,8 @@ class _PerModel(argparse.Action):
 def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.job import CaptionJob, run_job, summary_line
     from vlmux.caption.plan import plans_from_file, plans_from_options
-    from vlmux.caption.sinks import SidecarSink, open_output
+    from vlmux.caption.outputs import open_output
+    from vlmux.caption.sinks import SidecarSink
     from vlmux.caption.sources import UsageError, collect_images
     from vlmux.caption.tables import MetadataSink
     from vlmux.hub import resolve_model

@@ -1,4 +1,5 @@
-"""Where captions go: a JSONL file and sidecar text files (tables.py has CSV, Parquet and ImageFolder metadata).
+"""Where captions go: a JSONL file and sidecar text files (tables.py has CSV, Parquet and ImageFolder metadata;
+outputs.py picks a sink from an output file's name).
 Every sink knows what it already holds, so a rerun resumes, and writes so that a kill at any moment leaves only
 whole records."""
 from __future__ import annotations
@@ -118,22 +119,6 @@ class SidecarSink:
 def model_tag(model: str) -> str:
     """A short, file-name-safe name for a model: 'Qwen/Qwen2-VL-2B-Instruct' -> 'Qwen2-VL-2B-Instruct'."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name) or "model"
-
-
-def open_output(path: Path) -> Sink:
-    """The sink for -o PATH: the name picks the format."""
-    from vlmux.caption.tables import MetadataSink, TableSink
-
-    if not path.parent.exists():
-        raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
-    if path.name in ("metadata.jsonl", "metadata.csv"):
-        return MetadataSink(path)
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return JsonlSink(path)
-    if suffix in (".csv", ".parquet"):
-        return TableSink(path)
-    raise UsageError(f"{path}: unsupported output format {path.suffix!r}; use .jsonl, .csv, .parquet or metadata.jsonl")
 
 
 def _line(record: Record) -> str:
