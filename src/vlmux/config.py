@@ -60,9 +60,11 @@ class PoolConfig:
 
     vram_budget: str | float | int | None = None  # "0.9" of the device, "40GiB", bytes, or None for all
     keep_alive: float | None = None  # seconds an idle model stays loaded; None keeps it until evicted
-    max_batch_size: int = 8
+    max_batch_size: int | None = None  # images per model batch; None: auto, the worker sizes it within its budget
     unload_grace: float = 5.0  # seconds a worker may take to exit before it is killed
     release_timeout: float = 10.0  # seconds to wait for NVML to show the memory back
+    hang_timeout: float = 30.0  # seconds a working worker may send nothing (no heartbeat) before it is killed
+    request_timeout: float | None = None  # seconds one worker call may take at most; None: no limit while it works
     isolation: str = "process"  # process | none
     spare_worker: bool = True
     # Once a pool has switched models on a GPU, its spare also creates a CUDA context there and runs the recent
@@ -80,8 +82,8 @@ class PoolConfig:
     def __post_init__(self) -> None:
         if self.isolation not in ("process", "none"):
             raise ValueError("isolation must be 'process' or 'none'")
-        if self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1, or None for auto")
 
 
 def _is_device(device: str) -> bool:

@@ -8,6 +8,10 @@ import os
 import threading
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from vlmux.pool.workers import GpuInventory
 
 MIB = 1024 * 1024
 
@@ -135,23 +139,26 @@ def cpu_release(pid: int, alive: bool, host_bytes: int | None) -> Release:
     return Release(None, not alive, None, 0.0, f"CPU worker {pid} {state}; no GPU memory to verify")
 
 
-def unattributed(index: int) -> int:
+def unattributed(index: int, inventory: GpuInventory | None = None) -> int:
     """Device memory that NVML books to no running process: driver reservations, and anything a dead
     process failed to give back. Unlike the device total, other processes loading at the same time
     (the next model, another tenant) do not move it."""
-    return gpu_memory(index).used - sum(process_memory(index).values())
+    inventory = inventory or NVML
+    return inventory.memory(index).used - sum(inventory.process_memory(index).values())
 
 
-def wait_for_release(index: int, pid: int, baseline_unattributed: int, timeout: float, poll: float = 0.01) -> Release:
+def wait_for_release(index: int, pid: int, baseline_unattributed: int, timeout: float, poll: float = 0.01,
+                     inventory: GpuInventory | None = None) -> Release:
     """Poll until `pid` has no NVML process entry on GPU `index` and the memory booked to no process is back
-    to its baseline; report the two separately."""
+    to its baseline; report the two separately. NVML has no event for either, so this polls."""
+    inventory = inventory or NVML
     start = time.perf_counter()
     deadline = start + timeout
     process_gone = False
     while True:
         if not process_gone:
-            process_gone = pid not in process_memory(index)
-        residue = max(0, unattributed(index) - baseline_unattributed) / MIB if process_gone else None
+            process_gone = pid not in inventory.process_memory(index)
+        residue = max(0, unattributed(index, inventory) - baseline_unattributed) / MIB if process_gone else None
         now = time.perf_counter()
         if (process_gone and residue == 0) or now >= deadline:
             if not process_gone:
@@ -177,3 +184,25 @@ def combined(releases: list[Release]) -> Release:
     notes = "; ".join(r.note for r in checked if r.note)
     return Release(all(r.verified for r in checked), all(r.process_gone for r in checked), residue,
                    max(r.seconds for r in releases), f"{len(releases)} parts" + (f": {notes}" if notes else ""))
+
+
+class NvmlInventory:
+    """The GPU inventory of this host, as NVML's books show it (the pool's default `GpuInventory`)."""
+
+    def status(self) -> str | None:
+        return nvml_status()
+
+    def gpus(self) -> list[GpuMemory]:
+        return gpus()
+
+    def memory(self, index: int) -> GpuMemory:
+        return gpu_memory(index)
+
+    def process_memory(self, index: int) -> dict[int, int]:
+        return process_memory(index)
+
+    def physical_index(self, device: str) -> int | None:
+        return physical_index(device)
+
+
+NVML = NvmlInventory()

@@ -1,0 +1,393 @@
+"""The scheduler: every decision about which models hold which memory (load, evict, expire, unload, reload after a
+death) is taken under its one lock, and every slow thing (a worker's load, exit or release check, an NVML wait)
+happens outside it. Victims are chosen under the lock and released outside it, so a caller of one model waits for
+another model's release only when it needs that model's memory."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from vlmux.config import ModelSpec, PoolConfig
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
+from vlmux.estimate import MAX_AUTO_BATCH, Estimate, estimate
+from vlmux.hub import resolve_model
+from vlmux.pool import vram
+from vlmux.pool.budget import parse_budget
+from vlmux.pool.exits import ExitWatch
+from vlmux.pool.placement import WorkerPlacement
+from vlmux.pool.release import VerifiedRelease
+from vlmux.pool.runner import SERVING, Request, Runner, State
+from vlmux.pool.spare import WarmSpare
+from vlmux.pool.workers import GpuInventory, WorkerFactory
+from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a model takes on a GPU with its smallest and its largest batch."""
+
+    smallest: Estimate
+    largest: Estimate
+
+
+class Scheduler:
+    def __init__(self, config: PoolConfig, inventory: GpuInventory, workers: WorkerFactory) -> None:
+        self.config = config
+        self.inventory = inventory
+        self.workers = workers
+        self.last_release: dict[str, vram.Release] = {}
+        self._lock = threading.Lock()
+        self._runners: dict[str, Runner] = {}
+        self._stopping: set[Runner] = set()  # off the table, still on their GPUs until their release is verified
+        self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first load
+        self._closed = False
+        self._exits = ExitWatch(self._on_exit)
+        self.spare = WarmSpare(config, workers, self)
+
+    # -- loading ----------------------------------------------------------------------------------------------
+
+    def load(self, spec: ModelSpec, name: str, placement: WorkerPlacement | None = None,
+             max_new_tokens: int | None = None) -> Runner:
+        """The runner for `name`, loaded: an existing one, or a new one once room is made for it."""
+        path = resolve_model(spec.model, spec.revision)
+        tokens = max_new_tokens or Load.max_new_tokens
+        needs = self._needs(spec, path, tokens, placement)
+        while True:
+            with self._lock:
+                self._check_open()
+                runner = self._runners.get(name)
+                if runner is None or runner.state is State.DEAD:
+                    decision = self._decide(spec, path, name, placement, needs)
+                    if isinstance(decision, list):  # memory on its way back from releases under way
+                        waiting = decision
+                    else:
+                        runner, victims = decision
+                        break
+            if runner is not None and runner.state is not State.DEAD:
+                return self._await_loaded(runner)
+            wait(waiting)
+        self._stop_all(victims)
+        return self._start(runner, tokens)
+
+    def _needs(self, spec: ModelSpec, path: Path, tokens: int, placement: WorkerPlacement | None) -> Needs:
+        on_gpu = bool(placement.gpus) if placement is not None else self._gpu(spec.device) is not None
+        fixed = self.config.max_batch_size
+        return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu),
+                     estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu))
+
+    def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None, needs: Needs):
+        """With the lock held: a new runner and the idle runners to evict for it, or the releases to wait for."""
+        if placement is None:
+            gpu = self._gpu(spec.device)
+            placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (self._charge(gpu, needs),))
+        victims: list[Runner] = []
+        for gpu, charge in placement.booked().items():
+            self._baselines.setdefault(gpu, vram.unattributed(gpu, self.inventory))
+            found = self._make_room(gpu, charge, name, victims)
+            if isinstance(found, list):
+                return found
+            victims += found
+        runner = Runner(name, spec, path, placement, needs.smallest, self._lock)
+        dead = self._runners.get(name)
+        if dead is not None:  # requests queued for a worker that died go to its successor
+            runner.pending, dead.pending = dead.pending, runner.pending
+            runner.in_flight, dead.in_flight = len(runner.pending), dead.in_flight - len(runner.pending)
+        self._runners[name] = runner
+        for victim in victims:
+            self._retire(victim, ModelNotLoaded(f"{victim.name} was evicted"))
+        return runner, victims
+
+    def _charge(self, gpu: int, needs: Needs) -> int:
+        """What a new runner books on `gpu`: room for its largest batch if the GPU has it now, else its smallest."""
+        room = min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
+        return needs.largest.total if needs.largest.total <= room else needs.smallest.total
+
+    def _make_room(self, gpu: int, need: int, name: str, chosen: list[Runner]) -> list[Runner] | list[Future]:
+        """Idle runners on `gpu` to evict, least recently used first, so `need` fits its budget and its free memory;
+        or, if only releases under way can make room, their futures."""
+        budget = self._budget(gpu)
+        booked = self._booked().get(gpu, 0) - sum(r.placement.booked().get(gpu, 0) for r in chosen)
+        free = self.inventory.memory(gpu).free
+        idle = sorted((r for r in self._runners.values() if gpu in r.placement.gpus and r.state in SERVING
+                       and r.in_flight == 0 and r not in chosen), key=lambda r: r.last_used)
+        victims: list[Runner] = []
+        while booked + need > budget or need > free:
+            if not idle:
+                releasing = [r.stopped for r in [*self._runners.values(), *self._stopping] if gpu in r.placement.gpus
+                             and r.state in (State.STOPPING, State.DEAD) and not r.stopped.done()]
+                if releasing:
+                    return releasing
+                held = [r for r in self._runners.values() if gpu in r.placement.gpus and r.name != name]
+                resident = ", ".join(f"{r.name} (~{r.placement.booked()[gpu] / 2**30:.1f} GiB, {r.state.value}"
+                                     f"{', busy' if r.in_flight else ''})" for r in held)
+                raise PoolFull(
+                    f"{name} needs ~{need / 2**30:.1f} GiB on GPU {gpu}; budget {budget / 2**30:.1f} GiB, "
+                    f"free {free / 2**30:.1f} GiB; resident: {resident or 'none'}. "
+                    "Raise --vram-budget, lower --batch-size, or unload a model.")
+            victim = idle.pop(0)
+            victims.append(victim)
+            booked -= victim.placement.booked()[gpu]
+            free += victim.placement.booked()[gpu]
+        return victims
+
+    def _start(self, runner: Runner, tokens: int) -> Runner:
+        """Load the runner's worker, without the lock; a spare that died while it waited gets one replacement."""
+        placement, need = runner.placement, runner.estimate
+        budget = placement.charges[0] - need.weights - need.context if len(placement.gpus) == 1 else None
+        request = Load(replace(runner.spec, device=placement.device, max_memory=placement.max_memory), str(runner.path),
+                       placement.env, budget, self.config.max_batch_size, tokens)
+        reply, release = None, None
+        for _ in range(2):
+            with self._lock:
+                if runner.state is State.STOPPING:
+                    break
+            worker = self.workers.take(placement.env)
+            with self._lock:
+                runner.worker = worker
+            try:
+                reply, release = worker.call(request), None
+                break
+            except WorkerDied as e:
+                reply, release = Failed("load", str(e)), worker.stop(0, self._check(runner))
+            except Exception as e:  # noqa: BLE001 - a request the worker could not take: the load fails cleanly
+                reply, release = Failed("load", f"{type(e).__name__}: {e}"), None
+                break
+        with self._lock:
+            cancelled = runner.state is State.STOPPING
+            if isinstance(reply, Loaded) and not cancelled:
+                runner.loaded, runner.state = reply, State.READY
+                runner.start(self._on_idle, self._on_death, self.config.request_timeout)
+                if runner.worker.sentinel is not None:
+                    self._exits.watch(runner.worker.sentinel, runner)
+                self._on_idle(runner)
+            elif cancelled:
+                runner.load_error = PoolClosed("the pool was closed") if self._closed else ModelNotLoaded(
+                    f"{runner.name} was unloaded while it loaded")
+            else:
+                runner.load_error = ModelLoadError(f"could not load {runner.spec.model}: {reply.message}")
+                if self._runners.get(runner.name) is runner:
+                    del self._runners[runner.name]
+                runner.state = State.DEAD
+                runner.fail_pending(runner.load_error)
+            runner.changed.notify_all()
+        if runner.state in SERVING:
+            self.spare.after_load(runner)
+            return runner
+        if release is None and runner.worker is not None:
+            release = runner.worker.stop(self.config.unload_grace, self._check(runner))
+        self._finish_stop(runner, release or vram.Release(None, True, None, 0.0, "stopped before its worker started"))
+        raise runner.load_error
+
+    def _await_loaded(self, runner: Runner) -> Runner:
+        with self._lock:
+            while runner.state is State.LOADING:
+                runner.changed.wait()
+            if runner.state in SERVING:
+                return runner
+        raise runner.load_error or ModelNotLoaded(f"{runner.name} was unloaded while it loaded")
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    def submit(self, name: str, payload: Caption | Chat | Sleep | Wake) -> Future:
+        """Accept a request for `name`; a model whose worker died is loaded again for it. Once accepted, only its
+        own failure, an unload or closing the pool can fail it: never expiry or eviction."""
+        request = Request.of(payload)
+        with self._lock:
+            self._check_open()
+            runner = self._runners.get(name)
+            if runner is None or runner.state is State.STOPPING:
+                raise ModelNotLoaded(f"{name} is not loaded; call load() first")
+            runner.accept(request)
+            reload = runner.state is State.DEAD and not runner.reloading
+            runner.reloading |= reload
+        if reload:
+            threading.Thread(target=self._reload, args=(runner,), name=f"vlmux-reload-{name}", daemon=True).start()
+        return request.future
+
+    def _reload(self, dead: Runner) -> None:
+        try:
+            if not dead.stopped.done():
+                dead.stopped.result()  # its memory is verified back before its successor books any
+            self.load(dead.spec, dead.name, dead.placement)
+        except Exception as e:  # noqa: BLE001 - the queued requests carry the reason
+            with self._lock:
+                dead.fail_pending(e)
+                dead.reloading = False
+
+    # -- stopping ---------------------------------------------------------------------------------------------
+
+    def unload(self, name: str) -> Future:
+        """Stop `name`'s worker; the future gives its verified Release."""
+        with self._lock:
+            runner = self._runners.pop(name, None)
+            if runner is None:
+                raise ModelNotLoaded(f"{name} is not loaded")
+            stopping = runner.state not in (State.LOADING, State.DEAD)
+            self._retire(runner, ModelNotLoaded(f"{name} was unloaded"))
+        if stopping:
+            self._stop_all([runner], block=False)
+        return runner.stopped
+
+    def close(self) -> None:
+        """Stop every worker, loads under way included, and return once each one's release is verified."""
+        with self._lock:
+            self._closed = True
+            runners = list(self._runners.values())
+            self._runners.clear()
+            idle = [r for r in runners if r.state in SERVING]
+            for runner in runners:
+                self._retire(runner, PoolClosed("the pool was closed"))
+            stopping = list(self._stopping)
+        self._stop_all(idle, block=False)
+        wait([r.stopped for r in runners + stopping])
+        self.spare.close()
+        self._exits.close()
+
+    def _retire(self, runner: Runner, reason: BaseException) -> None:
+        """With the lock held: take the runner out of service; its worker is stopped by whoever called this, by
+        its loader if it is still loading, or already by its death."""
+        if runner.state is not State.DEAD:
+            runner.state = State.STOPPING
+            self._stopping.add(runner)
+        runner.fail_pending(reason)
+        runner.answered.set()
+        if runner.expiry is not None:
+            runner.expiry.cancel()
+            runner.expiry = None
+        runner.changed.notify_all()
+
+    def _stop_all(self, runners: list[Runner], block: bool = True) -> None:
+        threads = [threading.Thread(target=self._stop, args=(r,), name=f"vlmux-stop-{r.name}", daemon=True)
+                   for r in runners]
+        for thread in threads:
+            thread.start()
+        if block:
+            wait([r.stopped for r in runners])
+
+    def _stop(self, runner: Runner) -> None:
+        if runner.worker.sentinel is not None:
+            self._exits.forget(runner.worker.sentinel)
+        try:
+            release = runner.worker.stop(self.config.unload_grace, self._check(runner))
+        except BaseException as e:  # noqa: BLE001 - whoever waits for the release gets the reason
+            runner.stopped.set_exception(e)
+            self._forget(runner)
+            return
+        runner.join(self.config.unload_grace)
+        self._finish_stop(runner, release)
+
+    def _finish_stop(self, runner: Runner, release: vram.Release, keep: bool = False) -> None:
+        self.last_release[runner.name] = release
+        runner.stopped.set_result(release)
+        if not keep:
+            self._forget(runner)
+
+    def _forget(self, runner: Runner) -> None:
+        with self._lock:
+            self._stopping.discard(runner)
+        self.spare.after_release()
+
+    def _check(self, runner: Runner) -> VerifiedRelease:
+        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines, self.config.release_timeout)
+
+    # -- events from runners, timers and exits ----------------------------------------------------------------
+
+    def _on_idle(self, runner: Runner) -> None:
+        """With the lock held, when a runner has nothing in flight: its keep-alive timer starts."""
+        if self.config.keep_alive is None or runner.state not in SERVING:
+            return
+        runner.expiry = threading.Timer(self.config.keep_alive, self._expire, args=(runner,))
+        runner.expiry.daemon = True
+        runner.expiry.start()
+
+    def _expire(self, runner: Runner) -> None:
+        with self._lock:
+            current = runner.expiry is threading.current_thread() and runner.in_flight == 0
+            if not current or self._runners.get(runner.name) is not runner or runner.state not in SERVING:
+                return
+            del self._runners[runner.name]
+            self._retire(runner, ModelNotLoaded(f"{runner.name} expired"))
+        self._stop(runner)
+
+    def _on_exit(self, runner: Runner) -> None:
+        self._on_death(runner, WorkerDied(runner.worker.exit_reason()))
+
+    def _on_death(self, runner: Runner, error: WorkerDied) -> None:
+        """A worker ended by itself: its runner is dead (requests in flight failed, queued ones kept for the next
+        load), its memory verified back, and if requests are waiting the model is loaded again at once."""
+        with self._lock:
+            if runner.state in (State.STOPPING, State.DEAD):
+                return
+            runner.state = State.DEAD
+            runner.changed.notify_all()
+        if runner.worker.sentinel is not None:
+            self._exits.forget(runner.worker.sentinel)
+        self._finish_stop(runner, runner.worker.stop(0, self._check(runner)), keep=True)
+        with self._lock:
+            reload = bool(runner.pending) and not runner.reloading and self._runners.get(runner.name) is runner
+            runner.reloading |= reload
+        if reload:
+            self._reload(runner)
+
+    # -- reading ----------------------------------------------------------------------------------------------
+
+    def runner(self, name: str) -> Runner:
+        with self._lock:
+            runner = self._runners.get(name)
+        if runner is None or runner.state is State.STOPPING:
+            raise ModelNotLoaded(f"{name} is not loaded; call load() first")
+        return runner
+
+    def runners(self) -> list[Runner]:
+        with self._lock:
+            return list(self._runners.values())
+
+    def booked(self) -> dict[int, int]:
+        with self._lock:
+            return self._booked()
+
+    def releases_in_flight(self) -> list[Future]:
+        with self._lock:
+            return [r.stopped for r in self._stopping if not r.stopped.done()]
+
+    def holds_gpu(self) -> bool:
+        """A model on a GPU, or one loading: a warm spare stays warm."""
+        with self._lock:
+            return any(r.placement.gpus and r.state is not State.DEAD for r in self._runners.values())
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _booked(self) -> dict[int, int]:
+        """Bytes per GPU that our runners are counted for, until each one's release is verified."""
+        booked: dict[int, int] = {}
+        for runner in [*self._runners.values(), *self._stopping]:
+            if runner.stopped.done():
+                continue
+            for gpu, size in runner.placement.booked().items():
+                booked[gpu] = booked.get(gpu, 0) + size
+        return booked
+
+    def _budget(self, gpu: int) -> int:
+        total = self.inventory.memory(gpu).total
+        return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
+
+    def _gpu(self, device: str) -> int | None:
+        return self.inventory.physical_index(self.device(device))
+
+    def device(self, device: str) -> str:
+        """A spec's device as this host has it: auto is the first GPU if there is one."""
+        status = self.inventory.status()
+        if device == "auto":
+            return "cuda:0" if status is None else "cpu"
+        if device.startswith("cuda") and status is not None:
+            raise ModelLoadError(f"device {device} asked for, but {status}; use --device cpu")
+        return "cuda:0" if device == "cuda" else device
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PoolClosed("this ModelPool is closed")
