@@ -3,7 +3,7 @@ import io
 import pytest
 from PIL import Image
 
-from vlmux.images import ImageError, load_image
+from vlmux.images import ImageError, check_input, load_image
 
 
 def png_bytes(image: Image.Image, **options) -> bytes:
@@ -70,3 +70,30 @@ def test_decompression_bomb_is_reported_not_raised_as_a_crash():
 def test_missing_file_names_itself(tmp_path):
     with pytest.raises(ImageError, match="file not found"):
         load_image(tmp_path / "nope.png")
+
+
+@pytest.mark.parametrize("item, named", [
+    (None, "NoneType"),
+    (7, "int"),
+    ((b for b in [b"x"]), "generator"),
+    ([b"x"], "list"),
+])
+def test_what_is_not_a_path_bytes_or_a_picture_is_named(item, named):
+    reason = check_input(item)
+    assert reason == f"not an image: {named}; give a path, bytes or a PIL image"
+    with pytest.raises(ImageError) as raised:
+        load_image(item)
+    assert str(raised.value) == reason
+
+
+@pytest.mark.parametrize("size", [(0, 0), (0, 10), (10, 0)])
+def test_a_picture_without_pixels_is_an_image_error(size):
+    reason = check_input(Image.new("RGB", size))
+    assert reason is not None and f"{size[0]}x{size[1]}" in reason
+    with pytest.raises(ImageError, match="empty image"):
+        load_image(Image.new("RGB", size))
+
+
+def test_possible_images_pass_the_check_without_being_read(tmp_path):
+    for item in (tmp_path / "not yet written.png", "any/path.jpg", b"", b"not decoded here", Image.new("L", (1, 1))):
+        assert check_input(item) is None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import os
 import warnings
 from pathlib import Path
 from typing import Union
@@ -22,8 +23,21 @@ class ImageError(ValueError):
     """An input that is not a usable image; the message says why."""
 
 
+def check_input(item: object) -> str | None:
+    """Why `item` can never be an image (a wrong type, a PIL image without pixels), or None; decodes nothing."""
+    if isinstance(item, Image.Image):
+        width, height = item.size
+        return f"empty image: a {width}x{height} PIL image has no pixels" if width == 0 or height == 0 else None
+    if isinstance(item, (str, bytes, os.PathLike)):
+        return None
+    return f"not an image: {type(item).__name__}; give a path, bytes or a PIL image"
+
+
 def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE) -> Image.Image:
     """Decode one image to RGB, first frame only, EXIF rotation applied."""
+    reason = check_input(source)
+    if reason is not None:
+        raise ImageError(reason)
     if isinstance(source, Image.Image):
         return _to_rgb(source)
     try:
