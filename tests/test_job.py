@@ -187,7 +187,6 @@ def test_auto_batch_size_sends_several_batches_per_request_with_the_captions_of_
     from vlmux.caption.sinks import JsonlSink
     from vlmux.caption.sources import collect_images
     from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-    from vlmux.protocol import CPU_BATCH_SIZE
 
     draw_sample_images(tmp_path / "images", count=40, seed=6)
     refs = collect_images([str(tmp_path / "images")])
@@ -203,11 +202,13 @@ def test_auto_batch_size_sends_several_batches_per_request_with_the_captions_of_
     assert len(outputs[None]) == 40 and all(outputs[None].values())
     assert outputs[None] == outputs[3]  # greedy: how the images were batched changes no caption
     auto, fixed = reports[None], reports[3]
-    # 40 images, 8 per batch on the CPU, 4 batches per request: a request of 32, then one of 8.
-    assert BATCHES_PER_REQUEST * CPU_BATCH_SIZE == 32
-    assert (auto.largest_batch, auto.batches, auto.requests) == (8, 5, 2)
+    # With auto, every request (the first one too) holds BATCHES_PER_REQUEST batches of the size the worker picked
+    # at load, which is its largest batch: 40 images make ceil(40 / size) batches in ceil(40 / (4 * size)) requests.
+    picked = auto.largest_batch
+    assert BATCHES_PER_REQUEST == 4 and picked >= 1
+    assert (auto.batches, auto.requests) == (-(-40 // picked), -(-40 // (4 * picked)))
     assert (fixed.largest_batch, fixed.batches, fixed.requests) == (3, 14, 4)  # requests of 12, 12, 12, 4
-    assert "5 batches of up to 8 images in 2 requests" in summary_line(auto)
+    assert f"{auto.batches} batches of up to {picked} images in {auto.requests} request" in summary_line(auto)
     # A steady rate needs results from two requests or more (it leaves the first request's start-up out).
     assert auto.steady_images_per_second > 0 and fixed.steady_images_per_second > 0
     one = CaptionJob(refs[:5], [ModelSpec(str(tiny_qwen), device="cpu")], GenerationSpec(max_new_tokens=8),
@@ -241,3 +242,19 @@ def test_gpus_without_an_nvidia_gpu_fail_clearly(tmp_path, tiny_llava, image_dir
         pytest.skip("this machine has a GPU")
     result = run(str(image_dir), "-m", str(tiny_llava), "--gpus", "all", "-o", str(tmp_path / "out.jsonl"))
     assert result.returncode == 1 and "--gpus all asked for, but" in result.stderr
+
+
+def test_a_request_holds_four_batches_of_the_plan_s_size_or_else_of_the_size_the_worker_picked():
+    from vlmux.caption.job import BATCHES_PER_REQUEST, request_size
+    from vlmux.caption.plan import ModelPlan
+    from vlmux.config import GenerationSpec, ModelSpec
+
+    class Pool:  # the worker's own batch size, as it reported it at load (Loaded.batch_size)
+        def batch_size(self, name: str) -> int:
+            return {"a": 5, "a#1": 11}[name]
+
+    auto = ModelPlan(ModelSpec("a", device="cpu"), GenerationSpec())
+    assert request_size(auto, Pool(), "a") == BATCHES_PER_REQUEST * 5
+    assert request_size(auto, Pool(), "a#1") == BATCHES_PER_REQUEST * 11  # each replica by its own size
+    fixed = ModelPlan(ModelSpec("a", device="cpu"), GenerationSpec(), batch_size=3)
+    assert request_size(fixed, Pool(), "a") == BATCHES_PER_REQUEST * 3

@@ -5,7 +5,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 from tqdm import tqdm
 
@@ -16,7 +16,7 @@ from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
 from vlmux.errors import WorkerDied
-from vlmux.protocol import CPU_BATCH_SIZE, Caption, Captions, ItemResult
+from vlmux.protocol import Caption, Captions, ItemResult
 
 IN_FLIGHT = 2  # requests queued at the worker, so it never waits for the parent between requests
 # Model batches per worker request: the worker decodes and preprocesses batch i+1 while batch i generates, which a
@@ -77,45 +77,95 @@ class ModelReport:
         return round(self.batch_share)
 
 
-@dataclass
-class RequestSize:
-    """Images per worker request: BATCHES_PER_REQUEST model batches. With batch_size auto only the worker knows
-    its batch size (from free memory on CUDA), so requests follow the largest batch it has made so far: from
-    CPU_BATCH_SIZE they reach a GPU's batch size within a few requests, as each grows to 4x the last batch."""
-
-    batch_size: int | None
-    largest: int = CPU_BATCH_SIZE
-
-    def next(self) -> int:
-        return BATCHES_PER_REQUEST * (self.batch_size or self.largest)
-
-    def saw(self, captions: Captions) -> None:
-        self.largest = max([self.largest, *(result.batch for result in captions.results)])
-
-
 Event = Callable[[str, str], None]  # (model, what happened): load_start, loaded, unload_start, unloaded
 
 
-def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
+class ModelSteps(Protocol):
+    """What differs between run_job and the Ray path: how a model's workers load, caption and are released.
+    run_models does the rest alike for both: which models and images, events, timing, the report and the sinks'
+    flush. One model at a time: load, then caption, then release."""
+
+    # True: load returns once the workers are up (timed as load_seconds, "loaded" marked); False: they start as
+    # captioning starts, and caption_seconds includes their start.
+    loads_first: bool
+    # True: the workers are released (and verified) even when captioning failed, before the error goes on.
+    releases_after_failure: bool
+
+    def prepare(self, plan: ModelPlan, todo: list[ImageRef]) -> ModelPlan: ...
+    def load(self, plan: ModelPlan, todo: list[ImageRef]) -> int: ...  # workers captioning side by side
+    def caption(self, plan: ModelPlan, todo: list[ImageRef], report: ModelReport, bar: tqdm) -> None: ...
+    def release(self, plan: ModelPlan) -> vram.Release | None: ...
+
+
+def run_models(job: CaptionJob, steps: ModelSteps, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
+    """Each model that still lacks images, in turn: load, caption, release, with its events and report."""
     mark = event or (lambda model, what: None)
-    reports = []
+    reports: list[ModelReport] = []
+    for plan, report, todo in models_to_caption(job, reports):
+        plan = steps.prepare(plan, todo)
+        mark(plan.spec.model, "load_start")
+        start = time.perf_counter()
+        report.workers = steps.load(plan, todo)
+        if steps.loads_first:
+            report.load_seconds = time.perf_counter() - start
+            mark(plan.spec.model, "loaded")
+        captioned = False
+        try:
+            _caption_timed(job, steps, plan, todo, report, progress)
+            captioned = True
+        finally:  # verified back before the next model loads
+            if captioned or steps.releases_after_failure:
+                mark(report.model, "unload_start")
+                start = time.perf_counter()
+                report.release = steps.release(plan)
+                report.unload_seconds = time.perf_counter() - start
+                mark(report.model, "unloaded")
+    return reports
+
+
+def _caption_timed(job: CaptionJob, steps: ModelSteps, plan: ModelPlan, todo: list[ImageRef], report: ModelReport,
+                   progress: bool) -> None:
+    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
+    start = time.perf_counter()
+    try:
+        steps.caption(plan, todo, report, bar)
+    finally:
+        bar.close()
+        report.caption_seconds = time.perf_counter() - start
+        for sink in job.sinks:
+            sink.flush()
+
+
+def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
     # A job's switches are amortised over its images, and its report must show memory back at the baseline between
     # models, so no spare holds a context while the next model is waited for.
     with ModelPool(replace(pool_config, warm_spare=False)) as pool:
-        for plan, report, todo in models_to_caption(job, reports):
-            gpu_present = vram.available()
-            plan = replace(plan, spec=job_prep(job_decode(plan.spec, len(todo), gpu_present), len(todo), gpu_present))
-            mark(plan.spec.model, "load_start")
-            start = time.perf_counter()
-            names = _load_replicas(job, plan, pool)
-            report.workers = len(names)
-            report.load_seconds = time.perf_counter() - start
-            mark(plan.spec.model, "loaded")
-            try:
-                _caption_all(job, plan, names, todo, pool, report, progress)
-            finally:  # verified back before the next model loads
-                _unload(pool, names, report, mark)
-    return reports
+        return run_models(job, _PoolSteps(job, pool), progress, event)
+
+
+class _PoolSteps:
+    """run_job's steps: workers of this host's pool."""
+
+    loads_first = True
+    releases_after_failure = True
+
+    def __init__(self, job: CaptionJob, pool: ModelPool) -> None:
+        self.job, self.pool = job, pool
+        self.names: list[str] = []
+
+    def prepare(self, plan: ModelPlan, todo: list[ImageRef]) -> ModelPlan:
+        gpu_present = vram.available()
+        return replace(plan, spec=job_prep(job_decode(plan.spec, len(todo), gpu_present), len(todo), gpu_present))
+
+    def load(self, plan: ModelPlan, todo: list[ImageRef]) -> int:
+        self.names = _load_replicas(self.job, plan, self.pool)
+        return len(self.names)
+
+    def caption(self, plan: ModelPlan, todo: list[ImageRef], report: ModelReport, bar: tqdm) -> None:
+        _caption_all(self.job, plan, self.names, todo, self.pool, report, bar)
+
+    def release(self, plan: ModelPlan) -> vram.Release | None:
+        return vram.combined([future.result() for future in [self.pool.unload_async(name) for name in self.names]])
 
 
 def _load_replicas(job: CaptionJob, plan: ModelPlan, pool: ModelPool) -> list[str]:
@@ -133,14 +183,6 @@ def _load_replicas(job: CaptionJob, plan: ModelPlan, pool: ModelPool) -> list[st
                 pool.unload(name)
         raise failed[0]
     return names
-
-
-def _unload(pool: ModelPool, names: list[str], report: ModelReport, mark: Event) -> None:
-    mark(report.model, "unload_start")
-    start = time.perf_counter()
-    report.release = vram.combined([future.result() for future in [pool.unload_async(name) for name in names]])
-    report.unload_seconds = time.perf_counter() - start
-    mark(report.model, "unloaded")
 
 
 def models_to_caption(job: CaptionJob, reports: list[ModelReport]) -> Iterator[tuple[ModelPlan, ModelReport, list[ImageRef]]]:
@@ -164,40 +206,38 @@ def missing(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[Image
     return todo
 
 
+def request_size(plan: ModelPlan, pool: ModelPool, name: str) -> int:
+    """Images per worker request: BATCHES_PER_REQUEST model batches of the plan's size, or with batch_size auto of
+    the size the worker picked when it loaded."""
+    return BATCHES_PER_REQUEST * (plan.batch_size or pool.batch_size(name))
+
+
 def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[ImageRef], pool: ModelPool,
-                 report: ModelReport, progress: bool) -> None:
+                 report: ModelReport, bar: tqdm) -> None:
     """Requests go to whichever replica answered one; only this thread writes to the sinks."""
-    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
-    start = time.perf_counter()
     waiting = deque(todo)
-    size = RequestSize(plan.batch_size)
+    sizes = {name: request_size(plan, pool, name) for name in names}
     in_flight: dict[Future, tuple[list[ImageRef], str]] = {}
 
     def feed(name: str) -> None:
-        refs = [waiting.popleft() for _ in range(min(size.next(), len(waiting)))]
+        refs = [waiting.popleft() for _ in range(min(sizes[name], len(waiting)))]
         if refs:
             in_flight[_submit(plan, pool, name, refs)] = (refs, name)
 
-    try:
-        for name in names:
-            for _ in range(IN_FLIGHT):
-                feed(name)
-        finished: list[tuple[float, int]] = []  # (when, images done so far) after each request
-        while in_flight:
-            done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
-                refs, name = in_flight.pop(future)
-                size.saw(_finish(refs, future, job, plan, name, pool, report, bar))
-                finished.append((time.perf_counter(), report.captioned + report.errors))
-                feed(name)
-        if len(finished) >= 2 and finished[-1][0] > finished[0][0]:
-            (first_at, first_done), (last_at, last_done) = finished[0], finished[-1]
-            report.steady_images_per_second = (last_done - first_done) / (last_at - first_at)
-    finally:
-        bar.close()
-        report.caption_seconds = time.perf_counter() - start
-        for sink in job.sinks:
-            sink.flush()
+    for name in names:
+        for _ in range(IN_FLIGHT):
+            feed(name)
+    finished: list[tuple[float, int]] = []  # (when, images done so far) after each request
+    while in_flight:
+        done, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+        for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
+            refs, name = in_flight.pop(future)
+            _finish(refs, future, job, plan, name, pool, report, bar)
+            finished.append((time.perf_counter(), report.captioned + report.errors))
+            feed(name)
+    if len(finished) >= 2 and finished[-1][0] > finished[0][0]:
+        (first_at, first_done), (last_at, last_done) = finished[0], finished[-1]
+        report.steady_images_per_second = (last_done - first_done) / (last_at - first_at)
 
 
 def _submit(plan: ModelPlan, pool: ModelPool, name: str, refs: list[ImageRef]) -> Future:
@@ -221,12 +261,11 @@ def results_or_halves(submit: Callable[[list], Future], items: list, future: Fut
 
 
 def _finish(refs: list[ImageRef], future: Future, job: CaptionJob, plan: ModelPlan, name: str, pool: ModelPool,
-            report: ModelReport, bar: tqdm) -> Captions:
+            report: ModelReport, bar: tqdm) -> None:
     captions = results_or_halves(lambda part: _submit(plan, pool, name, part), refs, future)
     record(job, plan, report, refs, captions)
     report.requests += 1
     bar.update(len(refs))
-    return captions
 
 
 def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[ImageRef], captions: Captions) -> None:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.protocol import CPU_BATCH_SIZE
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -27,13 +26,7 @@ COMPILE_MIN_IMAGES = 5000
 class ModelPlan:
     spec: ModelSpec
     generation: GenerationSpec
-    batch_size: int | None = None  # images per model batch; None ("auto"): from free memory on CUDA, else CPU_BATCH_SIZE
-
-    @property
-    def fixed_batch_size(self) -> int:
-        """The batch size where one number is needed before the worker has picked (the pool's memory estimate,
-        Ray's blocks)."""
-        return self.batch_size or CPU_BATCH_SIZE
+    batch_size: int | None = None  # images per model batch; None ("auto"): the worker picks at load (Loaded.batch_size)
 
 
 def render_prompt(template: str, ref: ImageRef) -> str:

@@ -19,14 +19,16 @@ from typing import Any
 from tqdm import tqdm
 
 from vlmux.pool import vram
-from vlmux.caption.job import CaptionJob, Event, ModelReport, models_to_caption, record, results_or_halves
+from vlmux.caption.job import CaptionJob, Event, ModelReport, record, results_or_halves, run_models
 from vlmux.caption.plan import ModelPlan, render_prompt
 from vlmux.caption.sinks import model_tag
-from vlmux.caption.sources import UsageError
+from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.protocol import Captions
 
 MAX_BLOCKS = 10_000
+# Images per block and per actor batch with batch_size auto: Ray needs the number before any worker has picked its own.
+RAY_BATCH_SIZE = 8
 RELEASE_WAIT = 60.0  # seconds the driver waits for a model's actors to report their workers gone
 
 
@@ -156,51 +158,61 @@ def run_ray_job(job: CaptionJob, pool_config: PoolConfig, address: str | None, p
     ray = require_ray()
     connect(address)
     ray.data.DataContext.get_current().enable_progress_bars = False  # our own bar counts what reached the sinks
-    mark = event or (lambda model, what: None)
-    reports = []
-    for plan, report, todo in models_to_caption(job, reports):
-        by_key = {ref.key: ref for ref in todo}
+    return run_models(job, _RaySteps(job, pool_config), progress, event)
+
+
+class _RaySteps:
+    """run_ray_job's steps: a model's actors start as its dataset is consumed, and its release is waited for only
+    once the dataset is done."""
+
+    loads_first = False  # caption_seconds includes actor start-up and model load
+    releases_after_failure = False
+
+    def __init__(self, job: CaptionJob, pool_config: PoolConfig) -> None:
+        self.job, self.pool_config = job, pool_config
+
+    def prepare(self, plan: ModelPlan, todo: list[ImageRef]) -> ModelPlan:
+        return plan
+
+    def load(self, plan: ModelPlan, todo: list[ImageRef]) -> int:
+        """The model's stage, lazy: nothing starts until caption reads from it."""
+        self.by_key = {ref.key: ref for ref in todo}
         payloads = [ref.payload() for ref in todo]
         if len({type(p) for p in payloads}) > 1:  # a folder and a dataset in one job: one column type for Arrow
             payloads = [Path(p).read_bytes() if isinstance(p, str) else p for p in payloads]
         rows = [{"file": ref.key, "image": payload, "prompt": render_prompt(plan.generation.prompt, ref)}
                 for ref, payload in zip(todo, payloads)]
         columns = Columns("image", "prompt", "caption", "error", "tokens")
-        book = _new_book()
+        self.book = _new_book()
         # A block per batch, up to a limit: the driver writes each block as it comes back, so a killed driver
         # loses at most the blocks in flight.
-        blocks = min(MAX_BLOCKS, -(-len(rows) // plan.fixed_batch_size))
-        stage = _stage(ray.data.from_items(rows, override_num_blocks=blocks), plan, columns, job.replicas, pool_config, book)
-        report.workers = _concurrency(plan, job.replicas)
-        mark(plan.spec.model, "load_start")
-        bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
-        start = time.perf_counter()
-        try:
-            for batch in stage.iter_batches(batch_size=None, batch_format="numpy"):
-                refs = [by_key[str(key)] for key in batch["file"]]
-                results = [_item(caption, error) for caption, error in zip(batch["caption"], batch["error"])]
-                record(job, plan, report, refs, Captions(results, 0.0, 0, int(batch["tokens"].sum())))
-                bar.update(len(refs))
-        finally:
-            bar.close()
-            report.caption_seconds = time.perf_counter() - start  # actor start-up and model load included
-            for sink in job.sinks:
-                sink.flush()
-        mark(plan.spec.model, "unload_start")
-        start = time.perf_counter()
-        report.release = _wait_released(book)
-        report.unload_seconds = time.perf_counter() - start
-        mark(plan.spec.model, "unloaded")
-    return reports
+        blocks = min(MAX_BLOCKS, -(-len(rows) // _batch_size(plan)))
+        self.stage = _stage(_ray().data.from_items(rows, override_num_blocks=blocks), plan, columns, self.job.replicas,
+                            self.pool_config, self.book)
+        return _concurrency(plan, self.job.replicas)
+
+    def caption(self, plan: ModelPlan, todo: list[ImageRef], report: ModelReport, bar: tqdm) -> None:
+        for batch in self.stage.iter_batches(batch_size=None, batch_format="numpy"):
+            refs = [self.by_key[str(key)] for key in batch["file"]]
+            results = [_item(caption, error) for caption, error in zip(batch["caption"], batch["error"])]
+            record(self.job, plan, report, refs, Captions(results, 0.0, 0, int(batch["tokens"].sum())))
+            bar.update(len(refs))
+
+    def release(self, plan: ModelPlan) -> vram.Release | None:
+        return _wait_released(self.book)
+
+
+def _batch_size(plan: ModelPlan) -> int:
+    return plan.batch_size or RAY_BATCH_SIZE
 
 
 def _stage(ds, plan: ModelPlan, columns: Columns, replicas: int | None, pool_config: PoolConfig, book):
     gpus = _use_gpus(plan)
     spec = plan.spec if gpus else replace(plan.spec, device="cpu")  # Ray hides every GPU from a CPU actor
     return ds.map_batches(
-        Captioner, batch_size=plan.fixed_batch_size, batch_format="pyarrow",
+        Captioner, batch_size=_batch_size(plan), batch_format="pyarrow",
         compute=_ray().data.ActorPoolStrategy(size=_concurrency(plan, replicas)), num_gpus=1 if gpus else 0, num_cpus=1,
-        fn_constructor_kwargs=dict(spec=spec, generation=plan.generation, batch_size=plan.fixed_batch_size,
+        fn_constructor_kwargs=dict(spec=spec, generation=plan.generation, batch_size=_batch_size(plan),
                                    columns=columns, pool_config=pool_config, book=book),
     )
 
