@@ -68,13 +68,13 @@ class PoolConfig:
     isolation: str = "process"  # process | none
     spare_worker: bool = True
     # Once a pool has switched models on a GPU, its spare also creates a CUDA context there and runs the recent
-    # models' kernels once, so a switch skips ~1.5 s; that spare holds ~0.5 GiB of device memory while models are
-    # loaded and for warm_spare_linger seconds after the last one is unloaded.
+    # models' kernels once, so a switch skips the context and first-call costs; that spare holds device memory while
+    # models are loaded and for warm_spare_linger seconds after the last one is unloaded.
     warm_spare: bool = True
     warm_spare_linger: float = 10.0
     # A warm spare also pins the recent models' checkpoint pages in the page cache (if they fit in half of the host's
-    # available memory), so that a switch copies the weights by DMA (~54 GB/s) instead of reading them (~30). Off by
-    # default until a GPU run has measured it on checkpoints larger than one registered slice (backends/pinned.py).
+    # available memory), so that a switch copies the weights by DMA, faster than reading them. Off by default until
+    # a GPU run has measured it on checkpoints larger than one registered slice (backends/pinned.py).
     warm_spare_pins_weights: bool = False
     host_ram_budget: str | float | int | None = None  # models asleep in pinned host RAM: "64GiB", 0.5 of it, None: no limit
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)

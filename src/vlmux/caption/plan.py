@@ -15,10 +15,7 @@ else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
 PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype", "decode")
-# A job of at least this many images per model gets decode "compiled" on a GPU when the user left decode at auto.
-# On the H200 the 2B shape captioned 52.6 images/s end to end with decode dynamic and ~87 with compiled once the
-# compile was paid (10 s with inductor's cache warm, ~37 s cold; bench/throughput.py): compiling pays off from
-# ~1,300 images with the cache warm and ~4,900 cold.
+# Decode auto becomes "compiled" on a GPU from this many images per model: enough to win back even a cold compile.
 COMPILE_MIN_IMAGES = 5000
 
 
@@ -93,8 +90,8 @@ def job_decode(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:
 
 def job_prep(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:
     """Preparing processes for a caption job on a GPU, counted now so that the worker starts them with the load
-    (`prep_processes` left at None starts them only at the first large request, after ~5-10 s of imports that the
-    first batches then miss); anything the user chose stays."""
+    (`prep_processes` left at None starts them only at the first large request, and the first batches then miss
+    them while they import); anything the user chose stays."""
     from vlmux.worker.prep import MIN_IMAGES, auto_processes
 
     if spec.prep_processes is not None or not gpu_present or spec.device == "cpu" or images < MIN_IMAGES:
