@@ -105,7 +105,7 @@ def vlmux_gpu(args: argparse.Namespace, files: list[Path], prompt: str) -> dict:
 
     backend = TransformersBackend(ModelSpec(str(args.model), device=args.device, decode=args.decode), str(args.model))
     gen = GenerationSpec(prompt, max_new_tokens=args.new_tokens, ignore_eos=True)
-    batch = min(args.batch, backend.batch_limit(gen) or args.batch)
+    batch = min(args.batch, backend.largest_batch(gen.max_new_tokens, None) or args.batch)
     prepared, prepare_seconds = [], []
     for offset in (0, batch):  # two distinct batches, prepared before the clock starts
         start = time.perf_counter()

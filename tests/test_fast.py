@@ -13,10 +13,11 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from vlmux.backends.fast import FastConfig, auto_batch_size, cache_length, generate_options, pad_rows
+from vlmux.backends.fast import MEMORY_SHARE, FastConfig, cache_length, fitting_batch, generate_options, pad_rows
 from vlmux.backends.transformers import TransformersBackend
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.worker.handler import Handler
+from vlmux.estimate import MAX_AUTO_BATCH
+from vlmux.worker.handler import CPU_BATCH_SIZE, Handler, auto_batch_size, capped_batch_size
 from vlmux.protocol import Caption, Captions, Load, Loaded
 
 GEN = GenerationSpec(max_new_tokens=10, ignore_eos=True)
@@ -124,9 +125,32 @@ def test_decode_modes_by_device():
 def test_shapes_stay_put():
     assert cache_length(250, 64) == cache_length(256, 64) == 320  # one compiled graph across prompt lengths
     assert pad_rows(["a", "b"], 4) == ["a", "b", "b", "b"] and pad_rows(["a"], 1) == ["a"]
-    assert auto_batch_size(100 << 30, 200 << 20) == 256
-    assert auto_batch_size(10 << 30, 200 << 20) == 40
-    assert auto_batch_size(0, 200 << 20) == 1
+
+
+def test_the_budget_caps_what_free_memory_allows():
+    image = 200 << 20
+    assert fitting_batch(image, 10 << 30, None) == int((10 << 30) * MEMORY_SHARE) // image == 40
+    assert fitting_batch(image, 10 << 30, 2 << 30) == 10  # a budget below the free memory's share bounds it
+    assert fitting_batch(image, 10 << 30, 100 << 30) == 40  # a budget above it does not lift the bound
+    assert fitting_batch(image, 10 << 30, 0) == 0 and fitting_batch(image, 0, None) == 0
+    assert fitting_batch(0, 1 << 20, None) == int((1 << 20) * MEMORY_SHARE)  # a cost of nothing divides by one
+
+
+def test_the_auto_batch_size_is_what_fits_up_to_the_maximum_or_the_cpu_default():
+    assert auto_batch_size(None) == CPU_BATCH_SIZE
+    assert auto_batch_size(40) == 40
+    assert auto_batch_size(10 * MAX_AUTO_BATCH) == MAX_AUTO_BATCH
+    assert auto_batch_size(0) == 1  # not even one image fits the estimate: one is tried, and fails alone
+
+
+def test_a_batch_size_is_the_requested_or_the_auto_size_within_what_fits():
+    assert capped_batch_size(None, 32, None) == 32
+    assert capped_batch_size(3, 32, None) == 3
+    assert capped_batch_size(100, 32, None) == 100  # the CPU: nothing bounds an asked-for size
+    assert capped_batch_size(100, 32, 40) == 40
+    assert capped_batch_size(None, 32, 10) == 10  # a request with longer answers fits fewer than the load's size
+    assert capped_batch_size(None, 32, 0) == capped_batch_size(5, 32, 0) == 1
+    assert capped_batch_size(1000, 32, 10 * MAX_AUTO_BATCH) == 1000  # the auto maximum leaves asked-for sizes be
 
 
 @pytest.mark.gpu

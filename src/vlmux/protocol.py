@@ -8,9 +8,6 @@ from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import ImageInput
 
 
-CPU_BATCH_SIZE = 8  # moving: the worker alone resolves an auto batch size (Loaded.batch_size)
-
-
 @dataclass(frozen=True)
 class Load:
     spec: ModelSpec

@@ -1,4 +1,5 @@
-"""What a backend is: the object inside a worker that owns a loaded model."""
+"""What a backend is: the object inside a worker that owns a loaded model. Everything the worker's handler uses of
+a backend is declared here; this module stays free of torch, since the handler is imported by the parent too."""
 from __future__ import annotations
 
 from typing import Any, Protocol
@@ -7,6 +8,9 @@ from PIL import Image
 
 from vlmux.config import GenerationSpec
 
+# A caption batch made ready by `prepare` or `from_host`; the handler only hands it back to `generate`.
+PreparedBatch = Any
+
 
 class OutOfMemory(RuntimeError):
     """The device ran out of memory for this batch; a smaller batch may fit."""
@@ -14,10 +18,42 @@ class OutOfMemory(RuntimeError):
 
 class Backend(Protocol):
     device: str
+    """Where the model runs: "cpu" or "cuda:N"."""
     dtype: str
+    """The weights' dtype, without "torch.": "bfloat16", "float32", ..."""
+    timings: dict[str, float]
+    """Where the load's time went, for Loaded.timings."""
+    generated_tokens: int
+    """New tokens generated since the load, a running total for tokens/s."""
+
+    @property
+    def pad_token_id(self) -> int:
+        """The token that pads prompts on the left and fills the rows of a padded batch."""
+        ...
+
+    @property
+    def pads_batches(self) -> bool:
+        """Whether a short batch is best padded up to the worker's batch size (the compiled decode step's shape)."""
+        ...
+
+    def largest_batch(self, max_new_tokens: int, memory_budget: int | None) -> int | None:
+        """The most images a batch of `max_new_tokens` fits in the budget and free device memory; None on the CPU."""
+        ...
 
     def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:
         """One caption per image, in order; raises OutOfMemory when the batch does not fit."""
+        ...
+
+    def prepare(self, images: list[Image.Image], prompts: list[str], pad_to: int | None = None) -> PreparedBatch:
+        """The host half of `caption`, safe beside a running `generate`; pad_to: the batch size to pad up to."""
+        ...
+
+    def from_host(self, inputs: dict[str, Any], rows: int) -> PreparedBatch:
+        """A batch another process prepared (tensors in the model's dtype, `rows` real images), for `generate`."""
+        ...
+
+    def generate(self, prepared: PreparedBatch, gen: GenerationSpec) -> list[str]:
+        """The device half of `caption`: a caption per real row; raises OutOfMemory when the batch does not fit."""
         ...
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
@@ -29,6 +65,7 @@ class Backend(Protocol):
         ...
 
     def wake(self) -> None:
+        """Bring the weights back to the device after `sleep`."""
         ...
 
     def close(self) -> None:

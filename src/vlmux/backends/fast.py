@@ -1,5 +1,6 @@
 """The fast caption path: transformers' static KV cache and compiled decode step, fixed batch shapes so the compile
-is paid once per worker, batch sizes from free device memory, and host-side inputs made ready off the GPU's path.
+is paid once per worker, the largest batch the memory budget holds, and host-side inputs made ready off the GPU's
+path.
 
 What transformers offers and why this uses it as it does:
 - `cache_implementation="static"` + `compile_config`: `generate` then compiles the decode step (CUDA graphs with
@@ -21,7 +22,6 @@ import torch
 T = TypeVar("T")
 
 CACHE_BUCKET = 64  # tokens: a prompt a few tokens longer than the last must not cost a recompile
-MAX_AUTO_BATCH = 256  # beyond this the 2B shape gained nothing on an H200 (DESIGN.md section 1)
 MEMORY_SHARE = 0.8  # of the free memory after loading, the rest for the allocator's fragmentation and spikes
 
 
@@ -72,8 +72,11 @@ def pad_rows(items: Sequence[T], size: int) -> list[T]:
     return list(items) + [items[-1]] * max(0, size - len(items))
 
 
-def auto_batch_size(free_bytes: int, image_bytes: int, limit: int = MAX_AUTO_BATCH) -> int:
-    return max(1, min(limit, int(free_bytes * MEMORY_SHARE) // max(1, image_bytes)))
+def fitting_batch(image_bytes: int, free_bytes: int, budget: int | None) -> int:
+    """The most images of `image_bytes` each that the budget holds, within MEMORY_SHARE of the free device memory;
+    budget None: free memory alone bounds it. 0 when not even one image fits."""
+    room = int(free_bytes * MEMORY_SHARE) if budget is None else min(budget, int(free_bytes * MEMORY_SHARE))
+    return max(0, room) // max(1, image_bytes)
 
 
 def compile_vision_blocks(model: torch.nn.Module) -> int:

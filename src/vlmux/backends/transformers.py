@@ -17,7 +17,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
-    FastConfig, auto_batch_size, compile_vision_blocks, generate_options, pad_rows, prepare_compile, to_device,
+    FastConfig, compile_vision_blocks, fitting_batch, generate_options, pad_rows, prepare_compile, to_device,
 )
 from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
@@ -229,13 +229,23 @@ class TransformersBackend:
             fast = generate_options(self.fast, inputs["input_ids"].shape[1], gen.max_new_tokens)
         return self._generate(inputs, gen, fast, prepared.rows)
 
-    def batch_limit(self, gen: GenerationSpec) -> int | None:
-        """The largest caption batch free device memory holds, or None off CUDA."""
+    def largest_batch(self, max_new_tokens: int, memory_budget: int | None) -> int | None:
+        """The most images a batch of `max_new_tokens` fits in the budget and free device memory; None on the CPU."""
         if not self.device.startswith("cuda"):
             return None
         free, _ = torch.cuda.mem_get_info(self.device)
-        kv_cache, activations = image_bytes(self._config, self._image_budget, gen.max_new_tokens, self.torch_dtype.itemsize)
-        return auto_batch_size(free, kv_cache + activations)
+        # The allocator's cached blocks from earlier batches count as used on the device, yet this worker reuses them.
+        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+        kv_cache, activations = image_bytes(self._config, self._image_budget, max_new_tokens, self.torch_dtype.itemsize)
+        return fitting_batch(kv_cache + activations, free, memory_budget)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.tokenizer.pad_token_id
+
+    @property
+    def pads_batches(self) -> bool:
+        return self.fast.pads_batches
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.

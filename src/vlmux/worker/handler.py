@@ -7,24 +7,39 @@ from concurrent.futures import ThreadPoolExecutor
 
 from PIL import Image
 
-from vlmux.images import ImageError, load_image
+from vlmux.backends.base import Backend, OutOfMemory, PreparedBatch
+from vlmux.estimate import MAX_AUTO_BATCH
+from vlmux.images import ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
-    CPU_BATCH_SIZE, Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep,
-    Wake, Warm,
+    Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
+CPU_BATCH_SIZE = 8  # the auto batch size where device memory bounds nothing: the CPU
+
+
+def auto_batch_size(fits: int | None) -> int:
+    """The worker's own batch size, resolved once at the load: as many images as fit (`Backend.largest_batch`) up to
+    MAX_AUTO_BATCH, or CPU_BATCH_SIZE where nothing bounds it (fits None)."""
+    return CPU_BATCH_SIZE if fits is None else max(1, min(MAX_AUTO_BATCH, fits))
+
+
+def capped_batch_size(requested: int | None, auto: int, fits: int | None) -> int:
+    """Images per model batch: the requested size (None: `auto`) within what fits (None: no bound), at least 1."""
+    size = requested or auto
+    return max(1, size if fits is None else min(size, fits))
 
 
 class Handler:
     def __init__(self) -> None:
-        self.backend = None
+        self.backend: Backend | None = None
         self._decoder = ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="vlmux-decode")
         # One thread: it prepares the next chunk only; its own work waits on the decoder pool, never the reverse.
         self._preparer = ThreadPoolExecutor(1, thread_name_prefix="vlmux-prepare")
         self._prep: prep.PrepPool | None = None  # started with the load when asked for, else at a large request
         self._load_request: Load | None = None
+        self._batch_size = CPU_BATCH_SIZE  # Loaded.batch_size: a Caption's size when it names none
         self._prepared_apart = 0
 
     def handle(self, request: Request) -> Reply:
@@ -66,9 +81,12 @@ class Handler:
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
         self._load_request = request
+        fits = self.backend.largest_batch(request.max_new_tokens, request.memory_budget)
+        self._batch_size = capped_batch_size(request.batch_size, auto_batch_size(fits), fits)
         if request.spec.prep_processes:  # asked for explicitly (a caption job): ready by its first batches
             self._start_prep()
-        return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings)
+        return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings,
+                      self._batch_size)
 
     def _warm(self, request: Warm, start: float) -> Reply:
         if self.backend is not None:  # taken for a load before the warm-up's turn came: nothing left to prepare
@@ -85,18 +103,21 @@ class Handler:
     def _caption(self, request: Caption, start: float) -> Reply:
         """Chunk i generates on the device while chunk i+1 is decoded and preprocessed (in the preparing processes,
         or on the worker's threads)."""
-        tokens_before = getattr(self.backend, "generated_tokens", 0)
+        tokens_before = self.backend.generated_tokens
         self._prepared_apart = 0
-        limit = self.backend.batch_limit(request.gen) if hasattr(self.backend, "batch_limit") else None
-        if request.batch_size is None:
-            size = limit or CPU_BATCH_SIZE
-        else:
-            size = request.batch_size if limit is None else min(request.batch_size, limit)
-        if len(request.items) >= prep.MIN_IMAGES:
-            self._start_prep()
-        indices = range(len(request.items))
-        chunks = [list(indices[offset : offset + size]) for offset in range(0, len(indices), size)]
+        fits = self.backend.largest_batch(request.gen.max_new_tokens, self._load_request.memory_budget)
+        size = capped_batch_size(request.batch_size, self._batch_size, fits)
         results: list[ItemResult | None] = [None] * len(request.items)
+        indices = []
+        for index, item in enumerate(request.items):
+            reason = check_input(item)
+            if reason is None:
+                indices.append(index)
+            else:  # can never be an image (None, a number, an empty picture): fails alone, takes no batch slot
+                results[index] = ItemResult(None, reason, bad_image=True)
+        if len(indices) >= prep.MIN_IMAGES:
+            self._start_prep()
+        chunks = [indices[offset : offset + size] for offset in range(0, len(indices), size)]
         generated = 0
         ahead = self._preparer.submit(self._prepare, chunks[0], request, size) if chunks else None
         for number in range(len(chunks)):
@@ -108,19 +129,19 @@ class Handler:
                 results[index] = ItemResult(None, reason, bad_image=True)
             generated += len(images)
             self._generate_chunk(images, prepared, request, results)
-        tokens = getattr(self.backend, "generated_tokens", 0) - tokens_before
+        tokens = self.backend.generated_tokens - tokens_before
         return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated,
                         tokens, self._prepared_apart)
 
     def _start_prep(self) -> None:
-        if self._prep is not None or not hasattr(self.backend, "from_host") or self._load_request is None:
+        if self._prep is not None or self._load_request is None:
             return
         spec, path = self._load_request.spec, self._load_request.path
         processes = prep.auto_processes(self.backend.device) if spec.prep_processes is None else spec.prep_processes
         if processes > 0:
             self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, self.backend.dtype))
 
-    def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image | None], dict[int, str], object]:
+    def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image | None], dict[int, str], PreparedBatch | None]:
         """On the preparing thread: decode the chunk's images and preprocess them, in the preparing processes when
         they are up (images then maps to None: decoded there, not here), else here on threads."""
         if self._prep is not None and self._prep.ready and len(request.items) >= prep.MIN_IMAGES:
@@ -135,23 +156,23 @@ class Handler:
             else:
                 images[index] = image
         prepared = None
-        if images and hasattr(self.backend, "prepare"):
+        if images:
             try:
                 prepared = self.backend.prepare(list(images.values()), [request.prompts[i] for i in images], size)
             except Exception:  # noqa: BLE001 - the chunk is retried in halves below, which finds the image at fault
                 prepared = None
         return images, bad, prepared
 
-    def _prepare_in_processes(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, None], dict[int, str], object]:
-        pad_to = size if getattr(self.backend, "fast", None) is not None and self.backend.fast.pads_batches else None
+    def _prepare_in_processes(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, None], dict[int, str], PreparedBatch | None]:
+        pad_to = size if self.backend.pads_batches else None
         done = self._prep.prepare([request.items[i] for i in chunk], [request.prompts[i] for i in chunk], pad_to,
-                                  self.backend.tokenizer.pad_token_id)
+                                  self.backend.pad_token_id)
         bad = {chunk[position]: reason for position, reason in done.bad.items()}
         images = {chunk[position]: None for position in done.good}
         self._prepared_apart += 1
         return images, bad, (self.backend.from_host(done.inputs, done.rows) if done.inputs is not None else None)
 
-    def _generate_chunk(self, images: dict[int, Image.Image | None], prepared: object, request: Caption, results: list) -> None:
+    def _generate_chunk(self, images: dict[int, Image.Image | None], prepared: PreparedBatch | None, request: Caption, results: list) -> None:
         if not images:
             return
         if prepared is not None:
@@ -173,8 +194,6 @@ class Handler:
         self._caption_chunk(list(images), images, request, results)
 
     def _caption_chunk(self, chunk: list[int], decoded: dict[int, Image.Image], request: Caption, results: list) -> None:
-        from vlmux.backends.base import OutOfMemory
-
         try:
             captions = self.backend.caption(
                 [decoded[i] for i in chunk], [request.prompts[i] for i in chunk], request.gen

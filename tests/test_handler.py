@@ -1,0 +1,80 @@
+"""The worker's handler in this process, on the CPU with a tiny model: the batch size it reports at the load is the
+one its captions run in, and items that can never be images fail alone."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from vlmux.backends.base import Backend
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.images import check_input
+from vlmux.protocol import Caption, Captions, ItemResult, Load, Loaded
+from vlmux.worker.handler import CPU_BATCH_SIZE, Handler
+
+GEN = GenerationSpec(max_new_tokens=4, ignore_eos=True)
+
+
+def load(path: Path, batch_size: int | None) -> tuple[Handler, Loaded]:
+    handler = Handler()
+    spec = ModelSpec(str(path), device="cpu", dtype="float32")
+    loaded = handler.handle(Load(spec, str(path), {}, batch_size=batch_size))
+    assert isinstance(loaded, Loaded), loaded
+    return handler, loaded
+
+
+def caption(handler: Handler, items: list, batch_size: int | None = None) -> Captions:
+    reply = handler.handle(Caption(items, ["Describe the image."] * len(items), GEN, batch_size))
+    assert isinstance(reply, Captions), reply
+    return reply
+
+
+@pytest.fixture(scope="module")
+def handler_of_3(tiny_qwen):
+    handler, loaded = load(tiny_qwen, batch_size=3)
+    assert loaded.batch_size == 3
+    yield handler
+    handler.close()
+
+
+def files(image_dir: Path, count: int) -> list[str]:
+    names = sorted(str(path) for path in image_dir.iterdir())
+    return [names[i % len(names)] for i in range(count)]
+
+
+def test_the_loads_batch_size_is_the_one_captions_run_in(handler_of_3, image_dir):
+    reply = caption(handler_of_3, files(image_dir, 7))
+    assert [result.batch for result in reply.results] == [3, 3, 3, 3, 3, 3, 1]
+    assert all(result.caption and result.error is None for result in reply.results)
+    assert reply.generated == 7
+
+
+def test_a_requests_own_batch_size_wins_over_the_loads(handler_of_3, image_dir):
+    reply = caption(handler_of_3, files(image_dir, 5), batch_size=4)
+    assert [result.batch for result in reply.results] == [4, 4, 4, 4, 1]
+
+
+def test_without_a_batch_size_the_cpu_reports_its_default(tiny_qwen):
+    handler, loaded = load(tiny_qwen, batch_size=None)
+    handler.close()
+    assert loaded.batch_size == CPU_BATCH_SIZE
+
+
+def test_items_that_can_never_be_images_fail_alone(handler_of_3, image_dir):
+    good = files(image_dir, 4)
+    items = [good[0], None, good[1], 5, Image.new("RGB", (0, 8)), good[2], (name for name in good), good[3]]
+    bad = {1, 3, 4, 6}
+    reply = caption(handler_of_3, items)
+    for position in bad:
+        assert reply.results[position] == ItemResult(None, check_input(items[position]), bad_image=True)
+    captioned = [result for position, result in enumerate(reply.results) if position not in bad]
+    assert [result.batch for result in captioned] == [3, 3, 3, 1]  # the bad items took no place in a batch
+    assert [result.caption for result in captioned] == [result.caption for result in caption(handler_of_3, good).results]
+    assert reply.generated == 4
+
+
+def test_the_backend_has_every_member_the_handler_is_declared_to_use(handler_of_3):
+    declared = set(Backend.__annotations__) | {name for name in vars(Backend) if not name.startswith("_")}
+    assert {"largest_batch", "pad_token_id", "pads_batches", "prepare", "from_host", "generated_tokens"} <= declared
+    assert [name for name in sorted(declared) if not hasattr(handler_of_3.backend, name)] == []
