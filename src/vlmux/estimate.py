@@ -11,7 +11,7 @@ from pathlib import Path
 from vlmux.checkpoint import read_index
 
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, measured on the H200
+CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, as measured (docs/BENCHMARKS.md)
 IMAGE_TOKENS = 1024  # visual tokens per image where the processor does not bound them (896x896 on Qwen2-VL)
 PROMPT_TOKENS = 64
 MAX_AUTO_BATCH = 256  # images per batch an auto size stops at: larger batches gained nothing (docs/BENCHMARKS.md)

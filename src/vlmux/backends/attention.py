@@ -10,10 +10,9 @@ transformers sends the packed call (with `cu_seq_lens_q`) only to attention impl
 their attention is the one that passes `cu_seqlens`.
 
 Grouped-query decode attention. With a padding mask (any batch of prompts of different lengths), transformers'
-sdpa path copies every layer's keys and values once per query head group before each decode step (`repeat_kv`):
-on an H200 that was 18 ms of a 32 ms step at batch 256 on the 2B shape (bench/caption_profile.py). One query token
-per row lets the query heads of a group stand in for query positions instead, over the unexpanded cache (newer
-transformers do the same outside torch.compile).
+sdpa path copies every layer's keys and values once per query head group before each decode step (`repeat_kv`),
+most of a large batch's step (docs/BENCHMARKS.md). One query token per row lets the query heads of a group stand in
+for query positions instead, over the unexpanded cache (newer transformers do the same outside torch.compile).
 """
 from __future__ import annotations
 
@@ -73,8 +72,8 @@ def grouped_query_attention(module: torch.nn.Module, query: torch.Tensor, key: t
 
 def use_fast_attention(model: PreTrainedModel, packed_vision: bool) -> list[str]:
     """Switch the model's sdpa attention to the functions above where they apply; returns what was switched.
-    packed_vision: only with compiled vision blocks; eagerly, the per-image loop was faster on an H200 (1.27 s against
-    1.36 s for 256 images, bench/caption_profile.py)."""
+    packed_vision: only with compiled vision blocks; eagerly, the per-image loop measured faster
+    (docs/BENCHMARKS.md)."""
     switched = []
     vision = getattr(model.config, "vision_config", None)
     if packed_vision and vision is not None and getattr(vision, "_attn_implementation", None) == "sdpa" and _packs_images(model):

@@ -33,7 +33,7 @@ class FastConfig:
     @classmethod
     def for_device(cls, mode: str, device: str) -> "FastConfig":
         if mode == "auto":
-            # A compile costs 10-40 s on a worker's first batch (bench/throughput.py): a model switch's first answer
+            # A compile stalls a worker's first batch far longer than an answer takes: a model switch's first answer
             # must not pay it. Caption jobs long enough to pay for it ask for "compiled" (caption.plan.job_decode).
             mode = "dynamic"
         return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled")
@@ -81,8 +81,8 @@ def fitting_batch(image_bytes: int, free_bytes: int, budget: int | None) -> int:
 
 def compile_vision_blocks(model: torch.nn.Module) -> int:
     """torch.compile each block of the vision tower, fusing its elementwise work (rotary embedding in float32, casts,
-    activations): 1.27 -> 0.83 s for 256 images at the 2B shape on an H200 (bench/caption_profile.py). The blocks
-    share one compiled graph, so the cost (~8 s, once per worker and batch shape) is one block's. Returns how many."""
+    activations), where the eager tower spends its time. The blocks share one compiled graph, so the compile (once per
+    worker and batch shape) costs one block's. Returns how many."""
     tower = next((getattr(holder, name) for holder in (getattr(model, "model", None), model) if holder is not None
                   for name in ("visual", "vision_tower", "vision_model") if hasattr(holder, name)), None)
     if tower is None:

@@ -1,9 +1,9 @@
 """Weight streaming: build the model with empty device tensors, then read the safetensors bytes from the page
 cache straight into them, several reader threads at once, each through two small pinned staging buffers.
 
-Why our own and not from_pretrained: it reads tensor by tensor through pageable memory (~4.4 GB/s measured
-on the H200 for the 2B shape), while pinned copies run at ~55 GB/s; and building the model empty first lets
-the caller warm the kernels up while the bytes are still arriving.
+Why our own and not from_pretrained: it reads tensor by tensor through pageable memory, far slower than copies
+from pinned memory (docs/BENCHMARKS.md); and building the model empty first lets the caller warm the kernels up
+while the bytes are still arriving.
 """
 from __future__ import annotations
 
@@ -29,10 +29,7 @@ TORCH_DTYPES = {
 @dataclass(frozen=True)
 class StreamConfig:
     readers: int = 16
-    # Per staging buffer, two per reader. H200, 7B shape, page cache warm: the transport alone moved 28.8 GB/s with
-    # 16 x 16 MiB, 31.5 with 16 x 64 MiB, 25.4 with 32 x 16 MiB (bench/load_paths.py; threads only reading reach 37,
-    # pinned copies 54); in a fresh process the read took 0.44 s with 16 MiB and 0.52 s with 32 MiB, whose 1 GiB of
-    # staging also took 0.6 s to pin against 0.28 s (bench/load.py). A warm spare pins its staging ahead.
+    # Per staging buffer, two per reader: larger ones cost more to pin than they gain (docs/BENCHMARKS.md).
     chunk_bytes: int = 16 << 20
 
 
@@ -75,8 +72,8 @@ def meta_model(path: Path, dtype: torch.dtype, trust_remote_code: bool, shallow:
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if getattr(config, "quantization_config", None) is not None:
         raise Unsupported("quantised checkpoint")
-    # Buffers (rotary tables) are computed in __init__ and stay real; skipping init_weights saves ~0.3 s of
-    # walking every module to initialise weights that the checkpoint overwrites anyway.
+    # Buffers (rotary tables) are computed in __init__ and stay real; init_weights is skipped, since it walks every
+    # module to initialise weights that the checkpoint overwrites anyway.
     with init_empty_weights(include_buffers=False), _no_init_weights():
         model = AutoModelForImageTextToText.from_config(shrink(config) if shallow else config, dtype=dtype)
     if (path / "generation_config.json").exists():
@@ -88,8 +85,8 @@ _prebuilt: dict[tuple[str, torch.dtype], nn.Module] = {}
 
 
 def prebuild(path: Path, dtype: torch.dtype, trust_remote_code: bool) -> nn.Module:
-    """Build the model's structure now (a warm spare, before the load is asked for: ~0.05-0.1 s of Python for
-    the 2B and 7B shapes) for the next `empty_model` of this path and dtype to take."""
+    """Build the model's structure now (a warm spare, before the load is asked for: its Python then costs the load
+    nothing) for the next `empty_model` of this path and dtype to take."""
     _prebuilt[(str(path), dtype)] = model = meta_model(path, dtype, trust_remote_code)
     return model
 
@@ -281,8 +278,8 @@ _staging: dict[tuple[int, int], list[torch.Tensor]] = {}
 
 
 def staging_buffers(config: StreamConfig) -> list[torch.Tensor]:
-    """Pinned staging memory, two chunks per reader, allocated once per process: pinning half a gigabyte costs
-    ~0.1 s, which a warm spare worker pays before it is needed (see `prepare_staging`)."""
+    """Pinned staging memory, two chunks per reader, allocated once per process: pinning is slow, and a warm spare
+    worker pays it before it is needed (see `prepare_staging`)."""
     key = (config.readers, config.chunk_bytes)
     if key not in _staging:
         block = torch.empty(2 * config.readers * config.chunk_bytes, dtype=torch.uint8, pin_memory=True)

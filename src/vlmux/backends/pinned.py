@@ -2,10 +2,9 @@
 registered with CUDA (cudaHostRegister), so that loading copies them to the GPU by DMA, with no read into a staging
 buffer. A warm spare pins its recent models' files this way while it waits for a switch.
 
-Why: on the H200, threads reading the page cache into pinned buffers top out at ~37 GB/s (16 threads), while
-pinned memory reaches the GPU at ~54 GB/s (bench/load_paths.py). Registering 16.6 GB costs ~0.35 s of 16 threads
-and pins those pages in RAM: a spare pays that before it is needed, and only for models that fit in half of the
-host's available memory.
+Why: threads reading the page cache into pinned buffers are slower than pinned memory's copy to the GPU
+(docs/BENCHMARKS.md). Registering costs about what reading does and pins those pages in RAM: a spare pays that
+before it is needed, and only for models that fit in half of the host's available memory.
 """
 from __future__ import annotations
 

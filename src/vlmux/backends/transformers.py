@@ -93,8 +93,8 @@ CUDNN_MIN_ROWS = 16
 
 def attention_kernels(rows: int, device: str) -> contextlib.AbstractContextManager:
     """cuDNN's attention builds an execution plan for every new shape, and each decode step of an answer has a new
-    key length: a warm worker's first one-image answer took 1.03 s with it and 0.32 s without (H200,
-    bench/first_answer.py), since flash and memory-efficient attention need no plans. A large caption batch pays
+    key length, so a short answer spends most of its time planning, where flash and memory-efficient attention need
+    no plans (docs/BENCHMARKS.md). A large caption batch pays
     the plans once per worker (every batch has the same shapes), and its throughput was measured with cuDNN on,
     so only small batches leave it out."""
     if rows >= CUDNN_MIN_ROWS or not device.startswith("cuda"):
@@ -118,7 +118,7 @@ class TransformersBackend:
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
-        context = _start_cuda(self.device)  # ~0.1-0.3 s of driver work, overlapped with reading the processor
+        context = _start_cuda(self.device)  # driver work, overlapped with reading the processor
         self.processor = load_processor(path, spec.trust_remote_code)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.timings["processor"] = time.perf_counter() - start
@@ -143,8 +143,8 @@ class TransformersBackend:
         self._host_state: dict[str, torch.Tensor] | None = None
         self._config = read_json(Path(path) / "config.json")
         self._image_budget = image_budget(Path(path), self._config)
-        # Resizing, normalising and patching 256 photos took 2.3 s on 16 host cores (bench/caption_profile.py), more
-        # than the GPU spends captioning them; processors with a `device` option do it on the GPU instead.
+        # The host's resizing and patching of a large batch outlasts the GPU's captioning of it; processors with a
+        # `device` option do it on the GPU instead.
         # A shallow copy (warm_up) takes this path too: its kernels are part of a first answer.
         self.preprocess_on_device = self.device.startswith("cuda")
         self._prepare_stream: torch.cuda.Stream | None = None
@@ -161,7 +161,7 @@ class TransformersBackend:
             self.timings.update({f"stream_{phase}": seconds for phase, seconds in phases.items()})
         finally:
             release_staging()  # a gigabyte of pinned host memory the model no longer needs
-            # What a warm spare pinned: unpinning 16 GB takes ~0.16 s, which the first answer need not wait for.
+            # What a warm spare pinned is unpinned off the first answer's path: unpinning gigabytes takes a while.
             threading.Thread(target=unpin_all, name="vlmux-unpin", daemon=True).start()
         self.timings["stream"] = time.perf_counter() - start - self.timings["empty_model"]
         self.timings["stream_gb"] = size / 1e9
@@ -319,7 +319,7 @@ def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, 
     """Make this process ready to load `path` fast: create the CUDA context, pin the loader's staging memory, and
     caption once with a one-layer copy of the model (uninitialised weights) so that its kernels, library handles
     and first-call Python paths are loaded. Everything but the context, the staging memory and the loaded kernels
-    is freed again. A fresh worker otherwise spends ~1.3 s of its first answer on this (bench/first_answer.py).
+    is freed again. A fresh worker otherwise spends most of its first answer on this (docs/BENCHMARKS.md).
     pin_weights: also pin the checkpoint's page-cache pages (`backends.pinned`), where host memory allows."""
     start = time.perf_counter()
     device = resolve_device(spec.device)
