@@ -3,14 +3,11 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import threading
-import time
 from multiprocessing.connection import Connection
 
 from vlmux.worker.handler import Handler
 from vlmux.protocol import Exit
-
-PARENT_POLL_SECONDS = 0.5
+from vlmux.worker.orphan import exit_when_orphaned
 
 
 def serve(conn: Connection, parent_pid: int) -> None:
@@ -30,17 +27,3 @@ def serve(conn: Connection, parent_pid: int) -> None:
     conn.close()
     # Skip interpreter and CUDA teardown: the OS takes everything back faster, and that is the point.
     os._exit(0)
-
-
-def exit_when_orphaned(parent_pid: int) -> None:
-    # Workers fork from the fork server, not from the parent, so they watch the parent's pid themselves (and a
-    # worker's preparing processes watch the worker's).
-    def watch() -> None:
-        while True:
-            time.sleep(PARENT_POLL_SECONDS)
-            try:
-                os.kill(parent_pid, 0)
-            except ProcessLookupError:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="vlmux-orphan-watch", daemon=True).start()

@@ -189,7 +189,7 @@ def _child_init(worker_pid: int, source: Source) -> None:
     import torch
 
     from vlmux.backends.transformers import load_processor
-    from vlmux.worker.main import exit_when_orphaned
+    from vlmux.worker.orphan import exit_when_orphaned
 
     global _source, _processor
     _source = source
