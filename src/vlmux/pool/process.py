@@ -1,52 +1,121 @@
-"""The parent's side of a worker: start it, send it requests, notice at once when it dies, stop it."""
+"""The parent's side of a worker: fork it from vlmux's fork server, send it requests, notice at once when it dies or
+hangs, stop it. Never imports torch."""
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
+import site
+import socket
+import subprocess
+import sys
 import threading
 import time
-from multiprocessing.connection import wait
+from multiprocessing.connection import Connection, wait
+from pathlib import Path
 
-from vlmux.worker.main import serve
 from vlmux.errors import WorkerDied
-from vlmux.protocol import Exit, Reply, Request, Warm
+from vlmux.pool.vram import Release
+from vlmux.pool.workers import ReleaseCheck
+from vlmux.protocol import Exit, Heartbeat, Reply, Request, Warm
 
-_PRELOAD = ["vlmux.worker.preload"]
+HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
+STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
+PID_BYTES = 8  # as worker/forkserver.py sends them
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder this vlmux is imported from
 
 
-def _context() -> multiprocessing.context.BaseContext:
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(_PRELOAD)
-    return context
+class ForkServer:
+    """The client of vlmux's fork server (worker/forkserver.py): started on first use, started again if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+        self._control: socket.socket | None = None
+
+    def ensure_running(self) -> None:
+        with self._lock:
+            self._start_if_gone()
+
+    def fork(self) -> tuple[Connection, int, int]:
+        """A new worker: the connection to it, its pid, and the read end of the pipe that gets its wait status."""
+        ours, theirs = socket.socketpair()
+        try:
+            with self._lock:
+                for _ in range(2):  # a server that died since the last fork gets one replacement
+                    self._start_if_gone()
+                    try:
+                        socket.send_fds(self._control, [b"f"], [theirs.fileno()])
+                        answer, fds, _, _ = socket.recv_fds(self._control, PID_BYTES, 1)
+                    except OSError:
+                        answer, fds = b"", []
+                    if len(answer) == PID_BYTES and len(fds) == 1:
+                        return Connection(ours.detach()), int.from_bytes(answer, "little"), fds[0]
+                    for fd in fds:
+                        os.close(fd)
+                    code = self._stop()
+        finally:
+            theirs.close()
+            ours.close()
+        raise RuntimeError(f"the vlmux fork server exited with code {code} before forking a worker (see its error above)")
+
+    def _start_if_gone(self) -> None:
+        if self._process is not None and self._process.poll() is None:
+            return
+        if self._control is not None:
+            self._control.close()
+        self._control, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "vlmux.worker", str(theirs.fileno()), str(os.getpid())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_server_env(),
+        )
+        theirs.close()
+
+    def _stop(self) -> int:
+        self._process.kill()
+        code = self._process.wait()
+        self._control.close()
+        self._control = None
+        return code
+
+
+_SERVER = ForkServer()
 
 
 def warm_fork_server() -> None:
-    """Start the fork server (it imports torch and transformers once, ~10 s) if it is not running."""
-    _context()
-    from multiprocessing import forkserver
-
-    forkserver.ensure_running()
+    """Start the fork server (it imports torch and transformers once, in the background) if it is not running."""
+    _SERVER.ensure_running()
 
 
 class WorkerProcess:
-    def __init__(self) -> None:
-        context = _context()
-        self._conn, child_conn = context.Pipe(duplex=True)
-        self.process = context.Process(target=serve, args=(child_conn, os.getpid()), name="vlmux-worker", daemon=True)
-        self.process.start()
-        child_conn.close()
+    """One worker process, forked from the fork server (a `workers.Worker`)."""
+
+    _closed = True  # until a worker was forked: nothing to close
+
+    def __init__(self, hang_timeout: float = HANG_TIMEOUT) -> None:
+        self.hang_timeout = hang_timeout
+        self._conn, self._pid, self._status_fd = _SERVER.fork()
+        self._closed = False
+        self._pidfd = _pidfd(self._pid)
         self._lock = threading.Lock()
+        self._status: int | None = None  # the wait status, once the fork server reported it
+        self._status_lock = threading.Lock()  # one reader of the status pipe: a second would read its end as "unknown"
+        self._killed_for: str | None = None  # why we killed it, when it hung or overran its time
         self.warm_env: dict[str, str] | None = None  # set once the worker created a context for these GPUs
         self.warmed: set[str] = set()  # model paths whose kernels it ran
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        return self._pid
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once the worker has exited. The status pipe is the fallback only: it also reads as ended when
+        the fork server dies, though the worker may live on."""
+        return self._pidfd if self._pidfd is not None else self._status_fd
 
     @property
     def alive(self) -> bool:
-        return self.process.is_alive()
+        return not self._closed and not wait([self.sentinel], 0)
 
     def private_bytes(self) -> int | None:
         """Host memory only this worker holds (what its exit gives back; pages shared with the fork server are
@@ -57,49 +126,122 @@ class WorkerProcess:
         except OSError:
             return None
 
-    def call(self, request: Request) -> Reply:
-        """Send one request and wait for its reply; raises WorkerDied if the worker ends first."""
+    def call(self, request: Request, timeout: float | None = None) -> Reply:
+        """Send one request and wait for its reply, skipping heartbeats. Raises WorkerDied if the worker ends, sends
+        nothing for `hang_timeout` seconds or takes longer than `timeout` (those two are killed first). A request
+        that cannot be pickled raises at once and leaves the worker usable."""
         with self._lock:
             try:
-                self._conn.send(request)
-            except (BrokenPipeError, OSError):
-                raise WorkerDied(self._death_reason()) from None
-            ready = wait([self._conn, self.process.sentinel])
-            if self._conn in ready:
-                try:
-                    return self._conn.recv()
-                except (EOFError, OSError):
-                    pass
-            raise WorkerDied(self._death_reason())
+                self._conn.send(request)  # pickles the whole request before writing any of it
+            except OSError:
+                raise WorkerDied(self.exit_reason()) from None
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while True:
+                quiet = self.hang_timeout if deadline is None else min(self.hang_timeout, deadline - time.monotonic())
+                ready = wait([self._conn, self.sentinel], max(0.0, quiet))
+                if self._conn in ready:
+                    try:
+                        message = self._conn.recv()
+                    except (EOFError, OSError):
+                        raise WorkerDied(self.exit_reason()) from None
+                    if not isinstance(message, Heartbeat):
+                        return message
+                elif ready:
+                    raise WorkerDied(self.exit_reason())
+                elif deadline is not None and time.monotonic() >= deadline:
+                    raise self._kill_for(f"worker {self.pid} took longer than {timeout:g} s and was killed")
+                else:
+                    raise self._kill_for(f"worker {self.pid} stopped answering for {self.hang_timeout:g} s and was killed")
 
-    def stop(self, grace: float) -> None:
-        """Ask the worker to exit; kill it if it has not within `grace` seconds; return once it is gone."""
-        if self.process.is_alive():
+    def stop(self, grace: float, check: ReleaseCheck) -> Release:
+        """Ask the worker to exit, kill it if it has not within `grace` seconds, and report what its exit gave back
+        once it is gone."""
+        check.before_exit(self.pid)
+        host_bytes = self.private_bytes()
+        if self.alive:
             try:
                 self._conn.send(Exit())
-            except (BrokenPipeError, OSError):
+            except OSError:
                 pass
-            self.process.join(grace)
-        if self.process.is_alive():
-            self.process.kill()
-            self.process.join()
-        self._conn.close()
+            wait([self.sentinel], grace)
+        self.kill()
+        alive = self.alive
+        self._exit_status()  # kept for exit_reason(), before the pipe closes
+        with self._lock:  # a call still waiting on the worker has seen it end
+            self._close()
+        return check.after_exit(self.pid, alive, host_bytes)
 
     def kill(self) -> None:
-        if self.process.is_alive():
-            self.process.kill()
-        self.process.join()
+        """Kill the worker if it still runs; return once it is gone."""
+        if not self.alive:
+            return
+        try:
+            if self._pidfd is not None:
+                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # a pidfd cannot hit a recycled pid
+            else:
+                os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        wait([self.sentinel])
 
-    def _death_reason(self) -> str:
-        self.process.join(1.0)
-        code = self.process.exitcode
-        if code is None:
+    def exit_reason(self) -> str:
+        """Why the worker ended: killed by us for hanging, a signal, or its exit code."""
+        if self._killed_for is not None:
+            return self._killed_for
+        if not self._closed and not wait([self.sentinel], STATUS_WAIT):
             return f"worker {self.pid} stopped answering"
+        status = self._exit_status()
+        if status is None:
+            return f"worker {self.pid} ended; how is unknown (the fork server that started it is gone)"
+        code = os.waitstatus_to_exitcode(status)
         if code < 0:
             name = signal.Signals(-code).name
             hint = " (the kernel's out-of-memory killer sends SIGKILL: check host RAM)" if name == "SIGKILL" else ""
             return f"worker {self.pid} was killed by {name}{hint}"
         return f"worker {self.pid} exited with code {code}"
+
+    def _exit_status(self) -> int | None:
+        """The wait status the fork server reported; None while the worker runs, or where the server died first."""
+        with self._status_lock:
+            if self._status is None and not self._closed and wait([self._status_fd], STATUS_WAIT):
+                text = os.read(self._status_fd, 32)
+                self._status = int(text) if text else None
+            return self._status
+
+    def _kill_for(self, reason: str) -> WorkerDied:
+        self._killed_for = reason
+        self.kill()
+        return WorkerDied(reason)
+
+    def _close(self) -> None:
+        if self._closed:
+            return
+        with self._status_lock:
+            self._closed = True
+            self._conn.close()
+            for fd in (self._pidfd, self._status_fd):
+                if fd is not None:
+                    os.close(fd)
+
+    def __del__(self) -> None:
+        self._close()
+
+
+def _server_env() -> dict[str, str]:
+    """The parent's environment, with the folder this vlmux came from on PYTHONPATH where that is a checkout put on
+    sys.path by hand; never a site folder, which PYTHONPATH would put ahead of the standard library."""
+    if PACKAGE_ROOT in (*site.getsitepackages(), site.getusersitepackages()):
+        return dict(os.environ)
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+
+
+def _pidfd(pid: int) -> int | None:
+    """A file descriptor that becomes readable when `pid` exits, though it is not our child; None where pidfds are
+    missing (Linux < 5.3) or the process is already gone."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
 
 
 class Spawner:
@@ -109,8 +251,9 @@ class Spawner:
     memory and the models' kernels (`backends.transformers.warm_up`), which takes ~1.5 s off a load's critical
     path at the price of the context's memory (~0.5 GiB) while it waits. `warm(None)` makes it cold again."""
 
-    def __init__(self, keep_spare: bool) -> None:
+    def __init__(self, keep_spare: bool, hang_timeout: float = HANG_TIMEOUT) -> None:
         self._keep_spare = keep_spare
+        self._hang_timeout = hang_timeout
         self._spare: WorkerProcess | None = None
         self._lock = threading.Lock()
         self._refill: threading.Thread | None = None
@@ -127,7 +270,7 @@ class Spawner:
         if spare is not None and (not spare.alive or spare.warm_env not in (None, env)):
             spare.kill()
             spare = None
-        worker = spare if spare is not None else WorkerProcess()
+        worker = spare if spare is not None else WorkerProcess(self._hang_timeout)
         if self._keep_spare:
             self._start_refill()
         return worker
@@ -205,7 +348,7 @@ class Spawner:
             with self._lock:
                 if self._spare is not None or not self._keep_spare:
                     return
-            worker = WorkerProcess()
+            worker = WorkerProcess(self._hang_timeout)
             with self._lock:
                 if self._spare is None and self._keep_spare:
                     self._spare, worker = worker, None

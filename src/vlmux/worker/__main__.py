@@ -1,0 +1,7 @@
+"""`python -m vlmux.worker CONTROL_FD PARENT_PID`: the fork server (vlmux/worker/forkserver.py). multiprocessing does
+not re-import a main module named `*.__main__` in the processes a worker starts (worker/prep.py)."""
+import sys
+
+from vlmux.worker.forkserver import main
+
+main(int(sys.argv[1]), int(sys.argv[2]))
