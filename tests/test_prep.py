@@ -9,7 +9,7 @@ from vlmux.backends.transformers import host_inputs, load_processor
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import load_image
 from vlmux.testing.processes import children, descendants, process_gone
-from vlmux.testing.tiny import draw_sample_images
+from vlmux.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
 from vlmux.pool.process import WorkerProcess
 from vlmux.protocol import Caption, Captions, Load, Loaded
@@ -17,6 +17,16 @@ from vlmux.protocol import Caption, Captions, Load, Loaded
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 GEN = GenerationSpec(max_new_tokens=6)
 PROMPTS = ["Describe.", "Describe this picture in a few words, please.", "What is it?"]
+
+
+class NoRelease:
+    """A ReleaseCheck for the CPU: nothing to verify."""
+
+    def before_exit(self, pid: int) -> None:
+        pass
+
+    def after_exit(self, pid: int, alive: bool, host_bytes: int | None) -> None:
+        return None
 
 
 def pictures(count: int) -> list[Image.Image]:
@@ -64,7 +74,7 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
                 reply = worker.call(request)
             helpers = descendants(worker.pid)
         finally:
-            worker.stop(5)
+            worker.stop(5, NoRelease())
         return reply, helpers
 
     own, _ = captions(0)
@@ -97,7 +107,7 @@ def test_an_explicit_count_starts_the_processes_with_the_load(tiny_qwen):
             time.sleep(0.2)
         assert len(descendants(worker.pid)) >= 3  # the fork server and two preparing processes
     finally:
-        worker.stop(5)
+        worker.stop(5, NoRelease())
 
 
 def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself(tiny_qwen, tmp_path):
@@ -128,7 +138,7 @@ def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself
             afterwards.append(worker.call(request))
         afterwards.append(worker.call(request))
     finally:
-        worker.stop(5)
+        worker.stop(5, NoRelease())
     assert afterwards[-2].prepared_apart == 0 and afterwards[-1].prepared_apart == 0  # its own threads from now on
     for after in afterwards:
         assert [r.caption for r in after.results] == [r.caption for r in reply.results]
