@@ -167,9 +167,8 @@ def _caption(args: argparse.Namespace) -> int:
         raise UsageError("--replicas must be at least 1")
     job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix,
                      overwrite=args.overwrite, gpus=args.gpus, replicas=args.replicas)
-    # The pool's memory estimate needs one number before any worker has picked an auto batch size.
-    max_batch = max(plan.batch_size or PoolConfig.max_batch_size for plan in plans)
-    pool_config = PoolConfig(vram_budget=args.vram_budget, max_batch_size=max_batch)
+    # Workers size an auto batch themselves (PoolConfig.max_batch_size None); a model's fixed size rides on its requests.
+    pool_config = PoolConfig(vram_budget=args.vram_budget)
     recorder = None
     if args.report is not None:
         from vlmux.caption.report import Recorder
