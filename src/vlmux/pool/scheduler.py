@@ -60,11 +60,8 @@ class Scheduler:
                 self._check_open()
                 runner = self._runners.get(name)
                 if runner is None or runner.state is State.DEAD:
-                    decision = self._decide(spec, path, name, placement, needs)
-                    if isinstance(decision, list):  # memory on its way back from releases under way
-                        waiting = decision
-                    else:
-                        runner, victims = decision
+                    runner, victims, waiting = self._decide(spec, path, name, placement, needs)
+                    if not waiting:
                         break
             if runner is not None and runner.state is not State.DEAD:
                 return self._await_loaded(runner)
@@ -78,7 +75,8 @@ class Scheduler:
         return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu),
                      estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu))
 
-    def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None, needs: Needs):
+    def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None,
+                needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:
         """With the lock held: a new runner and the idle runners to evict for it, or the releases to wait for."""
         if placement is None:
             gpu = self._gpu(spec.device)
@@ -86,9 +84,9 @@ class Scheduler:
         victims: list[Runner] = []
         for gpu, charge in placement.booked().items():
             self._baselines.setdefault(gpu, vram.unattributed(gpu, self.inventory))
-            found = self._make_room(gpu, charge, name, victims)
-            if isinstance(found, list):
-                return found
+            found, releasing = self._make_room(gpu, charge, name, victims)
+            if releasing:
+                return self._runners.get(name), [], releasing
             victims += found
         runner = Runner(name, spec, path, placement, needs.smallest, self._lock)
         dead = self._runners.get(name)
@@ -97,17 +95,18 @@ class Scheduler:
             runner.in_flight, dead.in_flight = len(runner.pending), dead.in_flight - len(runner.pending)
         self._runners[name] = runner
         for victim in victims:
+            del self._runners[victim.name]
             self._retire(victim, ModelNotLoaded(f"{victim.name} was evicted"))
-        return runner, victims
+        return runner, victims, []
 
     def _charge(self, gpu: int, needs: Needs) -> int:
         """What a new runner books on `gpu`: room for its largest batch if the GPU has it now, else its smallest."""
         room = min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
         return needs.largest.total if needs.largest.total <= room else needs.smallest.total
 
-    def _make_room(self, gpu: int, need: int, name: str, chosen: list[Runner]) -> list[Runner] | list[Future]:
+    def _make_room(self, gpu: int, need: int, name: str, chosen: list[Runner]) -> tuple[list[Runner], list[Future]]:
         """Idle runners on `gpu` to evict, least recently used first, so `need` fits its budget and its free memory;
-        or, if only releases under way can make room, their futures."""
+        or, if only releases under way can make room, their futures to wait for."""
         budget = self._budget(gpu)
         booked = self._booked().get(gpu, 0) - sum(r.placement.booked().get(gpu, 0) for r in chosen)
         free = self.inventory.memory(gpu).free
@@ -119,7 +118,7 @@ class Scheduler:
                 releasing = [r.stopped for r in [*self._runners.values(), *self._stopping] if gpu in r.placement.gpus
                              and r.state in (State.STOPPING, State.DEAD) and not r.stopped.done()]
                 if releasing:
-                    return releasing
+                    return [], releasing
                 held = [r for r in self._runners.values() if gpu in r.placement.gpus and r.name != name]
                 resident = ", ".join(f"{r.name} (~{r.placement.booked()[gpu] / 2**30:.1f} GiB, {r.state.value}"
                                      f"{', busy' if r.in_flight else ''})" for r in held)
@@ -131,7 +130,7 @@ class Scheduler:
             victims.append(victim)
             booked -= victim.placement.booked()[gpu]
             free += victim.placement.booked()[gpu]
-        return victims
+        return victims, []
 
     def _start(self, runner: Runner, tokens: int) -> Runner:
         """Load the runner's worker, without the lock; a spare that died while it waited gets one replacement."""

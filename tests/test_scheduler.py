@@ -1,0 +1,200 @@
+"""The scheduler on fake GPUs with real tiny workers: eviction, PoolFull, budget accounting, keep-alive, switch
+overlap, slow releases and many concurrent callers, all through ModelPool's public interface."""
+import os
+import signal
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from vlmux import GenerationSpec, ModelNotLoaded, ModelPool, ModelSpec, PoolConfig, PoolFull
+from vlmux.estimate import estimate
+from vlmux.testing.fakes import FakeGpus, FakeGpuWorkers
+from vlmux.testing.processes import process_gone
+
+GEN = GenerationSpec(max_new_tokens=4)
+
+
+def charge(model) -> int:
+    return estimate(model, "auto", 1, GEN.max_new_tokens, on_gpu=True).total
+
+
+def fake_pool(budget: int, **config):
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    pool = ModelPool(PoolConfig(vram_budget=budget, max_batch_size=1, **config), inventory=gpus, workers=workers)
+    return pool, gpus, workers
+
+
+def load(pool, model) -> str:
+    return pool.load(ModelSpec(str(model), device="cuda"), max_new_tokens=GEN.max_new_tokens)
+
+
+def caption(pool, name, image) -> str:
+    return pool.caption(name, [image], ["Describe."], GEN)[0].caption
+
+
+@pytest.fixture()
+def image(image_dir):
+    return sorted(image_dir.iterdir())[0]
+
+
+def test_the_least_recently_used_idle_model_is_evicted_and_its_memory_comes_back(tiny_models, image):
+    a, b, c = tiny_models["llava"], tiny_models["qwen2_vl"], tiny_models["idefics3"]
+    pool, gpus, _ = fake_pool(charge(a) + charge(b) + charge(c) - 1)
+    with pool:
+        first, second = load(pool, a), load(pool, b)
+        caption(pool, first, image)  # b is now the least recently used
+        evicted_pid = next(s.pid for s in pool.status() if s.name == second)
+        third = load(pool, c)
+        assert sorted(s.name for s in pool.status()) == sorted([first, third])
+        assert process_gone(evicted_pid) and evicted_pid not in gpus.process_memory(0)
+        assert pool.last_release[second].verified
+        assert caption(pool, third, image)
+
+
+def test_pool_full_names_the_numbers_when_every_resident_model_is_busy(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1)
+    with pool:
+        first = load(pool, a)
+        long = pool.submit_caption(first, [image] * 6, ["Describe."] * 6,
+                                   GenerationSpec(max_new_tokens=300, ignore_eos=True))
+        time.sleep(0.5)
+        with pytest.raises(PoolFull, match=r"needs ~.* GiB on GPU 0; budget .* busy"):
+            load(pool, b)
+        long.result(120)
+        second = load(pool, b)  # idle now: evicted for it
+        assert [s.name for s in pool.status()] == [second]
+
+
+def test_the_load_carries_the_room_its_batches_may_use(tiny_models):
+    model = tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    need = estimate(model, "auto", 1, GEN.max_new_tokens, on_gpu=True)
+    with ModelPool(PoolConfig(max_batch_size=1), inventory=gpus, workers=workers) as pool:
+        name = load(pool, model)
+        [request] = workers.loads
+        assert request.memory_budget == need.kv_cache + need.activations
+        assert request.batch_size == 1 and request.max_new_tokens == GEN.max_new_tokens
+        assert request.env["CUDA_VISIBLE_DEVICES"] == "0" and request.spec.device == "cuda:0"
+        assert pool.batch_size(name) == 1
+
+
+def test_auto_batches_get_room_for_the_largest_batch_when_the_gpu_has_it(tiny_models):
+    model = tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    with ModelPool(PoolConfig(), inventory=gpus, workers=workers) as pool:
+        load(pool, model)
+        [request] = workers.loads
+        largest = estimate(model, "auto", 256, GEN.max_new_tokens, on_gpu=True)
+        assert request.batch_size is None and request.memory_budget == largest.kv_cache + largest.activations
+
+
+def test_an_accepted_request_is_never_failed_by_keep_alive_expiry(tiny_llava, image):
+    pool, _, _ = fake_pool(64 * 2**30, keep_alive=0.05)
+    failures, answers = [], 0
+    with pool:
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:
+            try:
+                name = load(pool, tiny_llava)
+                future = pool.submit_caption(name, [image], ["Describe."], GEN)
+            except ModelNotLoaded:
+                continue  # refused before it was accepted: the caller loads again
+            try:
+                future.result(60)
+                answers += 1
+            except Exception as e:  # noqa: BLE001
+                failures.append(e)
+            time.sleep(0.06)  # long enough for the model to expire now and then
+    assert answers > 5 and failures == []
+
+
+def test_a_switch_loads_the_new_model_while_the_old_one_is_released_once_the_spare_is_warm(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    workers.stop_delay[str(b)] = 1.5
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare_linger=60), inventory=gpus, workers=workers) as pool:
+        first = load(pool, a)
+        caption(pool, first, image)
+        second, _ = pool.switch(first, ModelSpec(str(b), device="cuda"))  # cold spare: one after the other
+        caption(pool, second, image)
+        assert pool.wait_for_spare(60) and workers.warm_for() is not None
+        workers.events.clear()
+        third, release = pool.switch(second, ModelSpec(str(a), device="cuda"))
+        assert release.verified
+        when = {(e.what, e.name): e.at for e in workers.events}
+        assert when[("load_start", str(a))] < when[("stop_end", str(b))]  # overlapped
+        assert caption(pool, third, image)
+
+
+def test_a_slow_release_blocks_neither_status_nor_requests_to_a_loaded_model(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(64 * 2**30, unload_grace=3.0)
+    with pool:
+        first, second = load(pool, a), load(pool, b)
+        caption(pool, first, image)
+        stuck = next(s.pid for s in pool.status() if s.name == second)
+        os.kill(stuck, signal.SIGSTOP)  # it will ignore the exit request: killed after unload_grace
+        releasing = pool.unload_async(second)
+        started = time.monotonic()
+        assert [s.name for s in pool.status()] == [first]
+        assert caption(pool, first, image)
+        assert time.monotonic() - started < 2.0 and not releasing.done()
+        assert releasing.result(30).process_gone and process_gone(stuck)
+
+
+def test_concurrent_callers_of_three_models_under_a_budget_for_two(tiny_models, image):
+    run_callers(tiny_models, image, threads=16, requests=4)
+
+
+@pytest.mark.stress
+def test_sixteen_threads_times_fifty_requests_over_three_models_under_a_budget_for_two(tiny_models, image):
+    run_callers(tiny_models, image, threads=16, requests=50)
+
+
+def run_callers(tiny_models, image, threads: int, requests: int) -> None:
+    """Every answer equals the model's answer alone; a caller whose model was loaded never waits for another
+    model's (slow) release; no worker is left at the end."""
+    models = [tiny_models[arch] for arch in ("llava", "qwen2_vl", "idefics3")]
+    charges = sorted(charge(m) for m in models)
+    pool, gpus, workers = fake_pool(charges[1] + charges[2] + 1, unload_grace=5.0)
+    for model in models:
+        workers.stop_delay[str(model)] = 3.0  # every release is slow
+    with pool:
+        expected = {}
+        for model in models:
+            name = load(pool, model)
+            expected[name] = caption(pool, name, image)
+        lock = threading.Lock()
+        wrong, slow_when_loaded = [], []
+
+        def caller(number: int) -> None:
+            for request in range(requests):
+                model = models[(number + request) % 3]
+                while True:
+                    name = load(pool, model)
+                    started = time.monotonic()
+                    try:
+                        answer = caption(pool, name, image)
+                    except ModelNotLoaded:
+                        continue  # evicted between load and request: not accepted, so load again
+                    waited = time.monotonic() - started
+                    break
+                with lock:
+                    if answer != expected[name]:
+                        wrong.append((name, answer))
+                    if waited > 2.5:  # a release takes 3 s: an answer this slow waited for one
+                        slow_when_loaded.append((name, round(waited, 2)))
+
+        with ThreadPoolExecutor(threads) as callers:
+            list(callers.map(caller, range(threads)))
+        pids = {e.pid for e in workers.events if e.what == "take"}
+    assert wrong == [] and slow_when_loaded == []
+    assert all(process_gone(pid) for pid in pids)
+    assert gpus.process_memory(0) == {}
