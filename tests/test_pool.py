@@ -142,21 +142,23 @@ def test_a_spare_killed_while_it_waits_never_fails_a_load(tiny_llava):
         assert pool.status()[0].pid not in spares and name in pool
 
 
-def test_a_worker_sees_only_the_gpus_of_its_placement_and_a_split_model_gets_its_device_map(tmp_path):
+def test_a_worker_sees_only_the_gpus_of_its_placement_and_a_split_model_gets_its_device_map(tiny_llava):
     from vlmux.pool.placement import WorkerPlacement
+    from vlmux.testing.fakes import FakeGpus, FakeGpuWorkers
 
-    pool = ModelPool(PoolConfig(spare_worker=False))
-    try:
+    gpus = FakeGpus(count=6, total=80 * 2**30)
+    workers = FakeGpuWorkers(gpus)
+    with ModelPool(PoolConfig(), inventory=gpus, workers=workers) as pool:
         split = WorkerPlacement((2, 3), (70 * 2**30, 71 * 2**30), (75 * 2**30, 76 * 2**30))
-        request = pool._load_request(object(), ModelSpec("m", device="auto"), tmp_path, split)
-        assert request.env == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
-        assert request.spec.device == "cuda:0" and request.spec.max_memory == split.max_memory
-        single = pool._load_request(object(), ModelSpec("m"), tmp_path, WorkerPlacement((5,), (), (2**30,)))
-        assert single.env["CUDA_VISIBLE_DEVICES"] == "5" and single.spec.max_memory == ()
-        cpu = pool._load_request(object(), ModelSpec("m"), tmp_path, WorkerPlacement())
-        assert cpu.env["CUDA_VISIBLE_DEVICES"] == "" and cpu.spec.device == "cpu"
-    finally:
-        pool.close()
+        pool.load(ModelSpec(str(tiny_llava)), "split", split)
+        pool.load(ModelSpec(str(tiny_llava)), "single", WorkerPlacement((5,), (), (2**30,)))
+        pool.load(ModelSpec(str(tiny_llava)), "cpu", WorkerPlacement())
+    split_load, single, cpu = workers.loads
+    assert split_load.env == {"CUDA_VISIBLE_DEVICES": "2,3", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+    assert split_load.spec.device == "cuda:0" and split_load.spec.max_memory == split.max_memory
+    assert split_load.memory_budget is None  # a split model's batches keep to free memory
+    assert single.env["CUDA_VISIBLE_DEVICES"] == "5" and single.spec.max_memory == ()
+    assert cpu.env["CUDA_VISIBLE_DEVICES"] == "" and cpu.spec.device == "cpu"
 
 
 def test_two_cpu_replicas_of_one_model_serve_side_by_side_and_answer_alike(tiny_qwen, image_dir):

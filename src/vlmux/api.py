@@ -1,13 +1,16 @@
 """The public entry point: vlmux.pipeline(model) -> a captioner that gives all its VRAM back when closed."""
 from __future__ import annotations
 
+import io
+import os
 from dataclasses import fields, replace
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
-from vlmux.pool import vram
+from PIL import Image
+
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.images import ImageError, ImageInput
-from vlmux.pool import ModelPool
+from vlmux.pool import ModelPool, vram
 
 _GENERATION_OPTIONS = {f.name for f in fields(GenerationSpec)}
 _POOL_OPTIONS = {f.name for f in fields(PoolConfig)}
@@ -28,12 +31,13 @@ class Pipeline:
             raise
 
     def __call__(
-        self, images: ImageInput | Sequence[ImageInput], prompt: str | Sequence[str] | None = None, **options: Any
+        self, images: ImageInput | Iterable[ImageInput], prompt: str | Sequence[str] | None = None, **options: Any
     ) -> str | list[str]:
-        """One caption per image; a single image gives a single string. An undecodable image raises ImageError,
-        an image the model failed on (out of memory even alone, say) RuntimeError."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
+        """One caption per image (any iterable of them); a single image gives a single string. Images are paths,
+        bytes, open binary files or PIL images. An undecodable image raises ImageError, an image the model failed
+        on (out of memory even alone, say) RuntimeError."""
+        single = isinstance(images, (str, bytes, os.PathLike, io.IOBase, Image.Image))
+        items = [_readable(item) for item in ([images] if single else images)]
         prompts = _prompts(prompt or self.generation.prompt, len(items))
         results = self._pool.caption(self._loaded(), items, prompts, self._generation(options))
         for index, result in enumerate(results):
@@ -100,3 +104,8 @@ def _prompts(prompt: str | Sequence[str], count: int) -> list[str]:
     if len(prompts) != count:
         raise ValueError(f"{len(prompts)} prompts for {count} images")
     return prompts
+
+
+def _readable(item: object) -> object:
+    """An open file is read here: a file object cannot travel to the worker process."""
+    return item.read() if isinstance(item, io.IOBase) else item

@@ -153,7 +153,7 @@ class Runner:
                 with self.changed:
                     stopping = self.state is State.STOPPING
                 failure = ModelNotLoaded(f"{self.name} was unloaded while this request ran") if stopping else WorkerDied(
-                    f"{self.name}: {e}; the request failed, the next one loads the model again")
+                    f"{self.name}: {e}; the request failed; the next request reloads the model")
                 self._finish(batch, failure, on_idle)
                 if not stopping:
                     on_death(self, e)
