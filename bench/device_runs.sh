@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The device runs issues 6 and 7 still need, each sized for one 10-minute call on one H200. Run from the
+# Device runs, each sized for one 10-minute call on one H200. Run from the
 # repository root: `bash bench/device_runs.sh switch` (issue 7) or `bash bench/device_runs.sh throughput` (issue 6).
 # Writes JSON under $OUT (default ./device-out). The benchmark models are built on the GPU first (~90 s) unless
 # /tmp/vlmux-bench already holds them (a machine kept warm between calls).
@@ -28,8 +28,22 @@ throughput)  # issue 6: preparing processes against threads (most batches throug
     timeout 560 python3 bench/throughput.py --rows hf_static_compile,vlmux_gpu,vlmux_cli:dynamic:p0,vlmux_cli:dynamic \
         --files 4096 --minutes 9 --out "$OUT/throughput-2b.json" 2>&1 | grep -v "Warning\|^W11" | tail -8
     ;;
+parent)  # issue 15: GPU tests, then 20 switches by the new parent and by the code before it (OLD: its checkout)
+    shapes
+    timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+    timeout 150 python3 bench/switch.py --methods vlmux --rounds 10 --out "$OUT/switch-new.json" 2>&1 | tail -3
+    PYTHONPATH="$OLD/src:/tmp/site" timeout 150 python3 "$OLD/bench/switch.py" --methods vlmux --rounds 10 \
+        --out "$OUT/switch-old.json" 2>&1 | tail -3
+    ;;
+parent-throughput)  # issue 15: `vlmux caption` rows, the new parent and the code before it, then the GPU tests
+    timeout 200 python3 bench/throughput.py --rows vlmux_cli --files 2048 --minutes 3 --out "$OUT/throughput-new.json" \
+        2>&1 | grep -v "Warning\|^W11" | tail -4
+    PYTHONPATH="$OLD/src:/tmp/site" timeout 200 python3 "$OLD/bench/throughput.py" --rows vlmux_cli --files 2048 \
+        --minutes 3 --out "$OUT/throughput-old.json" 2>&1 | grep -v "Warning\|^W11" | tail -4
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -6
+    ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput" >&2
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput (OLD=checkout for parent*)" >&2
     exit 2
     ;;
 esac

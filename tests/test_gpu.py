@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from vlmux import GenerationSpec, ModelPool, ModelSpec, PoolConfig, PoolFull, pipeline, vram
+from vlmux import GenerationSpec, ModelPool, ModelSpec, PoolConfig, PoolFull, pipeline
+from vlmux.pool import vram
 
 pytestmark = pytest.mark.gpu
 
@@ -36,7 +37,7 @@ def test_sleep_keeps_the_context_but_frees_the_weights_and_wake_answers_the_same
         pid = pool.status()[0].pid
         awake = vram.process_memory(0)[pid]
         pool.sleep(name)
-        assert pool.status()[0].state == "asleep" and pool.status()[0].holds_device_context
+        assert pool.status()[0].state == "sleeping" and pool.status()[0].holds_device_context
         assert vram.process_memory(0)[pid] <= awake
         assert pool.caption(name, [image], ["Describe."], gen)[0].caption == before  # a request wakes it
         assert pool.status()[0].state == "ready"

@@ -33,7 +33,7 @@ def test_sleeping_past_the_budget_unloads_the_model_asleep_longest(tiny_llava, t
         pool.sleep(llava)
         pool.sleep(qwen)  # both would not fit: llava, asleep longer, goes
         assert llava not in pool and pool.last_release[llava].process_gone
-        assert {s.name: s.state for s in pool.status()} == {qwen: "asleep"}
+        assert {s.name: s.state for s in pool.status()} == {qwen: "sleeping"}
     with ModelPool(PoolConfig(spare_worker=False, host_ram_budget=sizes[tiny_qwen] // 2)) as pool:
         qwen = pool.load(ModelSpec(str(tiny_qwen), device="cpu"))
         with pytest.raises(ValueError, match="host RAM to sleep"):

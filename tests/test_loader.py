@@ -3,7 +3,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from vlmux.backends.loader import StreamConfig, Unsupported, empty_model, stream_weights
-from vlmux.testing.tiny import ARCHITECTURES
+from vlmux.tiny import ARCHITECTURES
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
