@@ -170,12 +170,13 @@ class _PoolSteps:
 
 def _load_replicas(job: CaptionJob, plan: ModelPlan, pool: ModelPool) -> list[str]:
     """One worker, as the spec's device says; or replicas placed over the GPUs, loading side by side."""
+    tokens = plan.generation.max_new_tokens  # what the worker sizes its batches for
     if job.gpus is None and job.replicas is None:
-        return [pool.load(plan.spec)]
-    placements = pool.place(plan.spec, job.gpus, job.replicas)
+        return [pool.load(plan.spec, max_new_tokens=tokens)]
+    placements = pool.place(plan.spec, job.gpus, job.replicas, max_new_tokens=tokens)
     names = [plan.spec.model if i == 0 else f"{plan.spec.model}#{i}" for i in range(len(placements))]
     with ThreadPoolExecutor(len(names)) as loading:
-        futures = [loading.submit(pool.load, plan.spec, name, where) for name, where in zip(names, placements)]
+        futures = [loading.submit(pool.load, plan.spec, name, where, tokens) for name, where in zip(names, placements)]
     failed = [future.exception() for future in futures if future.exception() is not None]
     if failed:
         for name in names:
