@@ -249,7 +249,7 @@ class Spawner:
 
     On request (`warm`) the spare also gets ready for given models on a GPU: its CUDA context, pinned staging
     memory and the models' kernels (`backends.transformers.warm_up`), which takes ~1.5 s off a load's critical
-    path at the price of the context's memory (~0.5 GiB) while it waits. `warm(None)` makes it cold again."""
+    path at the price of the context's memory while it waits (docs/BENCHMARKS.md). `warm(None)` makes it cold again."""
 
     def __init__(self, keep_spare: bool, hang_timeout: float = HANG_TIMEOUT) -> None:
         self._keep_spare = keep_spare

@@ -12,7 +12,7 @@ import vlmux.worker.main  # noqa: F401
 # Workers report through the parent; a weight-loading bar per worker would only garble the parent's progress bar.
 transformers.utils.logging.disable_progress_bar()
 
-try:  # transformers' checkpoint renaming rules: ~900 regular expressions compiled on first use (~50 ms), once here
+try:  # transformers' checkpoint renaming rules: hundreds of regular expressions compiled on first use, once here
     from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
     get_checkpoint_conversion_mapping("llava")

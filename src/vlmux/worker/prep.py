@@ -1,8 +1,8 @@
 """Decoding and preprocessing caption batches in processes of their own, so that they do not hold the worker's GIL.
 
-Threads in the worker were not enough: on an H200 a 256-image batch generated in 3.6 s alone and in 12.3 s while
-the next batch was decoded and preprocessed beside it (bench/caption_profile.py, step overlap), because the
-processor's Python and the generate loop's kernel launches share one interpreter. Here each process decodes a part
+Threads in the worker were not enough: a batch generated several times slower while the next batch was decoded and
+preprocessed beside it (docs/BENCHMARKS.md, the caption profile), because the processor's Python and the generate
+loop's kernel launches share one interpreter. Here each process decodes a part
 of the batch and runs the model's own processor on it; the worker only joins the parts.
 
 The processes come from a fork server of their own, started fresh (not forked from the worker): a worker has a
@@ -73,7 +73,7 @@ def auto_processes(device: str) -> int:
 
 class PrepPool:
     """`processes` preparing processes for one worker, started in the background: `ready` says when they can take
-    work; until then (~2-6 s of imports) the worker prepares its chunks itself."""
+    work; until then (their imports take seconds) the worker prepares its chunks itself."""
 
     def __init__(self, processes: int, source: Source) -> None:
         self.processes = processes
