@@ -52,6 +52,10 @@ class Scheduler:
     def load(self, spec: ModelSpec, name: str, placement: WorkerPlacement | None = None,
              max_new_tokens: int | None = None) -> Runner:
         """The runner for `name`, loaded: an existing one, or a new one once room is made for it."""
+        with self._lock:
+            existing = self._runners.get(name)
+        if existing is not None and existing.state is not State.DEAD:  # the common case: no headers to read
+            return self._await_loaded(existing)
         path = resolve_model(spec.model, spec.revision)
         tokens = max_new_tokens or Load.max_new_tokens
         needs = self._needs(spec, path, tokens, placement)
