@@ -243,7 +243,7 @@ class Scheduler:
                 self._retire(runner, PoolClosed("the pool was closed"))
             stopping = list(self._stopping)
         if kill:  # a loader interrupted in the caller's thread would never stop its worker
-            self._stop_all(idle + loading, now=True)
+            self._stop_all(idle + loading, kill=True)
         else:
             self._stop_all(idle, block=False)
             wait([r.stopped for r in runners + stopping])
@@ -263,21 +263,20 @@ class Scheduler:
             runner.expiry = None
         runner.changed.notify_all()
 
-    def _stop_all(self, runners: list[Runner], block: bool = True, now: bool = False) -> None:
-        threads = [threading.Thread(target=self._stop, args=(r, now), name=f"vlmux-stop-{r.name}", daemon=True)
+    def _stop_all(self, runners: list[Runner], block: bool = True, kill: bool = False) -> None:
+        threads = [threading.Thread(target=self._stop, args=(r, kill), name=f"vlmux-stop-{r.name}", daemon=True)
                    for r in runners]
         for thread in threads:
             thread.start()
         if block:
             wait([r.stopped for r in runners])
 
-    def _stop(self, runner: Runner, now: bool = False) -> None:
-        """Ask the worker to exit within unload_grace; `now`: kill it, and take one look at its memory, no wait."""
+    def _stop(self, runner: Runner, kill: bool = False) -> None:
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
-        grace = 0.0 if now else self.config.unload_grace
-        try:
-            release = runner.worker.stop(grace, self._check(runner, 0.0 if now else None))
+        grace = 0.0 if kill else self.config.unload_grace
+        try:  # killed: one look at its memory, no wait
+            release = runner.worker.stop(grace, self._check(runner, 0.0 if kill else None))
         except BaseException as e:  # noqa: BLE001 - whoever waits for the release gets the reason
             runner.stopped.set_exception(e)
             self._forget(runner)
