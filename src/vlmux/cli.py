@@ -174,6 +174,7 @@ def _caption(args: argparse.Namespace) -> int:
         from vlmux.caption.report import Recorder
 
         recorder = Recorder()
+    interrupted = False
     try:
         if args.ray is not None:
             from vlmux.distributed.ray import run_ray_job
@@ -182,9 +183,13 @@ def _caption(args: argparse.Namespace) -> int:
                                   event=recorder.event if recorder else None)
         else:
             reports = run_job(job, pool_config, progress=not args.no_progress, event=recorder.event if recorder else None)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
-        for sink in sinks:
-            sink.close()
+        if not interrupted:  # results are fsynced as written, a table's in its journal: its rewrite would take seconds
+            for sink in sinks:
+                sink.close()
         if recorder is not None:
             recorder.stop()
     for report in reports:

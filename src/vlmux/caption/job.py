@@ -109,12 +109,15 @@ def run_models(job: CaptionJob, steps: ModelSteps, progress: bool = True, event:
         if steps.loads_first:
             report.load_seconds = time.perf_counter() - start
             mark(plan.spec.model, "loaded")
-        captioned = False
+        captioned = interrupted = False
         try:
             _caption_timed(job, steps, plan, todo, report, progress)
             captioned = True
+        except KeyboardInterrupt:
+            interrupted = True  # the work is abandoned: run_job kills the workers, waiting for no exit
+            raise
         finally:  # verified back before the next model loads
-            if captioned or steps.releases_after_failure:
+            if not interrupted and (captioned or steps.releases_after_failure):
                 mark(report.model, "unload_start")
                 start = time.perf_counter()
                 report.release = steps.release(plan)
@@ -127,20 +130,29 @@ def _caption_timed(job: CaptionJob, steps: ModelSteps, plan: ModelPlan, todo: li
                    progress: bool) -> None:
     bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
     start = time.perf_counter()
+    interrupted = False
     try:
         steps.caption(plan, todo, report, bar)
+    except KeyboardInterrupt:
+        interrupted = True
+        raise
     finally:
         bar.close()
         report.caption_seconds = time.perf_counter() - start
-        for sink in job.sinks:
-            sink.flush()
+        if not interrupted:  # each result is fsynced as written (a table's in its journal); a table's rewrite is slow
+            for sink in job.sinks:
+                sink.flush()
 
 
 def run_job(job: CaptionJob, pool_config: PoolConfig, progress: bool = True, event: Event | None = None) -> list[ModelReport]:
     # A job's switches are amortised over its images, and its report must show memory back at the baseline between
     # models, so no spare holds a context while the next model is waited for.
     with ModelPool(replace(pool_config, warm_spare=False)) as pool:
-        return run_models(job, _PoolSteps(job, pool), progress, event)
+        try:
+            return run_models(job, _PoolSteps(job, pool), progress, event)
+        except KeyboardInterrupt:
+            pool.close(kill=True)  # a busy worker would finish its request first: unload_grace for nothing
+            raise
 
 
 class _PoolSteps:

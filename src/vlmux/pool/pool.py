@@ -127,10 +127,12 @@ class ModelPool:
     def wake(self, name: str) -> None:
         self.submit(name, Wake()).result()
 
-    def close(self) -> None:
-        """Stop every worker (loads and unloads under way included); returns once each release is verified."""
+    def close(self, kill: bool = False) -> None:
+        """Stop every worker (loads and unloads under way included); returns once each release is verified.
+        kill=True, for work abandoned (an interrupt): kill the workers without unload_grace, return once they are
+        gone; each release is looked at once, not waited for."""
         with self._closing:
-            self._scheduler.close()
+            self._scheduler.close(kill)
 
     # -- requests -----------------------------------------------------------------------------------------
 

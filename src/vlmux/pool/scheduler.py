@@ -234,18 +234,23 @@ class Scheduler:
             self._stop_all([runner], block=False)
         return runner.stopped
 
-    def close(self) -> None:
-        """Stop every worker, loads under way included, and return once each one's release is verified."""
+    def close(self, kill: bool = False) -> None:
+        """Stop every worker, loads under way included, and return once each one's release is verified. `kill`:
+        the work is abandoned (an interrupt); kill the workers, loading ones too, and return once they are gone."""
         with self._lock:
             self._closed = True
             runners = list(self._runners.values())
             self._runners.clear()
             idle = [r for r in runners if r.state in SERVING]
+            loading = [r for r in runners if r.state is State.LOADING and r.worker is not None]
             for runner in runners:
                 self._retire(runner, PoolClosed("the pool was closed"))
             stopping = list(self._stopping)
-        self._stop_all(idle, block=False)
-        wait([r.stopped for r in runners + stopping])
+        if kill:  # a loader interrupted in the caller's thread would never stop its worker
+            self._stop_all(idle + loading, kill=True)
+        else:
+            self._stop_all(idle, block=False)
+            wait([r.stopped for r in runners + stopping])
         self.spare.close()
         self._exits.close()
 
@@ -262,29 +267,31 @@ class Scheduler:
             runner.expiry = None
         runner.changed.notify_all()
 
-    def _stop_all(self, runners: list[Runner], block: bool = True) -> None:
-        threads = [threading.Thread(target=self._stop, args=(r,), name=f"vlmux-stop-{r.name}", daemon=True)
+    def _stop_all(self, runners: list[Runner], block: bool = True, kill: bool = False) -> None:
+        threads = [threading.Thread(target=self._stop, args=(r, kill), name=f"vlmux-stop-{r.name}", daemon=True)
                    for r in runners]
         for thread in threads:
             thread.start()
         if block:
             wait([r.stopped for r in runners])
 
-    def _stop(self, runner: Runner) -> None:
+    def _stop(self, runner: Runner, kill: bool = False) -> None:
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
-        try:
-            release = runner.worker.stop(self.config.unload_grace, self._check(runner))
+        grace = 0.0 if kill else self.config.unload_grace
+        try:  # killed: one look at its memory, no wait
+            release = runner.worker.stop(grace, self._check(runner, 0.0 if kill else None))
         except BaseException as e:  # noqa: BLE001 - whoever waits for the release gets the reason
             runner.stopped.set_exception(e)
             self._forget(runner)
             return
-        runner.join(self.config.unload_grace)
+        runner.join(grace)
         self._finish_stop(runner, release)
 
     def _finish_stop(self, runner: Runner, release: vram.Release, keep: bool = False) -> None:
         self.last_release[runner.name] = release
-        runner.stopped.set_result(release)
+        if not runner.stopped.done():  # a load killed by close(kill=True) is stopped by its loader as well
+            runner.stopped.set_result(release)
         if not keep:
             self._forget(runner)
 
@@ -293,8 +300,9 @@ class Scheduler:
             self._stopping.discard(runner)
         self.spare.after_release()
 
-    def _check(self, runner: Runner) -> VerifiedRelease:
-        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines, self.config.release_timeout)
+    def _check(self, runner: Runner, timeout: float | None = None) -> VerifiedRelease:
+        timeout = self.config.release_timeout if timeout is None else timeout
+        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines, timeout)
 
     # -- events from runners, timers and exits ----------------------------------------------------------------
 

@@ -42,3 +42,16 @@ def descendants(pid: int) -> list[int]:
         found.extend(below)
         frontier = below
     return found
+
+
+def group_members(pgid: int) -> list[int]:
+    """The live pids of process group `pgid` (a terminal's Ctrl-C reaches all of them); zombies left out."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
+            found.append(int(stat.parent.name))
+    return found

@@ -16,6 +16,9 @@ def main(control_fd: int, parent_pid: int) -> None:
 
     A request is one byte with one end of a socketpair attached; the answer is the worker's pid, with the read end
     of a pipe that gets the worker's wait status (as text) once this server reaps it."""
+    # Ctrl-C reaches the whole foreground process group: the parent stops the workers; before torch's import too.
+    # Workers and the preparing processes they start (SIG_IGN survives exec) inherit it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     import vlmux.worker.preload  # noqa: F401 - once, here: every worker starts with it imported
 
     control = socket.socket(fileno=control_fd)
@@ -23,10 +26,9 @@ def main(control_fd: int, parent_pid: int) -> None:
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_r, False)
     os.set_blocking(wakeup_w, False)
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGCHLD, signal.SIGINT)}
+    handlers = {signal.SIGCHLD: signal.getsignal(signal.SIGCHLD)}
     signal.set_wakeup_fd(wakeup_w)
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wakeup fd gets a byte only for handled signals
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent, which stops its workers itself
     statuses: dict[int, int] = {}  # pid -> write end of its status pipe
     watched = [control, wakeup_r] + ([parent] if parent is not None else [])
     while True:

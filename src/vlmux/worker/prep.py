@@ -24,11 +24,14 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-PRELOAD = ["vlmux.worker.prep", "vlmux.backends.transformers", "vlmux.images"]
+PRELOAD = ["vlmux.worker.prep_server", "vlmux.worker.prep", "vlmux.backends.transformers", "vlmux.images"]
 MIN_IMAGES = 16  # smaller requests (a first answer, a chat) are prepared in the worker: no round trip
 MAX_PROCESSES = 12
 # Tensors along the token sequence (rows x tokens): parts are left-padded to the longest before joining.
 SEQUENCE_KEYS = ("input_ids", "attention_mask", "token_type_ids", "mm_token_type_ids")
+# A worker ends by os._exit or a kill, never shutting the executor down, so the resource tracker (which takes its -W
+# options from the worker's) would warn on the terminal about the semaphores it then unlinks as it should.
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class PrepPool:
 
     def _start(self) -> None:
         try:
+            if QUIET_TRACKER not in sys.warnoptions:
+                sys.warnoptions.append(QUIET_TRACKER)
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(PRELOAD)
             self._executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_child_init,
