@@ -4,9 +4,9 @@ happens outside it. Victims are chosen under the lock and released outside it, s
 another model's release only when it needs that model's memory."""
 from __future__ import annotations
 
+import contextlib
 import threading
-import time
-from concurrent.futures import Future, wait
+from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -255,8 +255,7 @@ class Scheduler:
         self._exits.close()
 
     def _retire(self, runner: Runner, reason: BaseException) -> None:
-        """With the lock held: take the runner out of service; its worker is stopped by whoever called this, by
-        its loader if it is still loading, or already by its death."""
+        """With the lock held: out of service; its caller, its loader or its death stops the worker."""
         if runner.state is not State.DEAD:
             runner.state = State.STOPPING
             self._stopping.add(runner)
@@ -268,10 +267,8 @@ class Scheduler:
         runner.changed.notify_all()
 
     def _stop_all(self, runners: list[Runner], block: bool = True, kill: bool = False) -> None:
-        threads = [threading.Thread(target=self._stop, args=(r, kill), name=f"vlmux-stop-{r.name}", daemon=True)
-                   for r in runners]
-        for thread in threads:
-            thread.start()
+        for runner in runners:
+            threading.Thread(target=self._stop, args=(runner, kill), name=f"vlmux-stop-{runner.name}", daemon=True).start()
         if block:
             wait([r.stopped for r in runners])
 
@@ -290,7 +287,7 @@ class Scheduler:
 
     def _finish_stop(self, runner: Runner, release: vram.Release, keep: bool = False) -> None:
         self.last_release[runner.name] = release
-        if not runner.stopped.done():  # a load killed by close(kill=True) is stopped by its loader as well
+        with contextlib.suppress(InvalidStateError):  # a load killed by close(kill=True) is stopped by its loader too
             runner.stopped.set_result(release)
         if not keep:
             self._forget(runner)
@@ -301,8 +298,8 @@ class Scheduler:
         self.spare.after_release()
 
     def _check(self, runner: Runner, timeout: float | None = None) -> VerifiedRelease:
-        timeout = self.config.release_timeout if timeout is None else timeout
-        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines, timeout)
+        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines,
+                               self.config.release_timeout if timeout is None else timeout)
 
     # -- events from runners, timers and exits ----------------------------------------------------------------
 
@@ -327,8 +324,7 @@ class Scheduler:
         self._on_death(runner, WorkerDied(runner.worker.exit_reason()))
 
     def _on_death(self, runner: Runner, error: WorkerDied) -> None:
-        """A worker ended by itself: its runner is dead (requests in flight failed, queued ones kept for the next
-        load), its memory verified back, and if requests are waiting the model is loaded again at once."""
+        """A worker ended by itself: its memory is verified back, and queued requests get a reload at once."""
         with self._lock:
             if runner.state in (State.STOPPING, State.DEAD):
                 return
