@@ -62,9 +62,43 @@ def test_truncated_file_is_an_image_error():
 
 
 def test_decompression_bomb_is_reported_not_raised_as_a_crash():
-    bomb = png_bytes(Image.new("1", (20000, 20000)))
-    with pytest.raises(ImageError, match="decompression bomb"):
+    bomb = png_bytes(Image.new("1", (20000, 20000)))  # 400 MP, twice the default limit
+    with pytest.raises(ImageError, match="decompression bomb") as raised:
         load_image(bomb)
+    assert "--max-pixels" in str(raised.value)  # says how to raise the limit
+
+
+def test_a_102_megapixel_photo_is_decoded_at_its_draft_size():
+    photo = png_bytes(Image.new("RGB", (11648, 8736), (40, 90, 160)), format="JPEG", quality=50)
+    assert max(load_image(photo).size) <= 11648 // 4
+
+
+def test_a_144_megapixel_png_is_under_the_default_limit_and_a_lower_limit_refuses_it():
+    big = png_bytes(Image.new("L", (12000, 12000), 128))
+    assert load_image(big).size == (12000, 12000)
+    with pytest.raises(ImageError, match="12000x12000.*--max-pixels"):
+        load_image(big, max_pixels=100_000_000)
+
+
+def test_max_pixels_raises_the_limit_and_none_lifts_it():
+    bomb = png_bytes(Image.new("1", (20000, 12000)))  # 240 MP
+    assert load_image(bomb, max_pixels=250_000_000).size == (20000, 12000)
+    assert load_image(bomb, max_pixels=None).size == (20000, 12000)
+
+
+def test_a_jpeg_counts_at_the_size_it_decodes_to():
+    photo = png_bytes(Image.new("RGB", (4000, 3000)), format="JPEG")
+    assert load_image(photo, max_pixels=3_000_000).size == (2000, 1500)  # drafted to 3 MP, under the limit
+    with pytest.raises(ImageError, match="too large"):
+        load_image(photo, draft=None, max_pixels=3_000_000)
+
+
+def test_preparing_processes_apply_the_request_limit(monkeypatch):
+    from vlmux.worker import prep
+
+    monkeypatch.setattr(prep, "_source", prep.Source("unused", False, "float32"))
+    part = prep._prepare_part([png_bytes(Image.new("L", (100, 100)))], ["Describe."], max_pixels=5000)
+    assert part.inputs is None and "--max-pixels" in part.bad[0]
 
 
 def test_missing_file_names_itself(tmp_path):

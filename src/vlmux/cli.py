@@ -6,9 +6,13 @@ import errno
 import sys
 from pathlib import Path
 
-from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, PoolConfig
+from vlmux import __version__
+from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_CODES = ("Exit codes: 0 the job ran to its end (images that failed have error records and are counted in the "
+              "summary), 1 the job failed (a model that does not load, a disk error), 2 a usage error (nothing was "
+              "done), 130 interrupted (finished results are kept; rerun to resume)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"vlmux {args.command}: interrupted; finished results are saved, rerun to resume", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
     except (RuntimeError, OSError) as e:
         hint = ""
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -38,24 +42,32 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlmux", description="Caption images with many vision-language models, VRAM given back between them.")
+    parser.add_argument("--version", action="version", version=f"vlmux {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     caption = commands.add_parser(
         "caption", help="caption images with one or more models in turn",
         epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size, --dtype and --decode given after a -m apply to that "
-               "model only; given before any -m, to all. Prompts may use {file}, {folder} and {existing}.")
+               "model only; given before any -m, to all. Prompts may use {file}, {folder} and {existing}. With no -o, "
+               "sidecar files are written beside the images (IMAGE.txt; IMAGE.{model}.txt for several models). "
+               + EXIT_CODES + ".")
     caption.add_argument("inputs", nargs="+", metavar="INPUT",
                          help="image files, folders, a .txt list of paths, a .csv/.parquet with a path column, or a saved HF dataset")
     caption.add_argument("-m", "--model", action=_ModelAction, dest="models", default=[], help="hub id or local folder; repeat for several")
     caption.add_argument("--job", type=Path, help="a TOML job file listing the models and their settings")
     caption.add_argument("-o", "--output", type=Path, action="append", default=[],
-                         help="results file: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv (repeatable)")
+                         help="results file: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv (repeatable); "
+                              "without -o, sidecar .txt files beside the images")
     caption.add_argument("--sidecar", metavar="EXT", help="write IMAGE.EXT beside each image ({model} names models apart)")
     caption.add_argument("-r", "--recursive", action="store_true", help="search folders recursively")
+    caption.add_argument("--follow-symlinks", action="store_true",
+                         help="with -r, search symlinked folders too (each real folder once); without it they are "
+                              "skipped with a warning")
     caption.add_argument("--image-column", help="the image column of a table or dataset input")
     caption.add_argument("--prompt", action=_PerModel, help=f"instruction for the model (default: {DEFAULT_PROMPT!r})")
     caption.add_argument("--prompt-file", action=_PerModel, help="read the prompt from a file")
-    caption.add_argument("--max-new-tokens", action=_PerModel, type=int)
+    caption.add_argument("--max-new-tokens", action=_PerModel, type=int, metavar="N",
+                         help="longest caption, in tokens (default 64)")
     caption.add_argument("--batch-size", action=_PerModel, type=_batch_size, metavar="N|auto",
                          help="images per model batch (default auto: from free GPU memory on CUDA, 8 on the CPU)")
     caption.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -66,7 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                          help="run on a Ray cluster with Ray Data (pip install 'vlmux[ray]'); without ADDRESS, the "
                               "cluster RAY_ADDRESS or `ray start` names, else a local one")
-    caption.add_argument("--dtype", action=_PerModel, choices=DTYPES)
+    caption.add_argument("--dtype", action=_PerModel, choices=DTYPES,
+                         help="weight precision (default auto: bfloat16 where the GPU has it, float16 on older GPUs, "
+                              "float32 on the CPU)")
     caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
                          help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker)")
     caption.add_argument("--prep-processes", type=int, metavar="N",
@@ -76,11 +90,15 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--suffix", default="", help="text put after each caption")
     caption.add_argument("--overwrite", action="store_true", help="redo images that already have results")
     caption.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    caption.add_argument("--temperature", type=float, default=1.0)
-    caption.add_argument("--top-p", type=float, default=1.0)
-    caption.add_argument("--seed", type=int)
+    caption.add_argument("--temperature", type=float, default=1.0, help="with --sample: higher is more varied (default 1.0)")
+    caption.add_argument("--top-p", type=float, default=1.0,
+                         help="with --sample: draw from the most likely tokens making up this share (default 1.0: all)")
+    caption.add_argument("--seed", type=int, help="with --sample: a seed for repeatable captions")
+    caption.add_argument("--max-pixels", type=_pixels, metavar="N",
+                         help=f"refuse images that would decode to more pixels, a guard against decompression bombs "
+                              f"(default {MAX_PIXELS}, {MAX_PIXELS / 1e6:g} MP; JPEGs count at their reduced decoding size)")
     caption.add_argument("--report", type=Path, help="write an HTML run report here (and the same numbers as .json)")
-    caption.add_argument("--no-progress", action="store_true")
+    caption.add_argument("--no-progress", action="store_true", help="no progress bars (summaries are still printed)")
     caption.set_defaults(run=_caption)
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random model of a real architecture (offline)")
@@ -94,6 +112,16 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     return parser
+
+
+def _pixels(text: str) -> int:
+    try:
+        pixels = int(float(text))
+    except ValueError:
+        pixels = 0
+    if pixels < 1:
+        raise argparse.ArgumentTypeError(f"a number of pixels of at least 1 (e.g. 300000000 or 3e8), not {text!r}")
+    return pixels
 
 
 def _batch_size(text: str) -> int | str:
@@ -125,46 +153,35 @@ class _PerModel(argparse.Action):
 def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.job import CaptionJob, run_job, summary_line
     from vlmux.caption.plan import plans_from_file, plans_from_options
-    from vlmux.caption.outputs import open_output
     from vlmux.caption.sinks import SidecarSink
     from vlmux.caption.sources import UsageError, collect_images
-    from vlmux.caption.tables import MetadataSink
     from vlmux.hub import resolve_model
 
     defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
-                "prep_processes": args.prep_processes, **(getattr(args, "model_defaults", None) or {})}
+                "prep_processes": args.prep_processes, "max_pixels": args.max_pixels,
+                **(getattr(args, "model_defaults", None) or {})}
     if args.job is not None:
         if args.models:
             raise UsageError("give the models either with -m or in --job, not both")
         plans = plans_from_file(args.job, defaults, args.device)
     elif args.models:
+        _warn_settings_after_the_last_model(args.models)
         plans = plans_from_options(args.models, defaults, args.device)
     else:
         raise UsageError("name at least one model with -m MODEL (or a --job file)")
     if len({plan.spec.model for plan in plans}) != len(plans):
         raise UsageError("the same model is listed twice")
-    images = collect_images(args.inputs, args.recursive, args.image_column)
+    if args.replicas is not None and args.replicas < 1:
+        raise UsageError("--replicas must be at least 1")
+    images = collect_images(args.inputs, args.recursive, args.image_column, args.follow_symlinks,
+                            warn=lambda message: print(f"vlmux caption: {message}", file=sys.stderr))
     for plan in plans:
         resolve_model(plan.spec.model)  # fail on a misspelt model now, not after the first model's hour
-    if len(set(args.output)) != len(args.output):
-        raise UsageError("the same -o file is given twice")
-    in_datasets = any(ref.path is None for ref in images)
-    if in_datasets and (args.sidecar or not args.output):
-        raise UsageError("images inside a dataset have no folder for sidecar files: write results with -o")
-    sinks = [open_output(path) for path in args.output]
-    for sink in sinks:
-        if isinstance(sink, MetadataSink):
-            for ref in images:
-                sink.key(ref)  # every image must sit under the metadata file's folder: say so before any work
-    if args.sidecar is not None or not args.output:
-        default = "txt" if len(plans) == 1 else "{model}.txt"
-        sinks.append(SidecarSink(args.sidecar or default, [plan.spec.model for plan in plans]))
+    sinks = _sinks(args, images, [plan.spec.model for plan in plans])
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
             print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, "
                   f"batch {plan.batch_size or 'auto'}")
-    if args.replicas is not None and args.replicas < 1:
-        raise UsageError("--replicas must be at least 1")
     job = CaptionJob(images, plans, plans[0].generation, sinks, prefix=args.prefix, suffix=args.suffix,
                      overwrite=args.overwrite, gpus=args.gpus, replicas=args.replicas)
     # Workers size an auto batch themselves (PoolConfig.max_batch_size None); a model's fixed size rides on its requests.
@@ -202,6 +219,46 @@ def _caption(args: argparse.Namespace) -> int:
     where += [f"sidecar files *.{sink.extension}" for sink in sinks if isinstance(sink, SidecarSink)]
     print(f"{len(images)} images, {len(plans)} model(s); results in {', '.join(where)}")
     return EXIT_OK
+
+
+def _sinks(args: argparse.Namespace, images: list, models: list[str]) -> list:
+    """The -o outputs and the sidecar files, opened only once every destination is known good and writable: a usage
+    error leaves no file behind, and a read-only folder fails now, not after the captioning."""
+    from vlmux.caption.destinations import check_files, check_sidecar_folders
+    from vlmux.caption.outputs import is_metadata, open_output, output_kind
+    from vlmux.caption.sinks import SidecarSink
+    from vlmux.caption.sources import UsageError
+    from vlmux.caption.tables import metadata_key
+
+    if len(set(args.output)) != len(args.output):
+        raise UsageError("the same -o file is given twice")
+    if any(ref.path is None for ref in images) and (args.sidecar or not args.output):
+        raise UsageError("images inside a dataset have no folder for sidecar files: write results with -o")
+    for path in args.output:
+        output_kind(path)
+        if is_metadata(path):
+            for ref in images:
+                metadata_key(path, ref)  # every image must sit under the metadata file's folder
+    sidecars = None
+    if args.sidecar is not None or not args.output:
+        sidecars = SidecarSink(args.sidecar or ("txt" if len(models) == 1 else "{model}.txt"), models)
+    check_files([*args.output, *([args.report] if args.report is not None else [])])
+    if sidecars is not None:
+        check_sidecar_folders(ref.path.parent for ref in images)
+    return [open_output(path) for path in args.output] + ([sidecars] if sidecars is not None else [])
+
+
+def _warn_settings_after_the_last_model(models: list[dict]) -> None:
+    """A per-model setting after the last of several -m applies to that model only: say so when no other has it, since
+    it was likely meant for all."""
+    if len(models) < 2:
+        return
+    *others, last = models
+    for setting in last:
+        if setting != "model" and not any(setting in other for other in others):
+            option = "--" + setting.replace("_", "-")
+            print(f"vlmux caption: warning: {option} follows the last -m, so it applies to {last['model']} only; "
+                  f"put it before the first -m to apply it to every model", file=sys.stderr)
 
 
 def _quiet_transformers() -> None:

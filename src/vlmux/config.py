@@ -9,6 +9,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 # caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
 # torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks).
 DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+# Images decoding to more pixels are refused as possible decompression bombs: Pillow's 89.5 MP would refuse real
+# 100-200 MP photos. JPEGs count at their draft size (images.load_image).
+MAX_PIXELS = 200_000_000
 
 
 @dataclass(frozen=True)
@@ -48,10 +51,13 @@ class GenerationSpec:
     top_p: float = 1.0
     seed: int | None = None
     ignore_eos: bool = False  # benchmarks use it so random weights cannot stop early
+    max_pixels: int | None = MAX_PIXELS  # decoding more is refused (a decompression bomb guard); None: no limit
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
+        if self.max_pixels is not None and self.max_pixels < 1:
+            raise ValueError("max_pixels must be at least 1, or None for no limit")
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import Union
 
 from PIL import Image, ImageOps
 
+from vlmux.config import MAX_PIXELS
+
 ImageInput = Union[str, Path, bytes, Image.Image]
 
 IMAGE_EXTENSIONS = frozenset(
@@ -17,6 +19,7 @@ IMAGE_EXTENSIONS = frozenset(
 # Pillow's draft() lets the JPEG decoder scale by 1/2, 1/4 or 1/8 while decoding, which is far
 # cheaper than decoding a 12 MP photo in full and resizing it; processors resize far below this.
 DRAFT_SIZE = (1024, 1024)
+JPEG_MAX_REDUCTION = 64  # draft() scales each side by up to 1/8
 
 
 class ImageError(ValueError):
@@ -33,29 +36,52 @@ def check_input(item: object) -> str | None:
     return f"not an image: {type(item).__name__}; give a path, bytes or a PIL image"
 
 
-def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE) -> Image.Image:
-    """Decode one image to RGB, first frame only, EXIF rotation applied."""
+def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
+               max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """Decode one image to RGB, first frame only, EXIF rotation applied. An image that would take more than
+    `max_pixels` pixels to decode (a JPEG counts at its draft size) is refused as a possible decompression bomb;
+    None: no limit."""
     reason = check_input(source)
     if reason is not None:
         raise ImageError(reason)
     if isinstance(source, Image.Image):
         return _to_rgb(source)
+    _leave_the_limit_to_us(max_pixels)
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", draft)
+            _check_pixels(image, max_pixels)
             image.load()
+    except ImageError:
+        raise
     except FileNotFoundError:
         raise ImageError(f"file not found: {source}") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+    except Image.DecompressionBombError as e:
         raise ImageError(f"image too large (decompression bomb guard): {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
     return _to_rgb(image)
+
+
+def _leave_the_limit_to_us(max_pixels: int | None) -> None:
+    """Pillow's own guard counts a JPEG's full size before draft() shrinks it: raise it (process-wide, never lower)
+    so that _check_pixels decides."""
+    needed = None if max_pixels is None else max_pixels * JPEG_MAX_REDUCTION
+    if Image.MAX_IMAGE_PIXELS is not None and (needed is None or Image.MAX_IMAGE_PIXELS < needed):
+        Image.MAX_IMAGE_PIXELS = needed
+
+
+def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
+    width, height = image.size  # after draft(): what load() will allocate
+    if max_pixels is not None and width * height > max_pixels:
+        raise ImageError(f"image too large: {width}x{height} would decode to {width * height / 1e6:.1f} megapixels, "
+                         f"over the limit of {max_pixels / 1e6:g} (a guard against decompression bombs); raise it "
+                         f"with --max-pixels N (max_pixels in the Python API)")
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from vlmux.pool import vram
 from vlmux.caption.plan import ModelPlan, job_decode, job_prep, render_prompt
-from vlmux.caption.sinks import Record, Sink
+from vlmux.caption.sinks import Record, SidecarSink, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
@@ -64,8 +64,8 @@ class ModelReport:
 
     @property
     def images_per_second(self) -> float:
-        done = self.captioned + self.errors
-        return done / self.caption_seconds if self.caption_seconds else 0.0
+        """Captioned images per second of captioning: images that failed are not throughput."""
+        return self.captioned / self.caption_seconds if self.caption_seconds else 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -246,7 +246,7 @@ def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[
         for future in sorted(done, key=list(in_flight).index):  # oldest first, as one worker answers them
             refs, name = in_flight.pop(future)
             _finish(refs, future, job, plan, name, pool, report, bar)
-            finished.append((time.perf_counter(), report.captioned + report.errors))
+            finished.append((time.perf_counter(), report.captioned))
             feed(name)
     if len(finished) >= 2 and finished[-1][0] > finished[0][0]:
         (first_at, first_done), (last_at, last_done) = finished[0], finished[-1]
@@ -287,6 +287,8 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
     report.tokens += captions.tokens
     report.prepared_apart += captions.prepared_apart
     for ref, result in zip(refs, captions.results):
+        if result.error is None and (refusal := _sidecar_refusal(job, ref, plan.spec.model)):
+            result = replace(result, caption=None, error=refusal)
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
         pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))
         if result.batch:
@@ -302,6 +304,10 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
         sink.write(pairs)
 
 
+def _sidecar_refusal(job: CaptionJob, ref: ImageRef, model: str) -> str | None:
+    return next((why for sink in job.sinks if isinstance(sink, SidecarSink) and (why := sink.refusal(ref, model))), None)
+
+
 def summary_line(report: ModelReport) -> str:
     parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
     if report.workers > 1:
@@ -310,8 +316,8 @@ def summary_line(report: ModelReport) -> str:
         parts.append(f"{_count(report.batches, 'batch', 'batches')} of up to {report.largest_batch} images"
                      + (f" in {_count(report.requests, 'request', 'requests')}" if report.requests else ""))
     if report.caption_seconds:
-        parts.append(f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, "
-                     f"load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
+        rate = f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, " if report.captioned else ""
+        parts.append(f"{rate}load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
     if report.release is not None:
         parts.append(str(report.release))
     return ", ".join(parts)

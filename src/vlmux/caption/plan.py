@@ -7,7 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from vlmux.caption.sources import ImageRef, UsageError
-from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.config import MAX_PIXELS, GenerationSpec, ModelSpec
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -57,7 +57,8 @@ def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]
 
 
 def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
-    unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed", "prep_processes"}
+    unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed", "prep_processes",
+                              "max_pixels"}
     if unknown:
         raise UsageError(f"unknown model options {sorted(unknown)}; known: model, prompt_file, {', '.join(PER_MODEL)}")
     prompt = options.get("prompt")
@@ -69,7 +70,8 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
         prompt = prompt_file.read_text(encoding="utf-8").strip()
     generation = GenerationSpec(max_new_tokens=int(options.get("max_new_tokens") or 64),
                                 do_sample=bool(options.get("sample")), temperature=float(options.get("temperature") or 1.0),
-                                top_p=float(options.get("top_p") or 1.0), seed=options.get("seed"))
+                                top_p=float(options.get("top_p") or 1.0), seed=options.get("seed"),
+                                max_pixels=int(options.get("max_pixels") or MAX_PIXELS))
     if prompt:
         generation = replace(generation, prompt=prompt)
     try:

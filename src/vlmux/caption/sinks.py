@@ -4,9 +4,11 @@ Every sink knows what it already holds, so a rerun resumes, and writes so that a
 whole records."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -98,12 +100,21 @@ class SidecarSink:
     def path_for(self, ref: ImageRef, model: str) -> Path:
         return ref.path.with_name(f"{ref.path.name.rsplit('.', 1)[0]}.{self.extension.format(model=model_tag(model))}")
 
+    def refusal(self, ref: ImageRef, model: str) -> str | None:
+        """Why this image's sidecar cannot be written (its name is over the file system's limit), or None."""
+        path = self.path_for(ref, model)
+        length, limit = len(os.fsencode(path.name)), name_max(path.parent)
+        if length <= limit:
+            return None
+        return (f"sidecar {path.name!r} not written: its name is {length} bytes and the file system allows {limit}; "
+                f"shorten the image's name or write results with -o")
+
     def done(self, ref: ImageRef, model: str) -> bool:
-        return self.path_for(ref, model).exists()
+        return self.refusal(ref, model) is None and self.path_for(ref, model).exists()
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         for ref, record in pairs:
-            if record.caption is not None:
+            if record.caption is not None and self.refusal(ref, record.model) is None:
                 atomic_write(self.path_for(ref, record.model), (record.caption + "\n").encode("utf-8"))
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
@@ -125,10 +136,25 @@ def _line(record: Record) -> str:
     return json.dumps(asdict(record), ensure_ascii=False) + "\n"
 
 
+def name_max(folder: Path) -> int:
+    """The longest file name, in bytes, that the file system of `folder` takes."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.vlmux-tmp")
-    with open(temporary, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    """Replace `path` with `data` whole, through a short temporary name beside it: a name built from the final one
+    could pass the file system's name limit where the final one fits."""
+    temporary = path.with_name(f".vlmux-{secrets.token_hex(6)}.tmp")
+    try:
+        with open(temporary, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise

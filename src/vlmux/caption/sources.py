@@ -2,6 +2,8 @@
 Hugging Face datasets with an image column."""
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -10,6 +12,10 @@ from vlmux.images import is_image_path
 
 PATH_COLUMNS = ("image", "file_name", "file", "path", "image_path", "filepath")
 EXISTING_CAPTION_EXTENSIONS = (".txt", ".caption", ".tags")
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr)
 
 
 class UsageError(ValueError):
@@ -43,7 +49,9 @@ class ImageRef:
         return ""
 
 
-def collect_images(inputs: list[str], recursive: bool = False, image_column: str | None = None) -> list[ImageRef]:
+def collect_images(inputs: list[str], recursive: bool = False, image_column: str | None = None,
+                   follow_symlinks: bool = False, warn: Callable[[str], None] = _to_stderr) -> list[ImageRef]:
+    """The images the inputs name; `warn` hears of symlinked folders a recursive search left out."""
     refs: list[ImageRef] = []
     for given in inputs:
         path = Path(given)
@@ -52,7 +60,7 @@ def collect_images(inputs: list[str], recursive: bool = False, image_column: str
         if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
             refs.extend(_dataset(path, image_column))
         elif path.is_dir():
-            refs.extend(_folder(path, recursive))
+            refs.extend(_folder(path, recursive, follow_symlinks, warn))
         elif path.suffix.lower() == ".txt":
             refs.extend(_listed(path, [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]))
         elif path.suffix.lower() in (".csv", ".parquet"):
@@ -63,13 +71,43 @@ def collect_images(inputs: list[str], recursive: bool = False, image_column: str
     return unique
 
 
-def _folder(path: Path, recursive: bool) -> list[ImageRef]:
-    found = sorted(p for p in (path.rglob("*") if recursive else path.iterdir()) if p.is_file() and is_image_path(p))
+def _folder(path: Path, recursive: bool, follow_symlinks: bool, warn: Callable[[str], None]) -> list[ImageRef]:
+    if recursive:
+        found, skipped = _walk(path, follow_symlinks)
+        for link in skipped:
+            warn(f"warning: skipped the symlinked folder {link}; add --follow-symlinks to search it too")
+    else:
+        found = [p for p in path.iterdir() if p.is_file() and is_image_path(p)]
     if not found:
         hint = "; add -r to search its subfolders" if not recursive and any(p.is_dir() for p in path.iterdir()) else ""
         raise UsageError(f"{path}: no images found (looked for .jpg, .png, .webp, ...){hint}")
     root = path.absolute()
-    return [ImageRef(p.absolute(), root) for p in found]
+    return [ImageRef(p.absolute(), root) for p in sorted(found)]
+
+
+def _walk(root: Path, follow_symlinks: bool) -> tuple[list[Path], list[Path]]:
+    """Image files under `root` and the symlinked folders left out. Followed links are walked once per real folder,
+    so a link back up the tree (a loop) or two links to one folder give each image once."""
+    found: list[Path] = []
+    skipped: list[Path] = []
+    walked: set[str] = set()
+    folders = [root]
+    while folders:
+        folder = folders.pop()
+        real = os.path.realpath(folder)
+        if real in walked:
+            continue
+        walked.add(real)
+        for entry in os.scandir(folder):
+            entry_path = Path(entry.path)
+            if entry.is_dir():
+                if entry.is_symlink() and not follow_symlinks:
+                    skipped.append(entry_path)
+                else:
+                    folders.append(entry_path)
+            elif entry.is_file() and is_image_path(entry_path):
+                found.append(entry_path)
+    return found, sorted(skipped)
 
 
 def _listed(source: Path, entries: list[str]) -> list[ImageRef]:
@@ -98,8 +136,12 @@ def _table_paths(path: Path, column: str | None) -> list[str]:
     import csv
 
     with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    pick = _pick_column(path, list(rows[0]) if rows else [], column)
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    if not rows:
+        found = f"only a header row ({', '.join(reader.fieldnames)})" if reader.fieldnames else "nothing"
+        raise UsageError(f"{path}: the table has no rows, {found}; list one image path per row")
+    pick = _pick_column(path, list(rows[0]), column)
     return [row[pick] for row in rows]
 
 

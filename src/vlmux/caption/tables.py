@@ -76,15 +76,20 @@ class TableSink:
         return _csv_bytes(rows, LONG_COLUMNS)
 
 
+def metadata_key(metadata: Path, ref: ImageRef) -> str:
+    """The image's `file_name` in the ImageFolder metadata file `metadata`: relative to the file's folder."""
+    try:
+        return ref.path.relative_to(metadata.parent.absolute()).as_posix()
+    except ValueError:
+        raise UsageError(f"{ref.path} is not inside {metadata.parent}: ImageFolder metadata must sit at or above its images") from None
+
+
 class MetadataSink(TableSink):
     """Hugging Face ImageFolder metadata: `file_name` relative to the metadata file's folder and one caption
     column per model (named by model_tag). A missing caption is not a result, so a rerun tries it again."""
 
     def key(self, ref: ImageRef) -> str:
-        try:
-            return ref.path.relative_to(self.path.parent.absolute()).as_posix()
-        except ValueError:
-            raise UsageError(f"{ref.path} is not inside {self.path.parent}: ImageFolder metadata must sit at or above its images") from None
+        return metadata_key(self.path, ref)
 
     def done(self, ref: ImageRef, model: str) -> bool:
         record = self._rows.get((self.key(ref), model_tag(model)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
+from itertools import repeat
 
 from PIL import Image
 
@@ -150,7 +151,7 @@ class Handler:
             except Exception:  # noqa: BLE001 - the processes failed (said once, on stderr): prepared here, below
                 pass
         images, bad = {}, {}
-        for index, image in zip(chunk, self._decoder.map(_decode, [request.items[i] for i in chunk])):
+        for index, image in zip(chunk, self._decoder.map(_decode, [request.items[i] for i in chunk], repeat(request.gen.max_pixels))):
             if isinstance(image, str):
                 bad[index] = image
             else:
@@ -166,7 +167,7 @@ class Handler:
     def _prepare_in_processes(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, None], dict[int, str], PreparedBatch | None]:
         pad_to = size if self.backend.pads_batches else None
         done = self._prep.prepare([request.items[i] for i in chunk], [request.prompts[i] for i in chunk], pad_to,
-                                  self.backend.pad_token_id)
+                                  self.backend.pad_token_id, request.gen.max_pixels)
         bad = {chunk[position]: reason for position, reason in done.bad.items()}
         images = {chunk[position]: None for position in done.good}
         self._prepared_apart += 1
@@ -185,7 +186,7 @@ class Handler:
                     results[index] = ItemResult(caption, batch=len(images))
                 return
         missing = [index for index, image in images.items() if image is None]  # decoded in a preparing process
-        for index, image in zip(missing, self._decoder.map(_decode, [request.items[i] for i in missing])):
+        for index, image in zip(missing, self._decoder.map(_decode, [request.items[i] for i in missing], repeat(request.gen.max_pixels))):
             if isinstance(image, str):
                 results[index] = ItemResult(None, image, bad_image=True)
                 del images[index]
@@ -223,7 +224,7 @@ class Handler:
                 items = []
                 for item in content:
                     if item.get("type") == "image":
-                        images.append(load_image(item["image"]))
+                        images.append(load_image(item["image"], max_pixels=request.gen.max_pixels))
                         items.append({"type": "image"})
                     else:
                         items.append(item)
@@ -233,8 +234,8 @@ class Handler:
             return Failed("request", f"bad chat request: {e}")
 
 
-def _decode(item) -> Image.Image | str:
+def _decode(item, max_pixels: int | None) -> Image.Image | str:
     try:
-        return load_image(item)
+        return load_image(item, max_pixels=max_pixels)
     except ImageError as e:
         return str(e)

@@ -21,6 +21,8 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from vlmux.config import MAX_PIXELS
+
 if TYPE_CHECKING:
     import torch
 
@@ -111,12 +113,13 @@ class PrepPool:
         self._ready.wait(timeout)
         return self.ready
 
-    def prepare(self, items: list, prompts: list[str], pad_to: int | None, pad_token_id: int) -> Prepped:
+    def prepare(self, items: list, prompts: list[str], pad_to: int | None, pad_token_id: int,
+                max_pixels: int | None = MAX_PIXELS) -> Prepped:
         """Decode and preprocess a chunk in parts, one per process, and join them; raises RuntimeError if a
         process died (the caller prepares the chunk itself)."""
         size = math.ceil(len(items) / self.processes)
         starts = range(0, len(items), size)
-        parts = [self._submit(items[s : s + size], prompts[s : s + size]) for s in starts]
+        parts = [self._submit(items[s : s + size], prompts[s : s + size], max_pixels) for s in starts]
         good, bad, inputs = [], {}, []
         for start, future in zip(starts, parts):
             part = self._result(future)
@@ -128,17 +131,17 @@ class PrepPool:
             return Prepped([], bad, None)
         last, missing = good[-1], max(0, (pad_to or 0) - len(good))  # the compiled batch shape: repeat the last
         if missing:
-            inputs.append(self._result(self._submit([items[last]] * missing, [prompts[last]] * missing)).inputs)
+            inputs.append(self._result(self._submit([items[last]] * missing, [prompts[last]] * missing, max_pixels)).inputs)
         try:
             joined = join(inputs, pad_token_id)
         except NotJoinable:  # one process does the whole chunk: the processor pads the parts itself
             chosen = good + [last] * missing
-            joined = self._result(self._submit([items[i] for i in chosen], [prompts[i] for i in chosen])).inputs
+            joined = self._result(self._submit([items[i] for i in chosen], [prompts[i] for i in chosen], max_pixels)).inputs
         return Prepped(good, bad, joined)
 
-    def _submit(self, items: list, prompts: list[str]) -> Future:
+    def _submit(self, items: list, prompts: list[str], max_pixels: int | None) -> Future:
         try:
-            return self._executor.submit(_prepare_part, items, prompts)
+            return self._executor.submit(_prepare_part, items, prompts, max_pixels)
         except (BrokenProcessPool, RuntimeError) as e:  # broken by an earlier part, or shut down
             raise self._failure(e) from None
 
@@ -207,7 +210,7 @@ def _ping() -> int:
     return os.getpid()
 
 
-def _prepare_part(items: list, prompts: list[str]) -> Part:
+def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_PIXELS) -> Part:
     import torch
 
     from vlmux.backends.transformers import host_inputs
@@ -217,7 +220,7 @@ def _prepare_part(items: list, prompts: list[str]) -> Part:
     read, bad = {}, {}
     for position, (item, prompt) in enumerate(zip(items, prompts)):
         try:
-            read[position] = (load_image(item), prompt)
+            read[position] = (load_image(item, max_pixels=max_pixels), prompt)
         except ImageError as e:
             bad[position] = str(e)
     def inputs() -> dict[str, torch.Tensor] | None:
