@@ -123,6 +123,7 @@ class _PerModel(argparse.Action):
 
 
 def _caption(args: argparse.Namespace) -> int:
+    from vlmux.caption.identity import model_tags, renamed
     from vlmux.caption.job import CaptionJob, run_job, summary_line
     from vlmux.caption.plan import plans_from_file, plans_from_options
     from vlmux.caption.outputs import open_output
@@ -151,14 +152,23 @@ def _caption(args: argparse.Namespace) -> int:
     in_datasets = any(ref.path is None for ref in images)
     if in_datasets and (args.sidecar or not args.output):
         raise UsageError("images inside a dataset have no folder for sidecar files: write results with -o")
-    sinks = [open_output(path) for path in args.output]
-    for sink in sinks:
-        if isinstance(sink, MetadataSink):
-            for ref in images:
-                sink.key(ref)  # every image must sit under the metadata file's folder: say so before any work
-    if args.sidecar is not None or not args.output:
-        default = "txt" if len(plans) == 1 else "{model}.txt"
-        sinks.append(SidecarSink(args.sidecar or default, [plan.spec.model for plan in plans]))
+    models = [plan.spec.model for plan in plans]
+    for line in renamed(model_tags(models)):
+        print(f"vlmux caption: {line}", file=sys.stderr)
+    sinks = []
+    try:  # each sink locks its output: another job on one of them stops this one here
+        for path in args.output:
+            sinks.append(open_output(path, models))
+            if isinstance(sinks[-1], MetadataSink):
+                for ref in images:
+                    sinks[-1].key(ref)  # every image must sit under the metadata file's folder: say so before any work
+        if args.sidecar is not None or not args.output:
+            default = "txt" if len(plans) == 1 else "{model}.txt"
+            sinks.append(SidecarSink(args.sidecar or default, models, lock_at=images[0].root))
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
             print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, "

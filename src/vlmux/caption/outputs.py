@@ -8,12 +8,13 @@ from vlmux.caption.sources import UsageError
 from vlmux.caption.tables import MetadataSink, TableSink
 
 
-def open_output(path: Path) -> Sink:
-    """The sink for -o PATH: the name picks the format."""
+def open_output(path: Path, models: list[str] = ()) -> Sink:
+    """The sink for -o PATH: the name picks the format; `models` (the job's, in order) name metadata columns.
+    Raises OutputBusy while another job writes the output."""
     if not path.parent.exists():
         raise UsageError(f"{path}: the folder {path.parent} does not exist; create it first")
     if path.name in ("metadata.jsonl", "metadata.csv"):
-        return MetadataSink(path)
+        return MetadataSink(path, models)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return JsonlSink(path)
