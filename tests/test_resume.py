@@ -140,7 +140,7 @@ def check_sequence(sequence) -> None:
             # A killed overwrite is finished by overwriting again (a plain run keeps what each output holds); an
             # overwrite of only some outputs would leave the others their older captions, as asked, so it names all.
             overwrite = overwrite or unfinished_overwrite
-            outputs = seen = outputs | seen if overwrite else outputs
+            outputs = outputs | seen if overwrite else outputs
             seen = seen | outputs
             overwrites += overwrite  # captions change only when overwritten, as a greedy model's would
             child = os.fork()
