@@ -151,6 +151,7 @@ class _PerModel(argparse.Action):
 
 
 def _caption(args: argparse.Namespace) -> int:
+    from vlmux.caption.identity import model_tags, renamed
     from vlmux.caption.job import CaptionJob, run_job, summary_line
     from vlmux.caption.plan import plans_from_file, plans_from_options
     from vlmux.caption.sinks import SidecarSink
@@ -177,7 +178,10 @@ def _caption(args: argparse.Namespace) -> int:
                             warn=lambda message: print(f"vlmux caption: {message}", file=sys.stderr))
     for plan in plans:
         resolve_model(plan.spec.model)  # fail on a misspelt model now, not after the first model's hour
-    sinks = _sinks(args, images, [plan.spec.model for plan in plans])
+    models = [plan.spec.model for plan in plans]
+    for line in renamed(model_tags(models)):
+        print(f"vlmux caption: {line}", file=sys.stderr)
+    sinks = _sinks(args, images, models)
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
             print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, "
@@ -239,13 +243,21 @@ def _sinks(args: argparse.Namespace, images: list, models: list[str]) -> list:
         if is_metadata(path):
             for ref in images:
                 metadata_key(path, ref)  # every image must sit under the metadata file's folder
-    sidecars = None
-    if args.sidecar is not None or not args.output:
-        sidecars = SidecarSink(args.sidecar or ("txt" if len(models) == 1 else "{model}.txt"), models)
     check_files([*args.output, *([args.report] if args.report is not None else [])])
-    if sidecars is not None:
+    wants_sidecars = args.sidecar is not None or not args.output
+    if wants_sidecars:
         check_sidecar_folders(ref.path.parent for ref in images)
-    return [open_output(path) for path in args.output] + ([sidecars] if sidecars is not None else [])
+    sinks: list = []
+    try:  # each sink locks its output: another job on one of them stops this one here, before any work
+        if wants_sidecars:  # first: its usage errors leave no output file behind
+            extension = args.sidecar or ("txt" if len(models) == 1 else "{model}.txt")
+            sinks.append(SidecarSink(extension, models, lock_at=images[0].root))
+        sinks += [open_output(path, models) for path in args.output]
+    except BaseException:
+        for sink in sinks:
+            sink.close()
+        raise
+    return sinks[1:] + sinks[:1] if wants_sidecars else sinks
 
 
 def _warn_settings_after_the_last_model(models: list[dict]) -> None:

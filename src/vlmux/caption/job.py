@@ -47,7 +47,8 @@ class ModelReport:
     model: str
     captioned: int = 0
     errors: int = 0
-    skipped: int = 0
+    skipped: int = 0  # images with a result already: in every output, or copied from one to those lacking it
+    copied: int = 0  # of those, images whose result was copied to outputs lacking it
     tokens: int = 0
     load_seconds: float = 0.0
     caption_seconds: float = 0.0
@@ -210,13 +211,32 @@ def models_to_caption(job: CaptionJob, reports: list[ModelReport]) -> Iterator[t
 
 
 def missing(job: CaptionJob, spec: ModelSpec, report: ModelReport) -> list[ImageRef]:
-    """The images still without a result from `spec` in some sink (all of them with --overwrite)."""
+    """The images still without a result from `spec` in any sink (all of them with --overwrite). A result that some
+    sinks hold and others lack (an output added on a rerun) is copied to those lacking it instead."""
     if job.overwrite:
         for sink in job.sinks:
             sink.forget({(ref.key, spec.model) for ref in job.images})
-    todo = [ref for ref in job.images if not all(sink.done(ref, spec.model) for sink in job.sinks)]
-    report.skipped = len(job.images) - len(todo)
-    return todo
+    todo, copied = [], []
+    copies: dict[int, list[tuple[ImageRef, Record]]] = {id(sink): [] for sink in job.sinks}
+    for ref in job.images:
+        lacking = [sink for sink in job.sinks if not sink.done(ref, spec.model)]
+        if not lacking:
+            continue
+        held = next((r for r in (sink.held(ref, spec.model) for sink in job.sinks if sink not in lacking) if r), None)
+        if held is None:
+            todo.append(ref)
+            continue
+        copied.append(ref)
+        for sink in lacking:
+            copies[id(sink)].append((ref, held))
+    for sink in job.sinks:
+        if copies[id(sink)]:
+            sink.write(copies[id(sink)])
+            sink.flush()
+    retried = [ref for ref in copied if not all(sink.done(ref, spec.model) for sink in job.sinks)]  # an error record copied where only captions count
+    report.skipped = len(job.images) - len(todo) - len(retried)
+    report.copied = len(copied) - len(retried)
+    return todo + retried
 
 
 def request_size(plan: ModelPlan, pool: ModelPool, name: str) -> int:
@@ -300,8 +320,8 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
             report.errors += 1
             if len(report.error_samples) < 5:
                 report.error_samples.append(f"{ref.key}: {result.error}")
-    for sink in job.sinks:
-        sink.write(pairs)
+    for sink in job.sinks:  # only to sinks lacking the result: a retried error must not duplicate the record it had
+        sink.write([pair for pair in pairs if job.overwrite or not sink.done(pair[0], plan.spec.model)])
 
 
 def _sidecar_refusal(job: CaptionJob, ref: ImageRef, model: str) -> str | None:
@@ -310,6 +330,8 @@ def _sidecar_refusal(job: CaptionJob, ref: ImageRef, model: str) -> str | None:
 
 def summary_line(report: ModelReport) -> str:
     parts = [f"{report.model}: {report.captioned} captioned", f"{report.errors} errors", f"{report.skipped} already done"]
+    if report.copied:
+        parts.append(f"{report.copied} copied from other outputs to those lacking them")
     if report.workers > 1:
         parts.append(f"{report.workers} workers side by side")
     if report.batches:

@@ -29,6 +29,8 @@ def is_metadata(path: Path) -> bool:
     return path.name in ("metadata.jsonl", "metadata.csv")
 
 
-def open_output(path: Path) -> Sink:
-    """The sink for -o PATH: the name picks the format."""
-    return output_kind(path)(path)
+def open_output(path: Path, models: list[str] = ()) -> Sink:
+    """The sink for -o PATH: the name picks the format; `models` (the job's, in order) name metadata columns.
+    Raises OutputBusy while another job writes the output."""
+    kind = output_kind(path)
+    return kind(path, models) if kind is MetadataSink else kind(path)

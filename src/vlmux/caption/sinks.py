@@ -7,12 +7,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
+from vlmux.caption.identity import model_tag, model_tags
+from vlmux.caption.locks import OutputLock
 from vlmux.caption.sources import ImageRef, UsageError
 
 
@@ -26,6 +27,7 @@ class Record:
 
 class Sink(Protocol):
     def done(self, ref: ImageRef, model: str) -> bool: ...
+    def held(self, ref: ImageRef, model: str) -> Record | None: ...  # the result it holds, to copy to other sinks
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None: ...
     def forget(self, keys: set[tuple[str, str]]) -> None: ...
     def flush(self) -> None: ...  # called when a model finishes
@@ -33,11 +35,13 @@ class Sink(Protocol):
 
 
 class JsonlSink:
-    """One JSON object per line, appended and flushed per batch."""
+    """One JSON object per line, appended and flushed per batch. `lock`: hold the output's lock while open (a
+    table's journal goes under its table's lock)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, lock: bool = True) -> None:
         self.path = path
-        self._done: set[tuple[str, str]] = set()
+        self._lock = OutputLock(path) if lock else None
+        self._done: dict[tuple[str, str], Record] = {}
         if path.exists():
             self._recover()
         self._file = open(path, "a", encoding="utf-8")
@@ -47,7 +51,7 @@ class JsonlSink:
         if data and not data.endswith(b"\n"):  # a kill mid-write leaves a partial last line: drop it
             data = data[: data.rfind(b"\n") + 1]
             atomic_write(self.path, data)
-        self._done.update((record.file, record.model) for record in self.records())
+        self._done.update(((record.file, record.model), record) for record in self.records())
 
     def records(self) -> list[Record]:
         if not self.path.exists():
@@ -58,21 +62,25 @@ class JsonlSink:
     def done(self, ref: ImageRef, model: str) -> bool:
         return (ref.key, model) in self._done
 
+    def held(self, ref: ImageRef, model: str) -> Record | None:
+        return self._done.get((ref.key, model))
+
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         lines = "".join(_line(record) for _, record in pairs)
         self._file.write(lines)
         self._file.flush()
         os.fsync(self._file.fileno())
-        self._done.update((record.file, record.model) for _, record in pairs)
+        self._done.update(((record.file, record.model), record) for _, record in pairs)
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
         """Drop the records of these (file, model) pairs, for --overwrite."""
-        if not keys & self._done:
+        if not keys & self._done.keys():
             return
         self._file.close()
         kept = [record for record in self.records() if (record.file, record.model) not in keys]
         atomic_write(self.path, "".join(_line(record) for record in kept).encode("utf-8"))
-        self._done -= keys
+        for key in keys:
+            self._done.pop(key, None)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def clear(self) -> None:
@@ -86,19 +94,26 @@ class JsonlSink:
 
     def close(self) -> None:
         self._file.close()
+        if self._lock is not None:
+            self._lock.release()
 
 
 class SidecarSink:
-    """IMAGE.EXT beside each image; `{model}` in EXT tells several models' captions apart."""
+    """IMAGE.EXT beside each image; `{model}` in EXT (the model's tag, identity.model_tags) tells several models'
+    captions apart. `lock_at`: the images' common folder, locked for this extension while the sink is open (a job
+    on a subfolder or a parent folder of it is not stopped)."""
 
-    def __init__(self, extension: str, models: list[str]) -> None:
+    def __init__(self, extension: str, models: list[str], lock_at: Path | None = None) -> None:
         extension = extension.lstrip(".")
         if len(models) > 1 and "{model}" not in extension:
             raise UsageError(f"--sidecar {extension} with {len(models)} models would overwrite; put {{model}} in it, e.g. '{{model}}.txt'")
         self.extension = extension
+        self.tags = model_tags(models)
+        self._lock = None if lock_at is None else OutputLock(lock_at, f"sidecars-{extension.replace('{model}', 'MODEL')}")
 
     def path_for(self, ref: ImageRef, model: str) -> Path:
-        return ref.path.with_name(f"{ref.path.name.rsplit('.', 1)[0]}.{self.extension.format(model=model_tag(model))}")
+        tag = self.tags.get(model) or model_tag(model)
+        return ref.path.with_name(f"{ref.path.name.rsplit('.', 1)[0]}.{self.extension.format(model=tag)}")
 
     def refusal(self, ref: ImageRef, model: str) -> str | None:
         """Why this image's sidecar cannot be written (its name is over the file system's limit), or None."""
@@ -112,6 +127,12 @@ class SidecarSink:
     def done(self, ref: ImageRef, model: str) -> bool:
         return self.refusal(ref, model) is None and self.path_for(ref, model).exists()
 
+    def held(self, ref: ImageRef, model: str) -> Record | None:
+        path = self.path_for(ref, model)
+        if not path.exists():
+            return None
+        return Record(ref.key, model, path.read_text(encoding="utf-8").removesuffix("\n"), None)
+
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         for ref, record in pairs:
             if record.caption is not None and self.refusal(ref, record.model) is None:
@@ -124,12 +145,8 @@ class SidecarSink:
         pass
 
     def close(self) -> None:
-        pass
-
-
-def model_tag(model: str) -> str:
-    """A short, file-name-safe name for a model: 'Qwen/Qwen2-VL-2B-Instruct' -> 'Qwen2-VL-2B-Instruct'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(model.rstrip("/")).name) or "model"
+        if self._lock is not None:
+            self._lock.release()
 
 
 def _line(record: Record) -> str:

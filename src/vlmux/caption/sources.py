@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from vlmux.caption.identity import unique_keys
 from vlmux.images import is_image_path
 
 PATH_COLUMNS = ("image", "file_name", "file", "path", "image_path", "filepath")
@@ -25,13 +26,13 @@ class UsageError(ValueError):
 @dataclass(frozen=True)
 class ImageRef:
     path: Path | None  # None for images that live inside a dataset
-    root: Path  # the input it was found under: results name images relative to it
+    root: Path  # the input it was found under, or the common folder of several inputs: keys are relative to it
     name: str | None = None  # the result key of a dataset image
     fetch: Callable[[], bytes] | None = field(default=None, compare=False, repr=False)
 
     @property
     def key(self) -> str:
-        """The image's name in results: POSIX path relative to its input root."""
+        """The image's name in results: POSIX path relative to its root (identity.unique_keys picks the roots)."""
         return self.name if self.name is not None else self.path.relative_to(self.root).as_posix()
 
     def payload(self) -> str | bytes:
@@ -67,8 +68,8 @@ def collect_images(inputs: list[str], recursive: bool = False, image_column: str
             refs.extend(_listed(path, _table_paths(path, image_column)))
         else:
             refs.append(ImageRef(path.absolute(), path.absolute().parent))
-    unique = list({ref.key if ref.path is None else ref.path: ref for ref in refs}.values())  # given twice: once
-    return unique
+    unique = list({(ref.root, ref.name) if ref.path is None else ref.path: ref for ref in refs}.values())  # given twice: once
+    return unique_keys(unique)
 
 
 def _folder(path: Path, recursive: bool, follow_symlinks: bool, warn: Callable[[str], None]) -> list[ImageRef]:

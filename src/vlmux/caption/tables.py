@@ -12,7 +12,9 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-from vlmux.caption.sinks import JsonlSink, Record, atomic_write, model_tag
+from vlmux.caption.identity import model_tag, model_tags
+from vlmux.caption.locks import OutputLock
+from vlmux.caption.sinks import JsonlSink, Record, atomic_write
 from vlmux.caption.sources import ImageRef, UsageError
 
 LONG_COLUMNS = ("file", "model", "caption", "error")
@@ -23,11 +25,12 @@ class TableSink:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._lock = OutputLock(path)  # before reading: the table may be mid-rewrite by another job
         self._rows: dict[tuple[str, str], Record] = {}
         if path.exists():
             for record in self._read():
                 self._rows[(record.file, record.model)] = record
-        self._journal = JsonlSink(path.with_name(f".{path.name}.journal.jsonl"))
+        self._journal = JsonlSink(path.with_name(f".{path.name}.journal.jsonl"), lock=False)
         for record in self._journal.records():
             self._rows[(record.file, record.model)] = record
 
@@ -36,6 +39,9 @@ class TableSink:
 
     def done(self, ref: ImageRef, model: str) -> bool:
         return (self.key(ref), model) in self._rows
+
+    def held(self, ref: ImageRef, model: str) -> Record | None:
+        return self._rows.get((self.key(ref), model))
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error)) for ref, record in pairs]
@@ -57,6 +63,7 @@ class TableSink:
         self.flush()
         self._journal.close()
         self._journal.path.unlink(missing_ok=True)
+        self._lock.release()
 
     # -- formats ------------------------------------------------------------------------------------------
 
@@ -86,14 +93,25 @@ def metadata_key(metadata: Path, ref: ImageRef) -> str:
 
 class MetadataSink(TableSink):
     """Hugging Face ImageFolder metadata: `file_name` relative to the metadata file's folder and one caption
-    column per model (named by model_tag). A missing caption is not a result, so a rerun tries it again."""
+    column per model (named by its tag, identity.model_tags over `models`). A missing caption is not a result, so a
+    rerun tries it again."""
+
+    def __init__(self, path: Path, models: list[str] = ()) -> None:
+        self.tags = model_tags(list(models))
+        super().__init__(path)
+
+    def tag(self, model: str) -> str:
+        return self.tags.get(model) or model_tag(model)
 
     def key(self, ref: ImageRef) -> str:
         return metadata_key(self.path, ref)
 
     def done(self, ref: ImageRef, model: str) -> bool:
-        record = self._rows.get((self.key(ref), model_tag(model)))
-        return record is not None and record.caption is not None
+        return self.held(ref, model) is not None
+
+    def held(self, ref: ImageRef, model: str) -> Record | None:
+        record = self._rows.get((self.key(ref), self.tag(model)))
+        return None if record is None or record.caption is None else Record(ref.key, model, record.caption, None)
 
     def _read(self) -> list[Record]:
         if self.path.suffix == ".jsonl":
@@ -105,10 +123,10 @@ class MetadataSink(TableSink):
                 for row in rows for column, value in row.items() if column != "file_name"]
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
-        super().write([(ref, Record(record.file, model_tag(record.model), record.caption, record.error)) for ref, record in pairs])
+        super().write([(ref, Record(record.file, self.tag(record.model), record.caption, record.error)) for ref, record in pairs])
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
-        super().forget({(file, model_tag(model)) for file, model in keys})
+        super().forget({(file, self.tag(model)) for file, model in keys})
 
     def _encode(self, records: list[Record]) -> bytes:
         columns = list(dict.fromkeys(record.model for record in records))
