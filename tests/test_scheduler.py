@@ -54,7 +54,7 @@ def test_the_least_recently_used_idle_model_is_evicted_and_its_memory_comes_back
         assert caption(pool, third, image)
 
 
-def test_pool_full_names_the_numbers_when_every_resident_model_is_busy(tiny_models, image):
+def test_a_load_waits_for_a_busy_model_to_go_idle_then_evicts_it(tiny_models, image):
     a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
     pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1)
     with pool:
@@ -62,11 +62,28 @@ def test_pool_full_names_the_numbers_when_every_resident_model_is_busy(tiny_mode
         long = pool.submit_caption(first, [image] * 6, ["Describe."] * 6,
                                    GenerationSpec(max_new_tokens=300, ignore_eos=True))
         time.sleep(0.5)
-        with pytest.raises(PoolFull, match=r"needs ~.* GiB on GPU 0; budget .* busy"):
+        second = load(pool, b)  # waits for the long request, then evicts its model
+        assert long.done() and long.result().results[0].caption is not None
+        assert [s.name for s in pool.status()] == [second]
+
+
+def test_pool_full_names_the_numbers_when_busy_models_stay_busy_or_the_model_never_fits(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, wait_for_room=0.5)
+    with pool:
+        first = load(pool, a)
+        long = pool.submit_caption(first, [image] * 6, ["Describe."] * 6,
+                                   GenerationSpec(max_new_tokens=300, ignore_eos=True))
+        time.sleep(0.5)
+        with pytest.raises(PoolFull, match=r"needs ~.* GiB on GPU 0; budget .* busy.*waited 0.5 s"):
             load(pool, b)
         long.result(120)
-        second = load(pool, b)  # idle now: evicted for it
-        assert [s.name for s in pool.status()] == [second]
+    small, _, _ = fake_pool(charge(b) - 1)
+    with small:
+        started = time.monotonic()
+        with pytest.raises(PoolFull, match="resident: none"):
+            load(small, b)
+        assert time.monotonic() - started < 5  # nothing to wait for
 
 
 def test_the_load_carries_the_room_its_batches_may_use(tiny_models):

@@ -71,6 +71,7 @@ class PoolConfig:
     release_timeout: float = 10.0  # seconds to wait for NVML to show the memory back
     hang_timeout: float = 30.0  # seconds a working worker may send nothing (no heartbeat) before it is killed
     request_timeout: float | None = None  # seconds one worker call may take at most; None: no limit while it works
+    wait_for_room: float = 60.0  # seconds a load waits for busy models on its GPU to go idle before PoolFull
     isolation: str = "process"  # process | none
     spare_worker: bool = True
     # Once a pool has switched models on a GPU, its spare also creates a CUDA context there and runs the recent

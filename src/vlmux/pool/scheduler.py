@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import VerifiedRelease
+from vlmux.pool.room import GpuRoom, MustWait, make_room
 from vlmux.pool.runner import SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
@@ -44,6 +46,7 @@ class Scheduler:
         self._stopping: set[Runner] = set()  # off the table, still on their GPUs until their release is verified
         self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first load
         self._closed = False
+        self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
         self._exits = ExitWatch(self._on_exit)
         self.spare = WarmSpare(config, workers, self)
 
@@ -59,12 +62,18 @@ class Scheduler:
         path = resolve_model(spec.model, spec.revision)
         tokens = max_new_tokens or Load.max_new_tokens
         needs = self._needs(spec, path, tokens, placement)
+        deadline = time.monotonic() + self.config.wait_for_room
         while True:
             with self._lock:
                 self._check_open()
                 runner = self._runners.get(name)
                 if runner is None or runner.state is State.DEAD:
-                    runner, victims, waiting = self._decide(spec, path, name, placement, needs)
+                    try:
+                        runner, victims, waiting = self._decide(spec, path, name, placement, needs)
+                    except MustWait as busy:
+                        if not self._room.wait(max(0.0, deadline - time.monotonic())):
+                            raise PoolFull(f"{busy} (waited {self.config.wait_for_room:g} s for one to go idle)") from None
+                        continue
                     if not waiting:
                         break
             if runner is not None and runner.state is not State.DEAD:
@@ -88,7 +97,8 @@ class Scheduler:
         victims: list[Runner] = []
         for gpu, charge in placement.booked().items():
             self._baselines.setdefault(gpu, vram.unattributed(gpu, self.inventory))
-            found, releasing = self._make_room(gpu, charge, name, victims)
+            room = GpuRoom(gpu, self._budget(gpu), self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
+            found, releasing = make_room(room, charge, name, list(self._runners.values()), list(self._stopping), victims)
             if releasing:
                 return self._runners.get(name), [], releasing
             victims += found
@@ -107,34 +117,6 @@ class Scheduler:
         """What a new runner books on `gpu`: room for its largest batch if the GPU has it now, else its smallest."""
         room = min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
         return needs.largest.total if needs.largest.total <= room else needs.smallest.total
-
-    def _make_room(self, gpu: int, need: int, name: str, chosen: list[Runner]) -> tuple[list[Runner], list[Future]]:
-        """Idle runners on `gpu` to evict, least recently used first, so `need` fits its budget and its free memory;
-        or, if only releases under way can make room, their futures to wait for."""
-        budget = self._budget(gpu)
-        booked = self._booked().get(gpu, 0) - sum(r.placement.booked().get(gpu, 0) for r in chosen)
-        free = self.inventory.memory(gpu).free
-        idle = sorted((r for r in self._runners.values() if gpu in r.placement.gpus and r.state in SERVING
-                       and r.in_flight == 0 and r not in chosen), key=lambda r: r.last_used)
-        victims: list[Runner] = []
-        while booked + need > budget or need > free:
-            if not idle:
-                releasing = [r.stopped for r in [*self._runners.values(), *self._stopping] if gpu in r.placement.gpus
-                             and r.state in (State.STOPPING, State.DEAD) and not r.stopped.done()]
-                if releasing:
-                    return [], releasing
-                held = [r for r in self._runners.values() if gpu in r.placement.gpus and r.name != name]
-                resident = ", ".join(f"{r.name} (~{r.placement.booked()[gpu] / 2**30:.1f} GiB, {r.state.value}"
-                                     f"{', busy' if r.in_flight else ''})" for r in held)
-                raise PoolFull(
-                    f"{name} needs ~{need / 2**30:.1f} GiB on GPU {gpu}; budget {budget / 2**30:.1f} GiB, "
-                    f"free {free / 2**30:.1f} GiB; resident: {resident or 'none'}. "
-                    "Raise --vram-budget, lower --batch-size, or unload a model.")
-            victim = idle.pop(0)
-            victims.append(victim)
-            booked -= victim.placement.booked()[gpu]
-            free += victim.placement.booked()[gpu]
-        return victims, []
 
     def _start(self, runner: Runner, tokens: int) -> Runner:
         """Load the runner's worker, without the lock; a spare that died while it waited gets one replacement."""
@@ -176,6 +158,7 @@ class Scheduler:
                 runner.state = State.DEAD
                 runner.fail_pending(runner.load_error)
             runner.changed.notify_all()
+            self._room.notify_all()
         if runner.state in SERVING:
             self.spare.after_load(runner)
             return runner
@@ -295,6 +278,7 @@ class Scheduler:
     def _forget(self, runner: Runner) -> None:
         with self._lock:
             self._stopping.discard(runner)
+            self._room.notify_all()
         self.spare.after_release()
 
     def _check(self, runner: Runner, timeout: float | None = None) -> VerifiedRelease:
@@ -305,6 +289,7 @@ class Scheduler:
 
     def _on_idle(self, runner: Runner) -> None:
         """With the lock held, when a runner has nothing in flight: its keep-alive timer starts."""
+        self._room.notify_all()
         if self.config.keep_alive is None or runner.state not in SERVING:
             return
         runner.expiry = threading.Timer(self.config.keep_alive, self._expire, args=(runner,))

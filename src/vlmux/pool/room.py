@@ -1,0 +1,58 @@
+"""Making room on one GPU for a load: the idle runners to evict, least recently used first; or the releases under way
+to wait for; or, when only busy runners hold the room, `MustWait`; or, when the model cannot fit at all, PoolFull.
+Called by the scheduler with its lock held."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from vlmux.errors import PoolFull
+from vlmux.pool.runner import SERVING, Runner, State
+
+GIB = 2**30
+
+
+class MustWait(PoolFull):
+    """Busy runners hold the room: a load waits for one to go idle, and raises this as PoolFull if none does."""
+
+
+@dataclass(frozen=True)
+class GpuRoom:
+    index: int
+    budget: int  # what the pool may book on it
+    booked: int  # what its runners are booked for now
+    free: int  # what NVML says is free
+
+
+def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], stopping: Sequence[Runner],
+              chosen: Sequence[Runner]) -> tuple[list[Runner], list[Future]]:
+    """`runners`: the scheduler's table; `stopping`: runners off it whose release is not verified; `chosen`: victims
+    already chosen for this load on other GPUs."""
+    here = [r for r in runners if gpu.index in r.placement.gpus and r not in chosen]
+    booked = gpu.booked - sum(r.placement.booked().get(gpu.index, 0) for r in chosen)
+    free = gpu.free
+    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0), key=lambda r: r.last_used)
+    victims: list[Runner] = []
+    while booked + need > gpu.budget or need > free:
+        if idle:
+            victim = idle.pop(0)
+            victims.append(victim)
+            booked -= victim.placement.booked()[gpu.index]
+            free += victim.placement.booked()[gpu.index]
+            continue
+        releasing = [r.stopped for r in [*here, *stopping] if gpu.index in r.placement.gpus
+                     and r.state in (State.STOPPING, State.DEAD) and not r.stopped.done()]
+        if releasing:
+            return [], releasing
+        busy = [r for r in here if r.state in (*SERVING, State.LOADING) and r not in victims and r.name != name]
+        held = ", ".join(f"{r.name} (~{r.placement.booked()[gpu.index] / GIB:.1f} GiB, {r.state.value}"
+                         f"{', busy' if r.in_flight else ''})" for r in busy)
+        message = (f"{name} needs ~{need / GIB:.1f} GiB on GPU {gpu.index}; budget {gpu.budget / GIB:.1f} GiB, "
+                   f"free {free / GIB:.1f} GiB; resident: {held or 'none'}. "
+                   "Raise --vram-budget, lower --batch-size, or unload a model.")
+        room_once_idle = sum(r.placement.booked()[gpu.index] for r in busy)
+        if busy and booked - room_once_idle + need <= gpu.budget:
+            raise MustWait(message)
+        raise PoolFull(message)
+    return victims, []
