@@ -11,7 +11,6 @@ from concurrent.futures import Future
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded
-from vlmux.estimate import MAX_AUTO_BATCH, estimate
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput
 from vlmux.pool import vram
@@ -73,17 +72,14 @@ class ModelPool:
                 raise ModelLoadError(f"--gpus {gpus} asked for, but {inventory.status()}")
             chosen = select_gpus(inventory.gpus(), gpus)
         else:
-            gpu = inventory.physical_index(self._scheduler.device(spec.device))
+            gpu = self._scheduler.gpu(spec.device)
             chosen = [] if gpu is None else [inventory.memory(gpu)]
-        tokens = max_new_tokens or GenerationSpec.max_new_tokens
-        fixed = self.config.max_batch_size
+        needs = self._scheduler.needs(spec, path, max_new_tokens or GenerationSpec.max_new_tokens, bool(chosen))
         booked = self._scheduler.booked()
         try:
-            largest = estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu=bool(chosen))
-            return place(largest, chosen, replicas, self.config.vram_budget, booked)
+            return place(needs.largest, chosen, replicas, self.config.vram_budget, booked)
         except PlacementError:
-            smallest = estimate(path, spec.dtype, fixed or 1, tokens, on_gpu=bool(chosen))
-            return place(smallest, chosen, replicas, self.config.vram_budget, booked)
+            return place(needs.smallest, chosen, replicas, self.config.vram_budget, booked)
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
@@ -195,8 +191,7 @@ class ModelPool:
     def _spare_is_warm_for(self, spec: ModelSpec) -> bool:
         if spec.device == "cpu" or self._scheduler.inventory.status() is not None:
             return False
-        gpu = self._scheduler.inventory.physical_index(self._scheduler.device(spec.device))
-        return self._scheduler.spare.is_warm_for(gpu)
+        return self._scheduler.spare.is_warm_for(self._scheduler.gpu(spec.device))
 
 
 _POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()

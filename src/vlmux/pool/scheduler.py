@@ -61,7 +61,8 @@ class Scheduler:
             return self._await_loaded(existing)
         path = resolve_model(spec.model, spec.revision)
         tokens = max_new_tokens or Load.max_new_tokens
-        needs = self._needs(spec, path, tokens, placement)
+        on_gpu = bool(placement.gpus) if placement is not None else self.gpu(spec.device) is not None
+        needs = self.needs(spec, path, tokens, on_gpu)
         deadline = time.monotonic() + self.config.wait_for_room
         while True:
             with self._lock:
@@ -82,8 +83,8 @@ class Scheduler:
         self._stop_all(victims)
         return self._start(runner, tokens)
 
-    def _needs(self, spec: ModelSpec, path: Path, tokens: int, placement: WorkerPlacement | None) -> Needs:
-        on_gpu = bool(placement.gpus) if placement is not None else self._gpu(spec.device) is not None
+    def needs(self, spec: ModelSpec, path: Path, tokens: int, on_gpu: bool) -> Needs:
+        """What the model takes with its smallest and its largest batch (both the fixed max_batch_size if set)."""
         fixed = self.config.max_batch_size
         return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu),
                      estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu))
@@ -92,7 +93,7 @@ class Scheduler:
                 needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:
         """With the lock held: a new runner and the idle runners to evict for it, or the releases to wait for."""
         if placement is None:
-            gpu = self._gpu(spec.device)
+            gpu = self.gpu(spec.device)
             placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (self._charge(gpu, needs),))
         victims: list[Runner] = []
         for gpu, charge in placement.booked().items():
@@ -368,7 +369,8 @@ class Scheduler:
         total = self.inventory.memory(gpu).total
         return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
 
-    def _gpu(self, device: str) -> int | None:
+    def gpu(self, device: str) -> int | None:
+        """The NVML index a spec's device names on this host, or None for the CPU."""
         return self.inventory.physical_index(self.device(device))
 
     def device(self, device: str) -> str:
