@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 
@@ -23,15 +24,7 @@ def process_gone(pid: int, within: float = 10.0) -> bool:
 
 def children(pid: int) -> list[int]:
     """The pids whose parent is `pid` (a worker's parent is the fork server, a child of the pool's process)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            found.append(int(stat.parent.name))
-    return found
+    return [child for child, fields in _stats() if int(fields[1]) == pid]
 
 
 def descendants(pid: int) -> list[int]:
@@ -46,12 +39,13 @@ def descendants(pid: int) -> list[int]:
 
 def group_members(pgid: int) -> list[int]:
     """The live pids of process group `pgid` (a terminal's Ctrl-C reaches all of them); zombies left out."""
-    found = []
+    return [member for member, fields in _stats() if int(fields[2]) == pgid and fields[0] not in ("Z", "X")]
+
+
+def _stats() -> Iterator[tuple[int, list[str]]]:
+    """Each process's pid and the fields of /proc/PID/stat after its name (state, parent, group, ...)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
+            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        if int(fields[2]) == pgid and fields[0] not in ("Z", "X"):
-            found.append(int(stat.parent.name))
-    return found
