@@ -11,7 +11,7 @@ from tqdm import tqdm
 
 from vlmux.pool import vram
 from vlmux.caption.plan import ModelPlan, job_decode, job_prep, render_prompt
-from vlmux.caption.sinks import Record, SidecarSink, Sink
+from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
@@ -307,7 +307,7 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
     report.tokens += captions.tokens
     report.prepared_apart += captions.prepared_apart
     for ref, result in zip(refs, captions.results):
-        if result.error is None and (refusal := _sidecar_refusal(job, ref, plan.spec.model)):
+        if result.error is None and (refusal := _refusal(job, ref, plan.spec.model)):
             result = replace(result, caption=None, error=refusal)
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
         pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))
@@ -324,8 +324,9 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
         sink.write([pair for pair in pairs if job.overwrite or not sink.done(pair[0], plan.spec.model)])
 
 
-def _sidecar_refusal(job: CaptionJob, ref: ImageRef, model: str) -> str | None:
-    return next((why for sink in job.sinks if isinstance(sink, SidecarSink) and (why := sink.refusal(ref, model))), None)
+def _refusal(job: CaptionJob, ref: ImageRef, model: str) -> str | None:
+    """Why some output cannot hold this result (a sidecar name over the file system's limit), or None."""
+    return next((why for sink in job.sinks if (why := sink.refusal(ref, model))), None)
 
 
 def summary_line(report: ModelReport) -> str:

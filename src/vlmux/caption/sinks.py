@@ -28,6 +28,7 @@ class Record:
 class Sink(Protocol):
     def done(self, ref: ImageRef, model: str) -> bool: ...
     def held(self, ref: ImageRef, model: str) -> Record | None: ...  # the result it holds, to copy to other sinks
+    def refusal(self, ref: ImageRef, model: str) -> str | None: ...  # why this result cannot be written here, or None
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None: ...
     def forget(self, keys: set[tuple[str, str]]) -> None: ...
     def flush(self) -> None: ...  # called when a model finishes
@@ -64,6 +65,9 @@ class JsonlSink:
 
     def held(self, ref: ImageRef, model: str) -> Record | None:
         return self._done.get((ref.key, model))
+
+    def refusal(self, ref: ImageRef, model: str) -> str | None:
+        return None  # a line of JSON holds any result
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         lines = "".join(_line(record) for _, record in pairs)

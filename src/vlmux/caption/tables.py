@@ -43,6 +43,9 @@ class TableSink:
     def held(self, ref: ImageRef, model: str) -> Record | None:
         return self._rows.get((self.key(ref), model))
 
+    def refusal(self, ref: ImageRef, model: str) -> str | None:
+        return None  # a row holds any result
+
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error)) for ref, record in pairs]
         self._journal.write(keyed)
