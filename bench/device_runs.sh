@@ -42,8 +42,18 @@ parent-throughput)  # issue 15: `vlmux caption` rows, the new parent and the cod
         --minutes 3 --out "$OUT/throughput-old.json" 2>&1 | grep -v "Warning\|^W11" | tail -4
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -6
     ;;
+first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new) against checkouts OLD and BEFORE
+    n=0
+    for variant in ${ORDER:-new old before}; do
+        n=$((n + 1))
+        case $variant in new) root=$PWD ;; old) root=$OLD ;; before) root=$BEFORE ;; esac
+        PYTHONPATH="$root/src:/tmp/site" timeout 170 python3 "$root/bench/throughput.py" --rows vlmux_cli --files 2048 \
+            --minutes 2.6 --out "$OUT/throughput-$n-$variant.json" 2>&1 | grep -v "Warning\|^W11" | tail -1
+    done
+    ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput (OLD=checkout for parent*)" >&2
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request" \
+        "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;
 esac

@@ -211,7 +211,9 @@ def vlmux_cli(args: argparse.Namespace, model: Path, files: list[Path], new_toke
             "batch": args.batch, "tokens_per_image": round(model_report["tokens"] / max(1, captioned), 1),
             "load_seconds": model_report.get("load_seconds"), "batches": model_report.get("batches"),
             "prepared_apart": model_report.get("prepared_apart"),
-            "steady_images_per_s": model_report.get("steady_images_per_second"), "note": "images_per_s: the job's report (captioning "
+            "steady_images_per_s": model_report.get("steady_images_per_second"),
+            "input_wait_seconds": model_report.get("input_wait_seconds"), "load_timings": model_report.get("load_timings"),
+            "caption_seconds": model_report.get("caption_seconds"), "note": "images_per_s: the job's report (captioning "
             "time); end_to_end: wall clock of the command, start-up and load included"}
 
 

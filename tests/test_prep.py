@@ -1,4 +1,5 @@
 """Preparing processes: parts joined equal the processor's whole batch, and captions equal the worker's own path."""
+import shutil
 import time
 
 import pytest
@@ -12,7 +13,7 @@ from vlmux.testing.processes import children, descendants, process_gone
 from vlmux.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
 from vlmux.pool.process import WorkerProcess
-from vlmux.protocol import Caption, Captions, Load, Loaded
+from vlmux.protocol import Caption, Captions, Failed, Load, Loaded
 
 CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 GEN = GenerationSpec(max_new_tokens=6)
@@ -80,6 +81,7 @@ def test_captions_prepared_in_processes_equal_the_workers_own(tiny_qwen, tmp_pat
     own, _ = captions(0)
     apart, helpers = captions(2)
     assert own.prepared_apart == 0 and apart.prepared_apart == 3
+    assert 0 < own.input_wait < own.seconds  # the first chunk is decoded before anything can generate
     assert [r.caption for r in apart.results] == [r.caption for r in own.results]
     assert apart.results[5].bad_image and apart.results[5].caption is None
     assert apart.results[11].caption is None and "aspect ratio" in apart.results[11].error
@@ -106,6 +108,24 @@ def test_an_explicit_count_starts_the_processes_with_the_load(tiny_qwen):
         while len(descendants(worker.pid)) < 3 and time.monotonic() < deadline:  # before any caption request
             time.sleep(0.2)
         assert len(descendants(worker.pid)) >= 3  # the fork server and two preparing processes
+    finally:
+        worker.stop(5, NoRelease())
+
+
+def test_a_failed_load_stops_the_preparing_processes_it_started(tiny_qwen, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen, broken)
+    for weights in broken.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    worker = WorkerProcess()
+    try:
+        spec = ModelSpec(str(broken), device="cpu", prep_processes=2)
+        reply = worker.call(Load(spec, str(broken), CPU_ENV))
+        assert isinstance(reply, Failed) and reply.kind == "load"
+        # The fork server may have started (it serves the worker's next load); no preparing process may live on.
+        helpers = [pid for pid in descendants(worker.pid) if pid not in set(children(worker.pid))]
+        assert all(process_gone(pid, within=30) for pid in helpers), "preparing processes outlived a failed load"
+        assert worker.pid and not process_gone(worker.pid, within=0)  # the worker itself lives on for the next load
     finally:
         worker.stop(5, NoRelease())
 
@@ -142,6 +162,20 @@ def test_a_preparing_process_that_dies_leaves_the_worker_preparing_chunks_itself
     assert afterwards[-2].prepared_apart == 0 and afterwards[-1].prepared_apart == 0  # its own threads from now on
     for after in afterwards:
         assert [r.caption for r in after.results] == [r.caption for r in reply.results]
+
+
+def test_a_pool_closed_while_it_starts_leaves_no_preparing_process(tiny_qwen):
+    import os
+
+    from vlmux.worker.prep import PrepPool, Source
+
+    before = set(descendants(os.getpid()))
+    pool = PrepPool(2, Source(str(tiny_qwen), False, "float32"))
+    pool.close()  # at once, as a failed load does: the start must not go on behind it
+    assert not pool.wait_ready(120)
+    started = [pid for pid in descendants(os.getpid()) if pid not in before]
+    # The fork server may have started (it lives as long as this process); no preparing process may.
+    assert all(process_gone(pid, within=30) for pid in started if pid not in set(children(os.getpid())))
 
 
 def test_a_short_chunk_is_padded_to_the_compiled_batch_like_the_worker_pads_it(tiny_qwen, tmp_path):

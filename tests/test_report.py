@@ -39,6 +39,8 @@ def test_the_report_json_has_rates_timings_and_each_model_marked(report, tiny_ll
         assert model["captioned"] == 6 and model["errors"] == 0
         assert model["images_per_second"] > 0 and model["tokens_per_second"] > 0
         assert model["load_seconds"] > 0 and model["unload_seconds"] > 0 and model["release"]
+        assert model["load_timings"]["total"] > 0 and model["load_timings"]["weights"] > 0
+        assert 0 < model["input_wait_seconds"] < model["caption_seconds"]  # its one batch waited for its decoding
     events = [(e["model"], e["event"]) for e in data["events"]]
     steps = ["load_start", "loaded", "unload_start", "unloaded"]
     assert events == [(str(tiny_llava), step) for step in steps] + [(str(tiny_qwen), step) for step in steps]

@@ -86,6 +86,7 @@ class Captions:
     generated: int  # images that reached the model, for rates
     tokens: int = 0  # new tokens generated, for tokens/s
     prepared_apart: int = 0  # chunks decoded and preprocessed in the preparing processes (worker/prep.py)
+    input_wait: float = 0.0  # seconds the model waited for its chunks' decode and preprocessing
 
 
 @dataclass(frozen=True)

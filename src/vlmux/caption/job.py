@@ -59,6 +59,8 @@ class ModelReport:
     batch_share: float = 0.0  # 1 / its batch's size summed over the images: each model batch adds up to 1
     largest_batch: int = 0
     prepared_apart: int = 0  # model batches decoded and preprocessed in the worker's preparing processes
+    input_wait_seconds: float = 0.0  # the workers' time waiting for decoded, preprocessed batches (GPU idle)
+    load_timings: dict[str, float] = field(default_factory=dict)  # where the (first) worker's load time went
     # images/s between the first request's results and the last's: without the start-up (first batches, compiles)
     steady_images_per_second: float | None = None
     error_samples: list[str] = field(default_factory=list)
@@ -248,6 +250,7 @@ def request_size(plan: ModelPlan, pool: ModelPool, name: str) -> int:
 def _caption_all(job: CaptionJob, plan: ModelPlan, names: list[str], todo: list[ImageRef], pool: ModelPool,
                  report: ModelReport, bar: tqdm) -> None:
     """Requests go to whichever replica answered one; only this thread writes to the sinks."""
+    report.load_timings = pool.load_info(names[0])
     waiting = deque(todo)
     sizes = {name: request_size(plan, pool, name) for name in names}
     in_flight: dict[Future, tuple[list[ImageRef], str]] = {}
@@ -306,6 +309,7 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
     pairs = []
     report.tokens += captions.tokens
     report.prepared_apart += captions.prepared_apart
+    report.input_wait_seconds += captions.input_wait
     for ref, result in zip(refs, captions.results):
         if result.error is None and (refusal := _refusal(job, ref, plan.spec.model)):
             result = replace(result, caption=None, error=refusal)

@@ -201,7 +201,7 @@ class Runner:
             offset += request.size
             share = reply.tokens * request.size // max(1, len(reply.results))  # tokens are counted per worker call
             _settle(request, Captions(_with_bad(results, request.bad), reply.seconds, sum(r.error is None for r in results),
-                                      share, reply.prepared_apart if number == 0 else 0))
+                                      share, *((reply.prepared_apart, reply.input_wait) if number == 0 else (0, 0.0))))
 
     def _control(self, payload: Sleep | Wake, request_timeout: float | None) -> None:
         reply = self.worker.call(payload, request_timeout)

@@ -68,8 +68,7 @@ class Handler:
         if self.backend is not None:
             self.backend.close()
             self.backend = None
-        if self._prep is not None:
-            self._prep.close()
+        self._stop_prep()
         self._decoder.shutdown(wait=False, cancel_futures=True)
         self._preparer.shutdown(wait=False, cancel_futures=True)
 
@@ -77,15 +76,16 @@ class Handler:
         os.environ.update(request.env)
         from vlmux.backends.transformers import TransformersBackend  # the heavy import happens here, not in the parent
 
+        self._load_request = request
+        if request.spec.prep_processes:  # asked for explicitly (a caption job): they start while the weights stream
+            self._start_prep()
         try:
             self.backend = TransformersBackend(request.spec, request.path)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
+            self._stop_prep()
             return Failed("load", f"{type(e).__name__}: {e}")
-        self._load_request = request
         fits = self.backend.largest_batch(request.max_new_tokens, request.memory_budget)
         self._batch_size = capped_batch_size(request.batch_size, auto_batch_size(fits), fits)
-        if request.spec.prep_processes:  # asked for explicitly (a caption job): ready by its first batches
-            self._start_prep()
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings,
                       self._batch_size)
 
@@ -119,28 +119,42 @@ class Handler:
         if len(indices) >= prep.MIN_IMAGES:
             self._start_prep()
         chunks = [indices[offset : offset + size] for offset in range(0, len(indices), size)]
-        generated = 0
+        generated, input_wait = 0, 0.0
         ahead = self._preparer.submit(self._prepare, chunks[0], request, size) if chunks else None
         for number in range(len(chunks)):
             current = ahead
             if number + 1 < len(chunks):
                 ahead = self._preparer.submit(self._prepare, chunks[number + 1], request, size)
+            waited = time.perf_counter()
             images, bad, prepared = current.result()
+            input_wait += time.perf_counter() - waited
             for index, reason in bad.items():
                 results[index] = ItemResult(None, reason, bad_image=True)
             generated += len(images)
             self._generate_chunk(images, prepared, request, results)
         tokens = self.backend.generated_tokens - tokens_before
         return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated,
-                        tokens, self._prepared_apart)
+                        tokens, self._prepared_apart, input_wait)
 
     def _start_prep(self) -> None:
         if self._prep is not None or self._load_request is None:
             return
+        from vlmux.backends.transformers import resolve_device, resolve_dtype
+
         spec, path = self._load_request.spec, self._load_request.path
-        processes = prep.auto_processes(self.backend.device) if spec.prep_processes is None else spec.prep_processes
+        try:
+            device = resolve_device(spec.device)
+        except RuntimeError:  # no CUDA: the load itself says so
+            return
+        processes = prep.auto_processes(device) if spec.prep_processes is None else spec.prep_processes
         if processes > 0:
-            self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, self.backend.dtype))
+            dtype = str(resolve_dtype(spec.dtype, device)).removeprefix("torch.")
+            self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, dtype))
+
+    def _stop_prep(self) -> None:
+        if self._prep is not None:
+            self._prep.close()
+            self._prep = None
 
     def _prepare(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, Image.Image | None], dict[int, str], PreparedBatch | None]:
         """On the preparing thread: decode the chunk's images and preprocess them, in the preparing processes when

@@ -85,6 +85,7 @@ class PrepPool:
         self.source = source
         self._executor: ProcessPoolExecutor | None = None
         self._ready = threading.Event()
+        self._lock = threading.Lock()  # a close() while the processes start must not miss the executor
         self.failed: str | None = None
         threading.Thread(target=self._start, name="vlmux-prep-start", daemon=True).start()
 
@@ -98,16 +99,22 @@ class PrepPool:
                 sys.warnoptions.append(QUIET_TRACKER)
             context = multiprocessing.get_context("forkserver")
             context.set_forkserver_preload(PRELOAD)
-            self._executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_child_init,
-                                                 initargs=(os.getpid(), self.source))
-            # One task per process makes the executor start them all now, not one by one as work arrives.
-            for future in [self._executor.submit(_ping) for _ in range(self.processes)]:
+            with self._lock:
+                if self.failed is not None:  # closed before it started (a failed load)
+                    return
+                self._executor = ProcessPoolExecutor(self.processes, mp_context=context, initializer=_child_init,
+                                                     initargs=(os.getpid(), self.source))
+                # One task per process makes the executor start them all now, not one by one as work arrives.
+                pings = [self._executor.submit(_ping) for _ in range(self.processes)]
+            for future in pings:
                 future.result()
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
-            self.failed = f"{type(e).__name__}: {e}"
-            print(f"vlmux worker: no preparing processes ({self.failed}); the worker prepares batches itself",
-                  file=sys.stderr, flush=True)
-        self._ready.set()
+            if self.failed is None:
+                self.failed = f"{type(e).__name__}: {e}"
+                print(f"vlmux worker: no preparing processes ({self.failed}); the worker prepares batches itself",
+                      file=sys.stderr, flush=True)
+        finally:
+            self._ready.set()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         self._ready.wait(timeout)
@@ -161,9 +168,11 @@ class PrepPool:
         return RuntimeError(self.failed)
 
     def close(self) -> None:
-        self.failed = self.failed or "closed"
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._lock:
+            self.failed = self.failed or "closed"
+            executor = self._executor
+        if executor is not None:
+            executor.shutdown(wait=False, cancel_futures=True)
 
 
 def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
