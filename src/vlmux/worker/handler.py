@@ -76,16 +76,17 @@ class Handler:
         os.environ.update(request.env)
         from vlmux.backends.transformers import TransformersBackend  # the heavy import happens here, not in the parent
 
-        self._load_request = request
-        if request.spec.prep_processes:  # asked for explicitly (a caption job): they start while the weights stream
-            self._start_prep()
         try:
             self.backend = TransformersBackend(request.spec, request.path)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
-            self._stop_prep()
             return Failed("load", f"{type(e).__name__}: {e}")
+        self._load_request = request
         fits = self.backend.largest_batch(request.max_new_tokens, request.memory_budget)
         self._batch_size = capped_batch_size(request.batch_size, auto_batch_size(fits), fits)
+        # Asked for explicitly (a caption job): ready by its first batches. Not started before the load: their
+        # imports then compete with the first batches for the host's cores for longer (docs/BENCHMARKS.md).
+        if request.spec.prep_processes:
+            self._start_prep()
         return Loaded(time.perf_counter() - start, self.backend.device, self.backend.dtype, self.backend.timings,
                       self._batch_size)
 
@@ -139,17 +140,10 @@ class Handler:
     def _start_prep(self) -> None:
         if self._prep is not None or self._load_request is None:
             return
-        from vlmux.backends.transformers import resolve_device, resolve_dtype
-
         spec, path = self._load_request.spec, self._load_request.path
-        try:
-            device = resolve_device(spec.device)
-        except RuntimeError:  # no CUDA: the load itself says so
-            return
-        processes = prep.auto_processes(device) if spec.prep_processes is None else spec.prep_processes
+        processes = prep.auto_processes(self.backend.device) if spec.prep_processes is None else spec.prep_processes
         if processes > 0:
-            dtype = str(resolve_dtype(spec.dtype, device)).removeprefix("torch.")
-            self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, dtype))
+            self._prep = prep.PrepPool(processes, prep.Source(path, spec.trust_remote_code, self.backend.dtype))
 
     def _stop_prep(self) -> None:
         if self._prep is not None:
