@@ -42,6 +42,15 @@ parent-throughput)  # issue 15: `vlmux caption` rows, the new parent and the cod
         --minutes 3 --out "$OUT/throughput-old.json" 2>&1 | grep -v "Warning\|^W11" | tail -4
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -6
     ;;
+switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, prewarm, cold page cache, pinned, hot tier
+    shapes
+    timeout 420 python3 bench/switch.py --methods pool_switch,pool_switch_prewarm,vlmux_hot --rounds 10 \
+        --baseline-rounds 3 --out "$OUT/switch-warm.json" 2>&1 | grep -v "^pool.switch\|^hot" | tail -9
+    timeout 200 python3 bench/switch.py --methods pool_switch_prewarm --rounds 10 --cold --out "$OUT/switch-cold.json" \
+        2>&1 | tail -3
+    timeout 150 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --out "$OUT/switch-pinned.json" 2>&1 \
+        | tail -4
+    ;;
 first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new) against checkouts OLD and BEFORE
     n=0
     for variant in ${ORDER:-new old before}; do

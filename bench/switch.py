@@ -2,6 +2,11 @@
 current model" to "the next one answered its first request", and NVML residue after every unload.
 
 The ways, in one run:
+  pool_switch  exactly what a user writes: ModelPool() with its defaults, pool.switch(current, ModelSpec(other,
+               device="cuda")), then pool.chat(...) with one JPEG and 8 new tokens; seconds from switch() to the answer
+               (issue 20's row). The first switch of the pool is in the list (`first`).
+  pool_switch_prewarm  the same with PoolConfig(prewarm=[both models]): the spare is warm before the first switch
+  pool_switch_pinned   the same as prewarm, the spare also pinning the checkpoints' pages (warm_spare_pins_weights)
   vlmux        ModelPool: A's worker exits while B loads in the spare worker, which is warm (CUDA context and
                B's kernels ready, see PoolConfig.warm_spare); A's release is verified by NVML
   vlmux_pinned the same, the spare also pinning the recent checkpoints' page-cache pages for DMA
@@ -18,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -40,6 +46,8 @@ def main() -> None:
     parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"))
     parser.add_argument("--shapes", default="2b,7b")
     parser.add_argument("--methods", default="vlmux,vlmux_cold_spare,in_process,cold_worker,vlmux_hot")
+    parser.add_argument("--cold", action="store_true",
+                        help="pool_switch rows: drop the next model's checkpoint from the page cache before each switch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     shapes = args.shapes.split(",")
@@ -58,9 +66,16 @@ def main() -> None:
     result = {"benchmark": "switch", "environment": environment(), "shapes": shapes, "build_seconds": build_seconds,
               "rounds": args.rounds, "baseline_rounds": args.baseline_rounds}
     wanted = args.methods.split(",")
-    methods = tuple(m for m in ("vlmux", "vlmux_pinned", "vlmux_cold_spare", "in_process", "cold_worker", "vlmux_hot")
-                    if m in wanted)
+    methods = tuple(m for m in ("pool_switch", "pool_switch_prewarm", "pool_switch_pinned", "vlmux", "vlmux_pinned",
+                                "vlmux_cold_spare", "in_process", "cold_worker", "vlmux_hot") if m in wanted)
+    result["cold_page_cache"] = args.cold
     runs = {
+        "pool_switch": lambda: run_pool_switch(models, image, args.baseline_rounds, PoolConfig(), args.cold),
+        "pool_switch_prewarm": lambda: run_pool_switch(models, image, args.rounds,
+                                                       PoolConfig(prewarm=[str(m) for m in models]), args.cold),
+        "pool_switch_pinned": lambda: run_pool_switch(
+            models, image, args.rounds, PoolConfig(prewarm=[str(m) for m in models], warm_spare_pins_weights=True),
+            args.cold),
         "vlmux": lambda: run_vlmux(models, image, args.rounds),
         "vlmux_cold_spare": lambda: run_vlmux(models, image, args.baseline_rounds, warm_spare=False),
         "vlmux_pinned": lambda: run_vlmux(models, image, args.rounds, pins=True),  # spare pins the recent checkpoints
@@ -75,6 +90,8 @@ def main() -> None:
             shape: summarise([s["switch_seconds"] for s in switches if s["to"] == shape]) for shape in shapes
         }
         result[method]["max_residue_mib"] = max([s["residue_mib"] or 0 for s in switches] or [float("nan")])
+        if switches and "first" in switches[0]:
+            result[method]["first_switch_seconds"] = switches[0]["switch_seconds"]
         write_result("switch", result, args.out)  # after each method, so a run cut short keeps what it measured
     print(f"{'method':<17} {'to':<4} {'median s':>9} {'min s':>7} {'max s':>7} {'max residue MiB':>16}")
     for method in methods:
@@ -94,6 +111,45 @@ def _order(models: list[Path], rounds: int) -> list[tuple[Path, Path]]:
 
 def _shape(model: Path) -> str:
     return model.name.rsplit("-", 1)[-1]
+
+
+def drop_page_cache(model: Path) -> None:
+    """Evict a checkpoint's pages from the page cache (pinned pages stay: they cannot be evicted)."""
+    for file in model.glob("*.safetensors"):
+        fd = os.open(file, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def run_pool_switch(models: list[Path], image: Path, rounds: int, config: PoolConfig, cold: bool) -> dict:
+    """Issue 20's row, public API only: switch(), then chat() with one image; the spare is waited for between
+    switches, as a server or a job has seconds between them."""
+    from vlmux import ModelPool
+
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": PROMPT}]}]
+    switches = []
+    with ModelPool(config) as pool:
+        current = pool.load(ModelSpec(str(models[0]), device="cuda"))
+        pool.chat(current, messages, FIRST_ANSWER)
+        for number, (source, target) in enumerate(_order(models, rounds)):
+            spare_ready = pool.wait_for_spare(120)
+            if cold:
+                drop_page_cache(target)
+            t0 = time.perf_counter()
+            current, release = pool.switch(current, ModelSpec(str(target), device="cuda"))
+            t1 = time.perf_counter()
+            answer = pool.chat(current, messages, FIRST_ANSWER)
+            t2 = time.perf_counter()
+            switch = {"from": _shape(source), "to": _shape(target), "first": number == 0, "switch_seconds": t2 - t0,
+                      "switch_call_seconds": t1 - t0, "answer_seconds": t2 - t1, "worker_load": pool.load_info(current),
+                      "release_wait_seconds": release.seconds, "spare_ready": spare_ready,
+                      "residue_mib": release.residue_mib, "release_verified": release.verified, "answer": answer[:40]}
+            switches.append(switch)
+            print(f"pool.switch {switch['from']}->{switch['to']}: {t2 - t0:.3f} s (switch() {t1 - t0:.3f}, chat "
+                  f"{t2 - t1:.3f}), {release}", file=sys.stderr)
+    return {"config": repr(config), "cold_page_cache": cold, "switches": switches}
 
 
 def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = True, pins: bool = False) -> dict:

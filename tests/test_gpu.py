@@ -37,8 +37,10 @@ def test_sleep_keeps_the_context_but_frees_the_weights_and_wake_answers_the_same
         pid = pool.status()[0].pid
         awake = vram.process_memory(0)[pid]
         pool.sleep(name)
-        assert pool.status()[0].state == "sleeping" and pool.status()[0].holds_device_context
+        asleep = pool.status()[0]
+        assert asleep.state == "sleeping" and asleep.holds_device_context
         assert vram.process_memory(0)[pid] <= awake
+        assert 0 < asleep.device_bytes <= awake and asleep.host_bytes > 0  # the context stays; the weights are on the host
         assert pool.caption(name, [image], ["Describe."], gen)[0].caption == before  # a request wakes it
         assert pool.status()[0].state == "ready"
 

@@ -10,7 +10,7 @@ import pytest
 
 from vlmux import GenerationSpec, ModelNotLoaded, ModelPool, ModelSpec, PoolConfig, PoolFull
 from vlmux.estimate import estimate
-from vlmux.testing.fakes import FakeGpus, FakeGpuWorkers
+from vlmux.testing.fakes import GIB, FakeGpus, FakeGpuWorkers
 from vlmux.testing.processes import process_gone
 
 GEN = GenerationSpec(max_new_tokens=4)
@@ -148,6 +148,42 @@ def test_a_switch_loads_the_new_model_while_the_old_one_is_released_once_the_spa
         when = {(e.what, e.name): e.at for e in workers.events}
         assert when[("load_start", str(a))] < when[("stop_end", str(b))]  # overlapped
         assert caption(pool, third, image)
+
+
+def test_with_prewarm_the_first_switch_overlaps_too(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    workers.stop_delay[str(a)] = 1.5
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare_linger=60, prewarm=[str(b)]), inventory=gpus,
+                   workers=workers) as pool:
+        first = load(pool, a)
+        caption(pool, first, image)
+        assert pool.wait_for_spare(60) and workers.warm_for() is not None  # warm for b before any switch
+        workers.events.clear()
+        second, release = pool.switch(first, ModelSpec(str(b), device="cuda"))
+        assert release.verified
+        when = {(e.what, e.name): e.at for e in workers.events}
+        assert when[("load_start", str(b))] < when[("stop_end", str(a))]  # overlapped
+        assert caption(pool, second, image)
+
+
+def test_status_says_what_a_model_holds_on_its_gpu_and_asleep_on_the_host(tiny_models, image):
+    pool, gpus, workers = fake_pool(8 * GIB)
+    with pool:
+        name = load(pool, tiny_models["qwen2_vl"])
+        awake = pool.status()[0]
+        assert awake.device_bytes == workers.held_bytes and awake.host_bytes == 0
+        pool.sleep(name)
+        asleep = pool.status()[0]
+        assert asleep.state == "sleeping" and asleep.host_bytes > 0  # its weights, in pinned host memory
+        assert caption(pool, name, image)
+        assert pool.status()[0].host_bytes == 0
+
+
+def test_a_model_to_prewarm_that_does_not_exist_fails_at_once(tmp_path):
+    with pytest.raises(ValueError, match="nothing: no such folder"):
+        ModelPool(PoolConfig(prewarm=[str(tmp_path / "nothing")]))
 
 
 def test_a_slow_release_blocks_neither_status_nor_requests_to_a_loaded_model(tiny_models, image):

@@ -79,6 +79,9 @@ class PoolConfig:
     # models are loaded and for warm_spare_linger seconds after the last one is unloaded.
     warm_spare: bool = True
     warm_spare_linger: float = 10.0
+    # Models the pool will switch to (a server's models, a job's list): the spare gets warm for them after the first
+    # load on a GPU, so that the first switch is as fast as the later ones.
+    prewarm: tuple[str | ModelSpec, ...] = ()
     # A warm spare also pins the recent models' checkpoint pages in the page cache (if they fit in half of the host's
     # available memory), so that a switch copies the weights by DMA, faster than reading them. Off by default until
     # a GPU run has measured it on checkpoints larger than one registered slice (backends/pinned.py).
@@ -87,6 +90,7 @@ class PoolConfig:
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "prewarm", tuple(self.prewarm))  # a list is fine too; the record stays hashable
         if self.isolation not in ("process", "none"):
             raise ValueError("isolation must be 'process' or 'none'")
         if self.max_batch_size is not None and self.max_batch_size < 1:

@@ -155,7 +155,11 @@ class ModelPool:
 
     def status(self) -> list[ModelStatus]:
         now = time.monotonic()
-        return [runner.status(now) for runner in self._scheduler.runners()]
+        runners = self._scheduler.runners()
+        inventory = self._scheduler.inventory
+        gpus = {gpu for runner in runners for gpu in runner.placement.gpus} if inventory.status() is None else set()
+        usage = {gpu: inventory.process_memory(gpu) for gpu in gpus}
+        return [runner.status(now, usage) for runner in runners]
 
     def load_info(self, name: str) -> dict[str, float]:
         """Seconds the worker spent loading `name`: total and its parts."""

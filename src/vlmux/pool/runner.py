@@ -67,6 +67,8 @@ class ModelStatus:
     holds_device_context: bool
     requests: int  # requests answered
     batches: int  # worker calls that answered them: fewer than requests when callers were batched together
+    device_bytes: int = 0  # what its worker holds on its GPUs now (NVML), asleep included: its CUDA context
+    host_bytes: int = 0  # pinned host memory its weights take while it sleeps
 
 
 class Runner:
@@ -113,13 +115,16 @@ class Runner:
             _settle(self.pending.popleft(), error)
             self.in_flight -= 1
 
-    def status(self, now: float) -> ModelStatus:
+    def status(self, now: float, device_usage: dict[int, dict[int, int]]) -> ModelStatus:
+        """device_usage: GPU -> pid -> bytes, as NVML books them."""
         gpus = ",".join(f"cuda:{gpu}" for gpu in self.placement.gpus)
+        pid = self.worker.pid if self.worker else 0
         return ModelStatus(
             self.name, self.spec.model, self.state.value, gpus or (self.loaded.device if self.loaded else "cpu"),
-            self.loaded.dtype if self.loaded else self.spec.dtype, self.worker.pid if self.worker else 0,
+            self.loaded.dtype if self.loaded else self.spec.dtype, pid,
             self.estimate.total, now - self.last_used, holds_device_context=bool(gpus), requests=self.requests,
-            batches=self.batches,
+            batches=self.batches, device_bytes=sum(device_usage.get(gpu, {}).get(pid, 0) for gpu in self.placement.gpus),
+            host_bytes=self.estimate.weights if self.state is State.SLEEPING else 0,
         )
 
     # -- the dispatcher ---------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ from concurrent.futures import Future, wait
 from dataclasses import replace
 from typing import Protocol
 
-from vlmux.config import PoolConfig
+from vlmux.config import ModelSpec, PoolConfig
+from vlmux.hub import resolve_model
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.runner import Runner, State
 from vlmux.pool.workers import WorkerFactory
@@ -37,13 +38,15 @@ class WarmSpare:
         self._lock = threading.Lock()
         self._recent: list[Warm] = []  # what a warm spare gets ready for, most recently loaded first
         self._warming: threading.Thread | None = None
+        specs = [m if isinstance(m, ModelSpec) else ModelSpec(m) for m in config.prewarm]
+        self._prewarm = [(spec, resolve_model(spec.model, spec.revision)) for spec in specs]  # unknown ones fail here
 
     def is_warm_for(self, gpu: int | None) -> bool:
         return gpu is not None and self.workers.warm_for() == WorkerPlacement((gpu,)).env
 
     def after_load(self, loaded: Runner) -> None:
         """After a load on one GPU, have the spare ready there for the models loaded on it lately (the next
-        switch is most likely to one of them), once this pool has switched models there at least once."""
+        switch is most likely to one of them) and those of `PoolConfig.prewarm`, once there are two of them."""
         if not self.config.warm_spare or len(loaded.placement.gpus) != 1:
             return
         env = loaded.placement.env
@@ -53,6 +56,9 @@ class WarmSpare:
                                         self.config.warm_spare_pins_weights))
             del self._recent[RECENT_MODELS:]
             requests = [entry for entry in self._recent if entry.env == env]
+            requests += [Warm(replace(spec, device=loaded.placement.device), str(path), env,
+                              self.config.warm_spare_pins_weights)
+                         for spec, path in self._prewarm if str(path) not in {r.path for r in requests}]
         if len(requests) < 2:  # only a pool that switches between models gains from a warm spare
             return
 
