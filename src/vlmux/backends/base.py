@@ -60,6 +60,10 @@ class Backend(Protocol):
         """Answer a conversation whose image items were replaced by {"type": "image"}."""
         ...
 
+    def after_reply(self) -> None:
+        """Work kept off a first answer's path (unpinning what a warm spare pinned), done once an answer is sent."""
+        ...
+
     def sleep(self) -> None:
         """Move the weights to host memory; the process keeps its device context."""
         ...

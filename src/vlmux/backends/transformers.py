@@ -116,6 +116,7 @@ class TransformersBackend:
         if self.fast.compile:
             prepare_compile()
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
+        self._unpin_after_answer = False
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # driver work, overlapped with reading the processor
@@ -161,8 +162,9 @@ class TransformersBackend:
             self.timings.update({f"stream_{phase}": seconds for phase, seconds in phases.items()})
         finally:
             release_staging()  # a gigabyte of pinned host memory the model no longer needs
-            # What a warm spare pinned is unpinned off the first answer's path: unpinning gigabytes takes a while.
-            threading.Thread(target=unpin_all, name="vlmux-unpin", daemon=True).start()
+            # What a warm spare pinned is unpinned after the first answer (`after_reply`): unpinning gigabytes
+            # takes the driver's lock for a while, and on a thread beside the first answer it slowed that answer.
+            self._unpin_after_answer = True
         self.timings["stream"] = time.perf_counter() - start - self.timings["empty_model"]
         self.timings["stream_gb"] = size / 1e9
         return model
@@ -280,6 +282,11 @@ class TransformersBackend:
         new_tokens = output[:rows, prompt_length:]  # the padding rows are dropped here
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+
+    def after_reply(self) -> None:
+        if self._unpin_after_answer:
+            self._unpin_after_answer = False
+            unpin_all()
 
     def sleep(self) -> None:
         if self._host_state is not None or not self.device.startswith("cuda"):

@@ -64,6 +64,11 @@ class Handler:
             return Failed("request", f"{type(e).__name__}: {e}")
         return Done(time.perf_counter() - start)
 
+    def after_reply(self, request: Request) -> None:
+        """Called once the reply to `request` is on its way: the backend's deferred work, after an answer."""
+        if self.backend is not None and isinstance(request, (Caption, Chat)):
+            self.backend.after_reply()
+
     def close(self) -> None:
         if self.backend is not None:
             self.backend.close()

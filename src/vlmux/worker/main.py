@@ -22,6 +22,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
             break
         heartbeats = Heartbeats(conn)  # from now until the reply
         heartbeats.reply(handler.handle(request))
+        handler.after_reply(request)
     conn.close()
     # Skip interpreter and CUDA teardown: the OS takes everything back faster, and that is the point.
     os._exit(0)
