@@ -91,6 +91,9 @@ class Captions:
 @dataclass(frozen=True)
 class Chatted:
     text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # stop: the model ended its answer; length: max_new_tokens cut it
 
 
 @dataclass(frozen=True)

@@ -67,12 +67,19 @@ class ModelStatus:
     holds_device_context: bool
     requests: int  # requests answered
     batches: int  # worker calls that answered them: fewer than requests when callers were batched together
+    in_flight: int = 0  # requests accepted and not yet answered
+    keep_alive: float | None = None  # seconds it stays loaded once idle; None: until evicted or unloaded
+    expires_in: float | None = None  # seconds until keep-alive unloads it; None: it is busy or never expires
+    pinned: bool = False  # never evicted to make room for another model
+    gpus: tuple[int, ...] = ()
 
 
 class Runner:
     def __init__(self, name: str, spec: ModelSpec, path: Path, placement: WorkerPlacement, estimate: Estimate,
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, keep_alive: float | None = None) -> None:
         self.name, self.spec, self.path, self.placement, self.estimate = name, spec, path, placement, estimate
+        self.keep_alive = keep_alive  # seconds it stays once idle (None: until evicted); ModelPool.retain changes it
+        self.pinned = False  # never chosen as a victim to make room
         self.state = State.LOADING
         self.worker: Worker | None = None
         self.loaded: Loaded | None = None
@@ -115,11 +122,15 @@ class Runner:
 
     def status(self, now: float) -> ModelStatus:
         gpus = ",".join(f"cuda:{gpu}" for gpu in self.placement.gpus)
+        idle = now - self.last_used
+        expires = self.state in SERVING and self.in_flight == 0 and self.keep_alive is not None
         return ModelStatus(
             self.name, self.spec.model, self.state.value, gpus or (self.loaded.device if self.loaded else "cpu"),
             self.loaded.dtype if self.loaded else self.spec.dtype, self.worker.pid if self.worker else 0,
-            self.estimate.total, now - self.last_used, holds_device_context=bool(gpus), requests=self.requests,
-            batches=self.batches,
+            self.estimate.total, idle, holds_device_context=bool(gpus), requests=self.requests,
+            batches=self.batches, in_flight=self.in_flight, keep_alive=self.keep_alive,
+            expires_in=max(0.0, self.keep_alive - idle) if expires else None, pinned=self.pinned,
+            gpus=tuple(self.placement.gpus),
         )
 
     # -- the dispatcher ---------------------------------------------------------------------------------------
@@ -185,7 +196,7 @@ class Runner:
             return
         if isinstance(first, Chat):
             reply = self.worker.call(first, request_timeout)
-            _settle(batch[0], reply.text if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
+            _settle(batch[0], reply if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
             return
         items = [item for request in batch for item in request.payload.items]
         prompts = [prompt for request in batch for prompt in request.payload.prompts]
