@@ -111,7 +111,7 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Failed:
-    kind: str  # load | oom | request
+    kind: str  # load | warm | request | input (the request's own fault) | oom (out of device memory)
     message: str
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmux.config import ModelSpec
-from vlmux.errors import ModelNotLoaded, WorkerDied
+from vlmux.errors import ModelNotLoaded, RequestFailed, WorkerDied
 from vlmux.estimate import Estimate
 from vlmux.images import check_input
 from vlmux.pool.placement import WorkerPlacement
@@ -196,7 +196,7 @@ class Runner:
             return
         if isinstance(first, Chat):
             reply = self.worker.call(first, request_timeout)
-            _settle(batch[0], reply if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
+            _settle(batch[0], reply if isinstance(reply, Chatted) else _failure(reply))
             return
         items = [item for request in batch for item in request.payload.items]
         prompts = [prompt for request in batch for prompt in request.payload.prompts]
@@ -256,6 +256,10 @@ def _settle(request: Request, outcome) -> None:
         request.future.set_exception(outcome)
     else:
         request.future.set_result(outcome)
+
+
+def _failure(reply) -> RuntimeError:
+    return RequestFailed(reply.kind, reply.message) if isinstance(reply, Failed) else RuntimeError(_message(reply))
 
 
 def _message(reply) -> str:

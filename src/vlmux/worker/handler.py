@@ -231,7 +231,9 @@ class Handler:
                 messages.append({**message, "content": items})
             return self.backend.chat(messages, images, request.gen)
         except (ImageError, KeyError, TypeError) as e:
-            return Failed("request", f"bad chat request: {e}")
+            return Failed("input", f"bad chat request: {e}")
+        except OutOfMemory as e:
+            return Failed("oom", f"out of device memory: {e}")
 
 
 def _decode(item, max_pixels: int | None) -> Image.Image | str:
