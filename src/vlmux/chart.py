@@ -83,7 +83,8 @@ def line_chart(series: Sequence[Series], marks: Sequence[Mark] = (), *, x_range:
         x = px(mark.x)
         colour = MARK_COLOURS.get(mark.kind, "#888")
         parts.append(f'<line class="mark" x1="{x:.1f}" y1="{top}" x2="{x:.1f}" y2="{height - bottom}" stroke="{colour}" '
-                     f'stroke-dasharray="4 3"/><text x="{x + 3:.1f}" y="{top + 12 + 12 * (index % 4)}" font-size="10">'
+                     f'stroke-dasharray="4 3"/><text x="{x + 3 if x < width - 150 else x - 3:.1f}" '
+                     f'y="{top + 12 + 12 * (index % 4)}" font-size="10" text-anchor="{"start" if x < width - 150 else "end"}">'
                      f'{html.escape(mark.label)}</text>')
     for index, line in enumerate(series):
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in line.points)
