@@ -42,8 +42,14 @@ parent-throughput)  # issue 15: `vlmux caption` rows, the new parent and the cod
         --minutes 3 --out "$OUT/throughput-old.json" 2>&1 | grep -v "Warning\|^W11" | tail -4
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -6
     ;;
+serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one, 500 mixed requests at 32 at once
+    pip install -q fastapi uvicorn prometheus-client openai httpx 2>&1 | tail -1
+    shapes
+    timeout 420 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 \
+        --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
+    ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput (OLD=checkout for parent*)" >&2
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|serve (OLD=checkout for parent*)" >&2
     exit 2
     ;;
 esac
