@@ -65,7 +65,10 @@ def serve_config(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    try:
+        import uvicorn
+    except ImportError:
+        raise RuntimeError("vlmux serve needs its extra: pip install 'vlmux[serve]'") from None
 
     from vlmux.config import PoolConfig
     from vlmux.pool import ModelPool, vram
