@@ -60,8 +60,14 @@ first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new)
             --minutes 2.6 --out "$OUT/throughput-$n-$variant.json" 2>&1 | grep -v "Warning\|^W11" | tail -1
     done
     ;;
+serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one, 500 mixed requests at 32 at once
+    pip install -q fastapi uvicorn prometheus-client openai httpx 2>&1 | tail -1
+    shapes
+    timeout 420 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 \
+        --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
+    ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;

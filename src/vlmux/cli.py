@@ -1,4 +1,4 @@
-"""The `vlmux` command: caption, make-tiny, demo."""
+"""The `vlmux` command: caption, make-tiny, demo; serve, ps, load, unload (vlmux.serve.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmux import __version__
 from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
+from vlmux.serve.cli import add_commands as add_serve_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = ("Exit codes: 0 the job ran to its end (images that failed have error records and are counted in the "
@@ -111,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("vlmux-demo"), help="folder for the demo's files")
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
+    add_serve_commands(commands)
     return parser
 
 

@@ -20,3 +20,11 @@ class WorkerDied(RuntimeError):
 
 class PoolClosed(RuntimeError):
     """The pool was closed; nothing more can be loaded or asked of it."""
+
+
+class RequestFailed(RuntimeError):
+    """The worker answered a request with a failure; `kind`: input (the request's fault), oom (device memory), request."""
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind

@@ -92,6 +92,9 @@ class Captions:
 @dataclass(frozen=True)
 class Chatted:
     text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: str = "stop"  # stop: the model ended its answer; length: max_new_tokens cut it
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,7 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Failed:
-    kind: str  # load | oom | request
+    kind: str  # load | warm | request | input (the request's own fault) | oom (out of device memory)
     message: str
 
 

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 from PIL import Image
 
 from vlmux.config import GenerationSpec
+from vlmux.protocol import Chatted
 
 # A caption batch made ready by `prepare` or `from_host`; the handler only hands it back to `generate`.
 PreparedBatch = Any
@@ -56,8 +57,8 @@ class Backend(Protocol):
         """The device half of `caption`: a caption per real row; raises OutOfMemory when the batch does not fit."""
         ...
 
-    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
-        """Answer a conversation whose image items were replaced by {"type": "image"}."""
+    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> Chatted:
+        """Answer a conversation whose image items were replaced by {"type": "image"}, with its token counts."""
         ...
 
     def after_reply(self) -> None:

@@ -25,6 +25,7 @@ from vlmux.backends.loader import (
 from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
+from vlmux.protocol import Chatted
 
 WARM_UP = GenerationSpec(max_new_tokens=4, ignore_eos=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -249,14 +250,23 @@ class TransformersBackend:
     def pads_batches(self) -> bool:
         return self.fast.pads_batches
 
-    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> str:
+    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
-        return self._generate(inputs, gen, {})[0]
+        prompt_tokens = int(inputs["input_ids"].shape[1])
+        new_tokens = self._generate_tokens(inputs, gen, {})[0]
+        completion = int((new_tokens != self.tokenizer.pad_token_id).sum())
+        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
+        return Chatted(answer, prompt_tokens, completion, "length" if completion >= gen.max_new_tokens else "stop")
+
+    def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
+        new_tokens = self._generate_tokens(inputs, gen, fast, rows)
+        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     @torch.inference_mode()
-    def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
+    def _generate_tokens(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any],
+                         rows: int | None = None) -> torch.Tensor:
         inputs = inputs.to(self.device, dtype=self.torch_dtype, non_blocking=True)
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
@@ -281,7 +291,7 @@ class TransformersBackend:
             raise OutOfMemory(str(e).splitlines()[0]) from None
         new_tokens = output[:rows, prompt_length:]  # the padding rows are dropped here
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
-        return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
+        return new_tokens
 
     def after_reply(self) -> None:
         if self._unpin_after_answer:

@@ -9,8 +9,9 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-from vlmux.pool import vram
 from vlmux.caption.job import ModelReport
+from vlmux.chart import Mark, Series, line_chart
+from vlmux.pool import vram
 from vlmux.hostmem import available_host_bytes, host_ram
 
 SAMPLE_SECONDS = 0.1
@@ -91,39 +92,10 @@ level before the first model loaded.</p>
 """
 
 
-def _chart(data: dict, width: int = 900, height: int = 320, margin: int = 50) -> str:
+def _chart(data: dict) -> str:
     samples = data["samples"]
-    if len(samples) < 2:
-        return "<p>too short a job to plot</p>"
-    end = max(samples[-1]["seconds"], 1e-3)
-    low = min(s["mib"] for s in samples)
-    high = max(s["mib"] for s in samples)
-    span = max(high - low, 1.0)
-    low, high = low - 0.05 * span, high + 0.05 * span
-
-    def x(seconds: float) -> float:
-        return margin + (width - 2 * margin) * seconds / end
-
-    def y(mib: float) -> float:
-        return height - margin - (height - 2 * margin) * (mib - low) / (high - low)
-
-    points = " ".join(f"{x(s['seconds']):.1f},{y(s['mib']):.1f}" for s in samples)
-    baseline = y(samples[0]["mib"])
-    marks = []
-    colours = {"load_start": "#2a7", "loaded": "#2a7", "unload_start": "#c33", "unloaded": "#c33"}
-    for index, event in enumerate(data["events"]):
-        position = x(event["seconds"])
-        label = html.escape(f'{Path(event["model"]).name} {event["event"].replace("_", " ")}')
-        marks.append(f'<line x1="{position:.1f}" y1="{margin}" x2="{position:.1f}" y2="{height - margin}" '
-                     f'stroke="{colours.get(event["event"], "#888")}" stroke-dasharray="4 3"/>'
-                     f'<text x="{position + 3:.1f}" y="{margin + 12 + 12 * (index % 4)}" font-size="10">{label}</text>')
-    return f"""<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" aria-label="memory over time">
-<rect x="0" y="0" width="{width}" height="{height}" fill="white"/>
-<line x1="{margin}" y1="{baseline:.1f}" x2="{width - margin}" y2="{baseline:.1f}" stroke="#bbb"/>
-<polyline fill="none" stroke="#15c" stroke-width="2" points="{points}"/>
-{''.join(marks)}
-<text x="{margin}" y="{height - 15}" font-size="12">0 s</text>
-<text x="{width - margin - 40}" y="{height - 15}" font-size="12">{end:.1f} s</text>
-<text x="5" y="{y(high) + 4:.1f}" font-size="11">{high:.0f} MiB</text>
-<text x="5" y="{y(low) + 4:.1f}" font-size="11">{low:.0f} MiB</text>
-</svg>"""
+    memory = Series(data["memory_source"], [(s["seconds"], s["mib"]) for s in samples])
+    marks = [Mark(e["seconds"], f'{Path(e["model"]).name} {e["event"].replace("_", " ")}', e["event"])
+             for e in data["events"]]
+    end = max(samples[-1]["seconds"], 1e-3) if samples else 1.0
+    return line_chart([memory], marks, x_range=(0.0, end), reference=samples[0]["mib"] if samples else None)

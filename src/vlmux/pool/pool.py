@@ -120,6 +120,11 @@ class ModelPool:
                 self.unload(other)
         self.submit(name, Sleep()).result()
 
+    def retain(self, name: str, keep_alive: float | None, pinned: bool = False) -> None:
+        """How long the loaded model `name` stays once idle, from now or its next answer (0: unloaded as soon as it
+        has nothing in flight; None: until evicted or unloaded), and whether eviction may take it (pinned: never)."""
+        self._scheduler.retain(name, keep_alive, pinned)
+
     def wake(self, name: str) -> None:
         self.submit(name, Wake()).result()
 
@@ -149,7 +154,8 @@ class ModelPool:
         return captions.results
 
     def chat(self, name: str, messages: list[dict], gen: GenerationSpec) -> str:
-        return self.submit(name, Chat(messages, gen)).result()
+        """The answer's text; `submit(name, Chat(...))` gives the Chatted record with its token counts."""
+        return self.submit(name, Chat(messages, gen)).result().text
 
     # -- reading ------------------------------------------------------------------------------------------
 

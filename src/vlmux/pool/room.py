@@ -32,7 +32,7 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
     here = [r for r in runners if gpu.index in r.placement.gpus and r not in chosen]
     booked = gpu.booked - sum(r.placement.booked().get(gpu.index, 0) for r in chosen)
     free = gpu.free
-    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0), key=lambda r: r.last_used)
+    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0 and not r.pinned), key=lambda r: r.last_used)
     victims: list[Runner] = []
     while booked + need > gpu.budget or need > free:
         if idle:
@@ -47,11 +47,11 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
             return [], releasing
         busy = [r for r in here if r.state in (*SERVING, State.LOADING) and r not in victims and r.name != name]
         held = ", ".join(f"{r.name} (~{r.placement.booked()[gpu.index] / GIB:.1f} GiB, {r.state.value}"
-                         f"{', busy' if r.in_flight else ''})" for r in busy)
+                         f"{', busy' if r.in_flight else ''}{', pinned' if r.pinned else ''})" for r in busy)
         message = (f"{name} needs ~{need / GIB:.1f} GiB on GPU {gpu.index}; budget {gpu.budget / GIB:.1f} GiB, "
                    f"free {free / GIB:.1f} GiB; resident: {held or 'none'}. "
                    "Raise --vram-budget, lower --batch-size, or unload a model.")
-        room_once_idle = sum(r.placement.booked()[gpu.index] for r in busy)
+        room_once_idle = sum(r.placement.booked()[gpu.index] for r in busy if not r.pinned)
         if busy and booked - room_once_idle + need <= gpu.budget:
             raise MustWait(message)
         raise PoolFull(message)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmux.config import ModelSpec
-from vlmux.errors import ModelNotLoaded, WorkerDied
+from vlmux.errors import ModelNotLoaded, RequestFailed, WorkerDied
 from vlmux.estimate import Estimate
 from vlmux.images import check_input
 from vlmux.pool.placement import WorkerPlacement
@@ -67,14 +67,21 @@ class ModelStatus:
     holds_device_context: bool
     requests: int  # requests answered
     batches: int  # worker calls that answered them: fewer than requests when callers were batched together
+    in_flight: int = 0  # requests accepted and not yet answered
+    keep_alive: float | None = None  # seconds it stays loaded once idle; None: until evicted or unloaded
+    expires_in: float | None = None  # seconds until keep-alive unloads it; None: it is busy or never expires
+    pinned: bool = False  # never evicted to make room for another model
+    gpus: tuple[int, ...] = ()
     device_bytes: int = 0  # what its worker holds on its GPUs now (NVML), asleep included: its CUDA context
     host_bytes: int = 0  # pinned host memory its weights take while it sleeps
 
 
 class Runner:
     def __init__(self, name: str, spec: ModelSpec, path: Path, placement: WorkerPlacement, estimate: Estimate,
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, keep_alive: float | None = None) -> None:
         self.name, self.spec, self.path, self.placement, self.estimate = name, spec, path, placement, estimate
+        self.keep_alive = keep_alive  # seconds it stays once idle (None: until evicted); ModelPool.retain changes it
+        self.pinned = False  # never chosen as a victim to make room
         self.state = State.LOADING
         self.worker: Worker | None = None
         self.loaded: Loaded | None = None
@@ -118,12 +125,17 @@ class Runner:
     def status(self, now: float, device_usage: dict[int, dict[int, int]]) -> ModelStatus:
         """device_usage: GPU -> pid -> bytes, as NVML books them."""
         gpus = ",".join(f"cuda:{gpu}" for gpu in self.placement.gpus)
+        idle = now - self.last_used
+        expires = self.state in SERVING and self.in_flight == 0 and self.keep_alive is not None
         pid = self.worker.pid if self.worker else 0
         return ModelStatus(
             self.name, self.spec.model, self.state.value, gpus or (self.loaded.device if self.loaded else "cpu"),
             self.loaded.dtype if self.loaded else self.spec.dtype, pid,
-            self.estimate.total, now - self.last_used, holds_device_context=bool(gpus), requests=self.requests,
-            batches=self.batches, device_bytes=sum(device_usage.get(gpu, {}).get(pid, 0) for gpu in self.placement.gpus),
+            self.estimate.total, idle, holds_device_context=bool(gpus), requests=self.requests,
+            batches=self.batches, in_flight=self.in_flight, keep_alive=self.keep_alive,
+            expires_in=max(0.0, self.keep_alive - idle) if expires else None, pinned=self.pinned,
+            gpus=tuple(self.placement.gpus),
+            device_bytes=sum(device_usage.get(gpu, {}).get(pid, 0) for gpu in self.placement.gpus),
             host_bytes=self.estimate.weights if self.state is State.SLEEPING else 0,
         )
 
@@ -190,7 +202,7 @@ class Runner:
             return
         if isinstance(first, Chat):
             reply = self.worker.call(first, request_timeout)
-            _settle(batch[0], reply.text if isinstance(reply, Chatted) else RuntimeError(_message(reply)))
+            _settle(batch[0], reply if isinstance(reply, Chatted) else _failure(reply))
             return
         items = [item for request in batch for item in request.payload.items]
         prompts = [prompt for request in batch for prompt in request.payload.prompts]
@@ -250,6 +262,10 @@ def _settle(request: Request, outcome) -> None:
         request.future.set_exception(outcome)
     else:
         request.future.set_result(outcome)
+
+
+def _failure(reply) -> RuntimeError:
+    return RequestFailed(reply.kind, reply.message) if isinstance(reply, Failed) else RuntimeError(_message(reply))
 
 
 def _message(reply) -> str:

@@ -103,7 +103,7 @@ class Scheduler:
             if releasing:
                 return self._runners.get(name), [], releasing
             victims += found
-        runner = Runner(name, spec, path, placement, needs.smallest, self._lock)
+        runner = Runner(name, spec, path, placement, needs.smallest, self._lock, self.config.keep_alive)
         dead = self._runners.get(name)
         if dead is not None:  # requests queued for a worker that died go to its successor
             runner.pending, dead.pending = dead.pending, runner.pending
@@ -288,12 +288,25 @@ class Scheduler:
 
     # -- events from runners, timers and exits ----------------------------------------------------------------
 
+    def retain(self, name: str, keep_alive: float | None, pinned: bool) -> None:
+        """`name`'s keep-alive (None: until evicted) and whether it may be evicted; an idle one's timer restarts."""
+        with self._lock:
+            runner = self._runners.get(name)
+            if runner is None or runner.state not in SERVING:
+                raise ModelNotLoaded(f"{name} is not loaded")
+            runner.keep_alive, runner.pinned = keep_alive, pinned
+            if runner.in_flight == 0:
+                self._on_idle(runner)
+
     def _on_idle(self, runner: Runner) -> None:
         """With the lock held, when a runner has nothing in flight: its keep-alive timer starts."""
         self._room.notify_all()
-        if self.config.keep_alive is None or runner.state not in SERVING:
+        if runner.expiry is not None:
+            runner.expiry.cancel()
+        if runner.keep_alive is None or runner.state not in SERVING:
+            runner.expiry = None
             return
-        runner.expiry = threading.Timer(self.config.keep_alive, self._expire, args=(runner,))
+        runner.expiry = threading.Timer(runner.keep_alive, self._expire, args=(runner,))
         runner.expiry.daemon = True
         runner.expiry.start()
 

@@ -13,7 +13,7 @@ from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.images import ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
-    Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
+    Caption, Captions, Chat, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -242,9 +242,11 @@ class Handler:
                     else:
                         items.append(item)
                 messages.append({**message, "content": items})
-            return Chatted(self.backend.chat(messages, images, request.gen))
+            return self.backend.chat(messages, images, request.gen)
         except (ImageError, KeyError, TypeError) as e:
-            return Failed("request", f"bad chat request: {e}")
+            return Failed("input", f"bad chat request: {e}")
+        except OutOfMemory as e:
+            return Failed("oom", f"out of device memory: {e}")
 
 
 def _decode(item, max_pixels: int | None) -> Image.Image | str:

@@ -1,0 +1,1 @@
+"""`vlmux serve`: an OpenAI-compatible server over one ModelPool (parent side: never imports torch)."""

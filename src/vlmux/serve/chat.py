@@ -1,0 +1,116 @@
+"""POST /v1/chat/completions, answered whole or as server-sent events. The worker gives the answer in one piece, so a
+stream sends a loading notice while the model loads, keep-alive comments while it waits, then the answer as one
+content chunk, the finish chunk, the usage chunk when asked for, and [DONE]."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from vlmux.protocol import Chatted
+from vlmux.serve.errors import ApiError
+from vlmux.serve.history import RequestRecord
+from vlmux.serve.images import ImagePolicy, worker_messages
+from vlmux.serve.schema import ChatRequest, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk
+from vlmux.serve.service import Service
+from vlmux.serve.settings import ModelEntry
+
+WAITING_COMMENT_SECONDS = 5.0  # an SSE comment this often while a stream waits, so proxies keep it open
+
+
+def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
+    router = APIRouter()
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(http: Request):
+        started = time.monotonic()
+        request = parse_chat(await read_json(http), service.config.max_tokens_limit)
+        entry = service.entry(request.model)
+        service.admit()
+        try:
+            messages = await asyncio.to_thread(worker_messages, request.messages, policy)
+        except BaseException:
+            service.leave()
+            raise
+        if request.stream:
+            return StreamingResponse(_stream(service, entry, request, messages, started), media_type="text/event-stream",
+                                     headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        try:
+            reply = await service.answer(entry, request, messages, on_loading=lambda: None)
+        except ApiError as e:
+            _record(service, entry, e.status, started, None, 0, False)
+            raise
+        finally:
+            service.leave()
+        text, finish = _finished(reply, request)
+        _record(service, entry, 200, started, time.monotonic(), reply, False)
+        return JSONResponse(completion(completion_id(), entry.name, text, finish,
+                                       usage(reply.prompt_tokens, reply.completion_tokens)))
+
+    return router
+
+
+async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, messages: list[dict],
+                  started: float) -> AsyncIterator[bytes]:
+    ident = completion_id()
+    notices: asyncio.Queue[str] = asyncio.Queue()
+    job = asyncio.ensure_future(service.answer(entry, request, messages, on_loading=lambda: notices.put_nowait("loading")))
+    try:
+        while not job.done():
+            notice = asyncio.ensure_future(notices.get())
+            done, _ = await asyncio.wait({job, notice}, timeout=WAITING_COMMENT_SECONDS,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if notice in done:
+                yield _event(chunk(ident, entry.name, {"role": "assistant", "content": ""},
+                                   vlmux={"status": "loading", "model": entry.name}))
+            else:
+                notice.cancel()
+                if not done:
+                    yield b": waiting\n\n"
+        try:
+            reply = job.result()
+        except ApiError as e:
+            _record(service, entry, e.status, started, None, 0, True)
+            yield _event(e.body())
+            return
+        text, finish = _finished(reply, request)
+        first = time.monotonic()
+        yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
+        yield _event(chunk(ident, entry.name, {}, finish))
+        if request.include_usage:
+            yield _event(usage_chunk(ident, entry.name, usage(reply.prompt_tokens, reply.completion_tokens)))
+        yield b"data: [DONE]\n\n"
+        _record(service, entry, 200, started, first, reply, True)
+    finally:
+        service.leave()
+        if not job.done():
+            job.cancel()  # the client left; the pool finishes the request and drops the answer
+
+
+def _finished(reply: Chatted, request: ChatRequest) -> tuple[str, str]:
+    text, stopped = cut_at_stop(reply.text, request.stop)
+    return text, "stop" if stopped else reply.finish_reason
+
+
+def _event(data: dict) -> bytes:
+    return f"data: {json.dumps(data)}\n\n".encode()
+
+
+def _record(service: Service, entry: ModelEntry, status: int, started: float, first: float | None,
+            reply: Chatted | int, stream: bool) -> None:
+    now = time.monotonic()
+    metrics = service.metrics
+    metrics.requests.labels(entry.name, str(status)).inc()
+    metrics.latency.labels(entry.name).observe(now - started)
+    completion_tokens = reply.completion_tokens if isinstance(reply, Chatted) else 0
+    if isinstance(reply, Chatted):
+        metrics.first_token.labels(entry.name).observe((first or now) - started)
+        metrics.tokens.labels(entry.name, "prompt").inc(reply.prompt_tokens)
+        metrics.tokens.labels(entry.name, "completion").inc(reply.completion_tokens)
+    service.history.request(RequestRecord(time.time(), entry.name, status, round(now - started, 4),
+                                          None if first is None else round(first - started, 4), completion_tokens,
+                                          stream))

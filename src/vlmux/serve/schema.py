@@ -1,0 +1,159 @@
+"""OpenAI chat completion records: a request body checked into a frozen `ChatRequest` (400 with the parameter named
+when it is wrong), and the response, chunk and model-list bodies. Only JSON is read from a client."""
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from vlmux.serve.errors import ApiError
+from vlmux.serve.settings import parse_duration
+
+ROLES = ("system", "user", "assistant")
+UNSET = "unset"  # keep_alive not given: the model's own
+
+
+@dataclass(frozen=True)
+class Part:
+    text: str | None = None
+    image_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Message:
+    role: str
+    parts: tuple[Part, ...]
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    model: str
+    messages: tuple[Message, ...]
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    keep_alive: float | None | str = UNSET  # seconds; None: forever; UNSET: the model's setting
+
+
+def parse_chat(body: Any, max_tokens_limit: int) -> ChatRequest:
+    if not isinstance(body, dict):
+        raise _bad("the body must be a JSON object")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _bad("model is required", "model")
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise _bad("messages must be a non-empty list", "messages")
+    if body.get("n", 1) != 1:
+        raise _bad("only n=1 is supported", "n")
+    if body.get("tools") or body.get("functions"):
+        raise _bad("tools are not supported", "tools")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    if max_tokens is not None and (not _is_int(max_tokens) or not 1 <= max_tokens <= max_tokens_limit):
+        raise _bad(f"max_tokens must be a whole number from 1 to {max_tokens_limit}", "max_tokens")
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0)
+    seed = body.get("seed")
+    if seed is not None and not _is_int(seed):
+        raise _bad("seed must be a whole number", "seed")
+    stop = body.get("stop")
+    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop must be a string or a list of up to 4 non-empty strings", "stop")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise _bad("stream_options must be an object", "stream_options")
+    keep_alive: float | None | str = UNSET
+    if body.get("keep_alive") is not None:
+        try:
+            keep_alive = parse_duration(body["keep_alive"])
+        except ValueError as e:
+            raise _bad(str(e), "keep_alive") from None
+    return ChatRequest(model, tuple(_message(m) for m in raw), bool(body.get("stream", False)),
+                       bool(options.get("include_usage", False)), max_tokens, temperature, top_p, seed, stops, keep_alive)
+
+
+def _message(raw: Any) -> Message:
+    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
+        raise _bad(f"each message needs a role, one of {', '.join(ROLES)}", "messages")
+    content = raw.get("content")
+    if isinstance(content, str):
+        return Message(raw["role"], (Part(text=content),))
+    if not isinstance(content, list):
+        raise _bad("message content must be a string or a list of parts", "messages")
+    parts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            parts.append(Part(text=part["text"]))
+        elif kind == "image_url":
+            image = part.get("image_url")
+            url = image.get("url") if isinstance(image, dict) else image
+            if not isinstance(url, str) or not url:
+                raise _bad("an image_url part needs image_url.url", "messages")
+            parts.append(Part(image_url=url))
+        else:
+            raise _bad(f"unsupported content part {kind!r}: use text or image_url", "messages")
+    return Message(raw["role"], tuple(parts))
+
+
+def _number(body: dict, key: str, low: float, high: float) -> float | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high:
+        raise _bad(f"{key} must be a number from {low:g} to {high:g}", key)
+    return float(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _bad(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, "invalid_request", param)
+
+
+# -- responses -------------------------------------------------------------------------------------------------
+
+
+def completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex[:24]}"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def completion(ident: str, model: str, text: str, finish: str, counts: dict) -> dict:
+    return {"id": ident, "object": "chat.completion", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                         "logprobs": None}],
+            "usage": counts}
+
+
+def chunk(ident: str, model: str, delta: dict, finish: str | None = None, **extra: Any) -> dict:
+    return {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}], **extra}
+
+
+def usage_chunk(ident: str, model: str, counts: dict) -> dict:
+    return {"id": ident, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+            "choices": [], "usage": counts}
+
+
+def model_list(names: list[tuple[str, str]]) -> dict:
+    """(name, owner) pairs as /v1/models lists them."""
+    return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": owner}
+                                       for name, owner in names]}
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """The text up to the first stop string, and whether one was found (the model ran on; the rest is dropped)."""
+    cuts = [text.find(stop) for stop in stops if stop in text]
+    return (text[: min(cuts)], True) if cuts else (text, False)

@@ -1,0 +1,265 @@
+"""The server's use of one `ModelPool`: named models to specs, requests admitted up to --max-queue, loads on demand
+(one per model, however many requests wait for it), keep-alive per request and per model through `retain`, and a
+watcher that turns the pool's state into metrics, dashboard history and load / unload marks. Memory decisions stay
+the pool's scheduler's: this module never chooses what to evict."""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from vlmux.config import GenerationSpec, ModelSpec
+from vlmux.errors import ModelNotLoaded
+from vlmux.hub import ModelNotFound, resolve_model
+from vlmux.pool import ModelPool
+from vlmux.pool.budget import parse_budget
+from vlmux.pool.runner import ModelStatus
+from vlmux.pool.workers import GpuInventory
+from vlmux.protocol import Chat, Chatted
+from vlmux.serve.errors import ApiError, from_pool
+from vlmux.serve.history import History
+from vlmux.serve.metrics import Metrics
+from vlmux.serve.schema import UNSET, ChatRequest
+from vlmux.serve.settings import ModelEntry, ServeConfig
+
+WATCH_SECONDS = 0.5
+SUBMIT_DEADLINE = 300.0  # seconds a request keeps reloading a model that others' loads keep evicting
+
+
+class Service:
+    def __init__(self, config: ServeConfig, pool: ModelPool, inventory: GpuInventory) -> None:
+        self.config, self.pool, self.inventory = config, pool, inventory
+        self.metrics = Metrics()
+        self.history = History(config.history_seconds, config.request_log)
+        self._entries = {entry.name: entry for entry in config.models}
+        self._loads: dict[str, asyncio.Future] = {}  # on-demand loads under way, shared by their waiters
+        self._limits: dict[str, asyncio.Semaphore] = {}
+        self._held = 0  # chat requests admitted and not yet answered
+        self._loader = ThreadPoolExecutor(16, thread_name_prefix="vlmux-serve-load")
+        self._seen: dict[str, str] = {}  # model -> state at the last look
+        self._residue_due: set[str] = set()  # unloaded models whose release is not yet reported
+        self._looking = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher = threading.Thread(target=self._watch, name="vlmux-serve-watch", daemon=True)
+
+    def start(self) -> None:
+        self._watcher.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.pool.close()
+        self._loader.shutdown(wait=False)
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    def entry(self, model: str) -> ModelEntry:
+        entry = self._entries.get(model)
+        if entry is not None:
+            return entry
+        if self.config.allow_any_model:
+            try:
+                resolve_model(model)
+            except ModelNotFound as e:
+                raise ApiError(404, f"model {model!r} not found: {e}", "model_not_found", "model") from None
+            return self._entries.setdefault(model, ModelEntry(model, model))
+        names = ", ".join(sorted(self._entries)) or "none"
+        raise ApiError(404, f"model {model!r} is not served here; models: {names}", "model_not_found", "model")
+
+    def listed(self) -> list[str]:
+        return list(self._entries)
+
+    def spec(self, entry: ModelEntry) -> ModelSpec:
+        return ModelSpec(entry.model, device=self.config.device, dtype=entry.dtype, decode=entry.decode)
+
+    async def load(self, entry: ModelEntry) -> float:
+        """Load `entry` (or wait for the load under way); the seconds waited. Its keep-alive is set by `retain`
+        after its first answer (a request's keep_alive of 0 must not unload it before that request is in)."""
+        started = time.monotonic()
+        loading = self._loads.get(entry.name)
+        if loading is None:
+            loop = asyncio.get_running_loop()
+            loading = loop.run_in_executor(self._loader, self._load, entry)
+            self._loads[entry.name] = loading
+            loading.add_done_callback(lambda _: self._loads.pop(entry.name, None))
+        try:
+            await asyncio.shield(loading)
+        except Exception as e:  # noqa: BLE001 - every pool error becomes an API error with its status
+            raise from_pool(e, entry.name) from None
+        return time.monotonic() - started
+
+    def _load(self, entry: ModelEntry) -> None:
+        self.pool.load(self.spec(entry), entry.name)
+        self.look()
+
+    def retain(self, entry: ModelEntry, keep_alive: float | None | str = UNSET) -> None:
+        seconds = self.config.model_keep_alive(entry) if keep_alive == UNSET else keep_alive
+        try:
+            self.pool.retain(entry.name, seconds, entry.pinned)
+        except ModelNotLoaded:
+            pass  # unloaded or evicted meanwhile: nothing to keep
+
+    async def unload(self, name: str | None) -> list[dict]:
+        names = [name] if name is not None else [s.name for s in self.pool.status()]
+        if name is not None and name not in {s.name for s in self.pool.status()}:
+            raise ApiError(404, f"model {name!r} is not loaded", "model_not_loaded", "model")
+        loop = asyncio.get_running_loop()
+        futures = []
+        for each in names:
+            try:
+                futures.append((each, asyncio.wrap_future(self.pool.unload_async(each))))
+            except ModelNotLoaded:
+                continue
+        answers = []
+        for each, future in futures:
+            release = await future
+            answers.append({"model": each, "verified": release.verified, "process_gone": release.process_gone,
+                            "residue_mib": release.residue_mib, "seconds": round(release.seconds, 3),
+                            "release": str(release)})
+        await loop.run_in_executor(self._loader, self.look)
+        return answers
+
+    async def sleep(self, entry: ModelEntry) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._loader, self.pool.sleep, entry.name)
+        except ModelNotLoaded:
+            raise ApiError(404, f"model {entry.name!r} is not loaded", "model_not_loaded", "model") from None
+        except Exception as e:  # noqa: BLE001 - e.g. a split model cannot sleep
+            raise from_pool(e, entry.name) from None
+        self.look()
+
+    # -- chat ---------------------------------------------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Count a chat request in, or refuse it with 429 when --max-queue are held already."""
+        if self._held >= self.config.max_queue:
+            raise ApiError(429, f"the server holds {self._held} requests, its --max-queue; try again shortly",
+                           "queue_full")
+        self._held += 1
+        self.metrics.queue.set(self._held)
+
+    def leave(self) -> None:
+        self._held -= 1
+        self.metrics.queue.set(self._held)
+
+    def generation(self, request: ChatRequest) -> GenerationSpec:
+        sample = bool(request.temperature)  # absent or 0: greedy, so answers repeat
+        return GenerationSpec(max_new_tokens=request.max_tokens or self.config.default_max_tokens, do_sample=sample,
+                              temperature=request.temperature if sample else 1.0,
+                              top_p=request.top_p if sample and request.top_p is not None else 1.0,
+                              seed=request.seed, max_pixels=self.config.max_pixels)
+
+    async def answer(self, entry: ModelEntry, request: ChatRequest, messages: list[dict], on_loading) -> Chatted:
+        """The model's answer; `on_loading()` is called once if the request waits for its model to load."""
+        payload = Chat(messages, self.generation(request))
+        limit = self._limits.setdefault(entry.name, asyncio.Semaphore(entry.max_concurrent or 1_000_000))
+        async with limit:
+            deadline = time.monotonic() + SUBMIT_DEADLINE
+            told = False
+            while True:
+                try:
+                    future = self.pool.submit(entry.name, payload)
+                    break
+                except ModelNotLoaded:
+                    if time.monotonic() > deadline:
+                        raise ApiError(503, f"{entry.name} was evicted each time it loaded for this request",
+                                       "model_unloaded") from None
+                    if not told:
+                        told = True
+                        on_loading()
+                    waited = await self.load(entry)
+                    self.metrics.switch.labels(entry.name).observe(waited)
+                except Exception as e:  # noqa: BLE001
+                    raise from_pool(e, entry.name) from None
+            if not told and self.state(entry.name) == "loading":
+                on_loading()
+            try:
+                reply = await asyncio.wrap_future(future)
+            except Exception as e:  # noqa: BLE001
+                raise from_pool(e, entry.name) from None
+        self.retain(entry, request.keep_alive)
+        return reply
+
+    # -- reading --------------------------------------------------------------------------------------------------
+
+    def state(self, name: str) -> str | None:
+        return next((s.state for s in self.pool.status() if s.name == name), None)
+
+    def ps(self) -> dict:
+        status = self.pool.status()
+        held = self._memory(status)
+        now = time.time()
+        models = [{"name": s.name, "model": s.model, "state": s.state, "device": s.device, "gpus": list(s.gpus),
+                   "pid": s.pid, "vram_bytes": held.get(s.name, 0) if s.gpus else 0,
+                   "host_bytes": _rss(s.pid) if s.state == "sleeping" or not s.gpus else 0,
+                   "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight, "requests": s.requests,
+                   "keep_alive": s.keep_alive, "pinned": s.pinned,
+                   "expires_at": None if s.expires_in is None else round(now + s.expires_in, 3)} for s in status]
+        gpus = []
+        if self.inventory.status() is None:
+            booked = {}
+            for s in status:
+                for gpu in s.gpus:
+                    booked.setdefault(gpu, {})[s.name] = self.inventory.process_memory(gpu).get(s.pid, 0)
+            gpus = [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
+                     "budget": self._budget(g.total), "models": booked.get(g.index, {})} for g in self.inventory.gpus()]
+        return {"models": models, "gpus": gpus, "queue": self._held, "max_queue": self.config.max_queue}
+
+    def _budget(self, total: int) -> int:
+        return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
+
+    def _memory(self, status: list[ModelStatus]) -> dict[str, int]:
+        """Bytes each model's worker holds: device memory on its GPUs, else its host memory."""
+        held = {}
+        for s in status:
+            if s.gpus:
+                held[s.name] = sum(self.inventory.process_memory(gpu).get(s.pid, 0) for gpu in s.gpus)
+            else:
+                held[s.name] = _rss(s.pid)
+        return held
+
+    def look(self) -> None:
+        """Compare the pool with the last look: loads and unloads become marks and counts; gauges are set."""
+        with self._looking:
+            status = self.pool.status()
+            states = {s.name: s.state for s in status}
+            held = self._memory(status)
+            for name, state in states.items():
+                if state in ("ready", "sleeping") and self._seen.get(name) not in ("ready", "sleeping"):
+                    self.history.event(name, "load")
+                    self.metrics.loads.labels(name).inc()
+            for name, state in self._seen.items():
+                if state in ("ready", "sleeping") and states.get(name) not in ("ready", "sleeping"):
+                    self.history.event(name, "unload")
+                    self.metrics.unloads.labels(name).inc()
+                    self._residue_due.add(name)
+            for name in list(self._residue_due):
+                release = self.pool.last_release.get(name)
+                if release is not None and name not in states:
+                    self.metrics.residue.labels(name).set(release.residue_mib or 0.0)
+                    self._residue_due.discard(name)
+            self._seen = states
+            self.metrics.models(states, held)
+            if self.inventory.status() is None:
+                self.history.sample({f"GPU {g.index}": g.used for g in self.inventory.gpus()})
+            else:
+                self.history.sample({"workers (host memory)": sum(held.values())})
+
+    def _watch(self) -> None:
+        while not self._stop.wait(WATCH_SECONDS):
+            try:
+                self.look()
+            except Exception:  # noqa: BLE001 - a failed look must not end the watcher; the next one tries again
+                continue
+
+
+def _rss(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return 0

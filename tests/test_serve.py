@@ -1,0 +1,200 @@
+"""`vlmux serve` as a child process on loopback with two tiny models, driven by the official openai client and the
+management API: images as data: URLs and from a loopback HTTP server, streamed and whole answers, errors with their
+status codes, keep-alive, loads and unloads that /api/ps and /metrics follow, and no worker left after an unload."""
+import base64
+import http.server
+import io
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+from PIL import Image
+
+from vlmux.testing.processes import process_gone
+from vlmux.testing.server import served
+
+KEY = "test-key-1234"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_llava, tiny_qwen):
+    with served("--model", f"llava={tiny_llava}", "--model", f"qwen={tiny_qwen}", "--device", "cpu", "--api-key", KEY,
+                "--allow-remote-images", "--allow-private-images", "--max-tokens", "12") as (process, url):
+        yield process, url
+
+
+@pytest.fixture()
+def client(server):
+    return openai.OpenAI(base_url=server[1] + "/v1", api_key=KEY, max_retries=0)
+
+
+def api(server, method: str, path: str, body: dict | None = None, key: str = KEY) -> httpx.Response:
+    return httpx.request(method, server[1] + path, json=body, headers={"Authorization": f"Bearer {key}"}, timeout=120)
+
+
+def png(colour: str, size=(48, 40)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
+    return [{"role": "system", "content": "You describe pictures."},
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]
+
+
+def streamed(client, model: str, messages, **options) -> tuple[str, list]:
+    chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                 stream_options={"include_usage": True}, **options))
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
+
+
+def wait_until(check, within: float = 15.0) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.1)
+    return check()
+
+
+def test_both_models_answer_images_whole_and_streamed_with_usage(client):
+    for model in ("llava", "qwen"):
+        messages = ask(data_url(png("red")))
+        first = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+        again = client.chat.completions.create(model=model, messages=messages, max_tokens=8)
+        text, chunks = streamed(client, model, messages, max_tokens=8)
+        assert first.model == model and first.choices[0].message.role == "assistant"
+        assert first.choices[0].message.content and first.choices[0].message.content == again.choices[0].message.content
+        assert text == first.choices[0].message.content  # greedy: the stream says the same
+        assert first.usage.prompt_tokens > 10 and 1 <= first.usage.completion_tokens <= 8
+        assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+        assert first.choices[0].finish_reason == ("length" if first.usage.completion_tokens == 8 else "stop")
+        assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == first.choices[0].finish_reason
+    other = client.chat.completions.create(model="llava", messages=ask(data_url(png("blue", (64, 30)))), max_tokens=8)
+    assert other.choices[0].message.content  # another picture, another request
+
+
+def test_an_image_from_a_loopback_http_server_answers_like_the_same_image_inline(client, tmp_path):
+    image = png("green")
+    (tmp_path / "green.png").write_bytes(image)
+    handler = lambda *a: http.server.SimpleHTTPRequestHandler(*a, directory=str(tmp_path))  # noqa: E731
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        remote = client.chat.completions.create(
+            model="qwen", messages=ask(f"http://127.0.0.1:{httpd.server_address[1]}/green.png"), max_tokens=8)
+        inline = client.chat.completions.create(model="qwen", messages=ask(data_url(image)), max_tokens=8)
+        assert remote.choices[0].message.content == inline.choices[0].message.content
+        with pytest.raises(openai.BadRequestError, match="HTTP 404"):
+            client.chat.completions.create(model="qwen", messages=ask(
+                f"http://127.0.0.1:{httpd.server_address[1]}/missing.png"), max_tokens=8)
+    finally:
+        httpd.shutdown()
+
+
+def test_errors_have_openai_bodies_and_the_right_status(server, client):
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=ask(data_url(png("red"))))
+    assert "no-such-model" in unknown.value.message and unknown.value.body["code"] == "model_not_found"
+    wrong = openai.OpenAI(base_url=server[1] + "/v1", api_key="wrong-key", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        wrong.models.list()
+    with pytest.raises(openai.AuthenticationError):
+        wrong.chat.completions.create(model="llava", messages=ask(data_url(png("red"))))
+    assert httpx.get(server[1] + "/api/ps").status_code == 401 and httpx.get(server[1] + "/metrics").status_code == 401
+    assert httpx.get(server[1] + "/health").json() == {"status": "ok"}
+    with pytest.raises(openai.BadRequestError) as bad:
+        client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=0)
+    assert bad.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="base64"):
+        client.chat.completions.create(model="llava", messages=ask("data:image/png;base64,@@@"))
+    with pytest.raises(openai.BadRequestError, match="could not be read"):
+        client.chat.completions.create(model="llava", messages=ask(data_url(b"not an image at all")))
+    with pytest.raises(openai.BadRequestError, match="--allow-local-images"):
+        client.chat.completions.create(model="llava", messages=ask("/etc/passwd"))
+    with pytest.raises(openai.APIStatusError) as huge:  # 48 MP, over the 40 MP default; tiny as a PNG
+        client.chat.completions.create(model="llava", messages=ask(data_url(png("white", (8000, 6000)))))
+    assert huge.value.status_code == 413 and "pixels" in huge.value.message
+    too_big = httpx.post(server[1] + "/v1/chat/completions", content=b"x" * (33 * 2**20),
+                         headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert too_big.status_code == 413 and too_big.json()["error"]["code"] == "body_too_large"
+    not_json = httpx.post(server[1] + "/v1/chat/completions", content=b"{", headers={"Authorization": f"Bearer {KEY}"})
+    assert not_json.status_code == 400 and not_json.json()["error"]["type"] == "invalid_request_error"
+
+
+def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, tiny_llava):
+    api(server, "POST", "/api/unload", {})
+    assert api(server, "GET", "/api/ps").json()["models"] == []
+    env = {**os.environ, "VLMUX_URL": server[1], "VLMUX_API_KEY": KEY}
+    loaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "load", "llava"], capture_output=True, text=True,
+                            env=env, timeout=120)
+    assert loaded.returncode == 0 and "llava loaded in" in loaded.stdout, loaded.stderr
+    model = api(server, "GET", "/api/ps").json()["models"][0]
+    assert (model["name"], model["model"], model["state"]) == ("llava", str(tiny_llava), "ready")
+    assert model["pid"] > 0 and model["host_bytes"] > 0 and model["expires_at"] > time.time()
+    metrics = api(server, "GET", "/metrics").text
+    assert 'vlmux_model_state{model="llava",state="ready"} 1.0' in metrics
+    loads = _value(metrics, 'vlmux_loads_total{model="llava"}')
+    listed = subprocess.run([sys.executable, "-m", "vlmux.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
+    assert listed.returncode == 0 and "llava" in listed.stdout and "ready" in listed.stdout
+    unloaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "unload", "llava"], capture_output=True, text=True,
+                              env=env, timeout=120)
+    assert unloaded.returncode == 0 and f"CPU worker {model['pid']} exited" in unloaded.stdout, unloaded.stdout
+    assert process_gone(model["pid"], within=0.1)
+    assert api(server, "GET", "/api/ps").json()["models"] == []
+    metrics = api(server, "GET", "/metrics").text
+    assert 'vlmux_model_state{model="llava",state="ready"} 0.0' in metrics
+    assert _value(metrics, 'vlmux_unloads_total{model="llava"}') >= 1 and loads >= 1
+    again = api(server, "POST", "/api/unload", {"model": "llava"})
+    assert again.status_code == 404 and again.json()["error"]["code"] == "model_not_loaded"
+
+
+def test_keep_alive_zero_unloads_after_the_answer_and_a_stream_announces_the_load(server, client):
+    api(server, "POST", "/api/unload", {})
+    text, chunks = streamed(client, "qwen", ask(data_url(png("red"))), max_tokens=4)
+    assert chunks[0].model_extra["vlmux"] == {"status": "loading", "model": "qwen"} and text
+    answer = client.chat.completions.create(model="qwen", messages=ask(data_url(png("red"))), max_tokens=4,
+                                            extra_body={"keep_alive": 0})
+    assert answer.choices[0].message.content == text
+    assert wait_until(lambda: api(server, "GET", "/api/ps").json()["models"] == [], within=10)
+    api(server, "POST", "/api/load", {"model": "llava", "keep_alive": -1})
+    assert api(server, "GET", "/api/ps").json()["models"][0]["keep_alive"] is None  # -1: never expires
+
+
+def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is_answered(server, client):
+    api(server, "POST", "/api/load", {"model": "llava"})
+    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    outcome = {}
+
+    def long_request():
+        try:
+            outcome["answer"] = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))),
+                                                               max_tokens=4096)
+        except openai.APIStatusError as e:
+            outcome["error"] = e
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    assert wait_until(lambda: api(server, "GET", "/api/ps").json()["models"][0]["in_flight"] == 1)
+    os.kill(pid, signal.SIGKILL)
+    thread.join(60)
+    assert outcome["error"].status_code == 500 and outcome["error"].body["code"] == "worker_died"
+    assert "reloads the model" in outcome["error"].message
+    after = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=4)
+    assert after.choices[0].message.content and server[0].poll() is None
+
+
+def _value(metrics: str, series: str) -> float:
+    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series))
