@@ -51,6 +51,14 @@ switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, pre
     timeout 150 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --out "$OUT/switch-pinned.json" 2>&1 \
         | tail -4
     ;;
+switch-pinned)  # issue 20: the GPU tests, then pool.switch + chat with the spare pinning the checkpoints, warm and cold
+    shapes
+    timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4
+    timeout 120 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --out "$OUT/switch-pinned.json" 2>&1 \
+        | tail -3
+    timeout 190 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --cold --out "$OUT/switch-pinned-cold.json" \
+        2>&1 | tail -3
+    ;;
 first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new) against checkouts OLD and BEFORE
     n=0
     for variant in ${ORDER:-new old before}; do
