@@ -83,9 +83,9 @@ class PoolConfig:
     # load on a GPU, so that the first switch is as fast as the later ones.
     prewarm: tuple[str | ModelSpec, ...] = ()
     # A warm spare also pins the recent models' checkpoint pages in the page cache (if they fit in half of the host's
-    # available memory), so that a switch copies the weights by DMA, faster than reading them. Off by default until
-    # a GPU run has measured it on checkpoints larger than one registered slice (backends/pinned.py).
-    warm_spare_pins_weights: bool = False
+    # available memory), so that a switch copies the weights by DMA, faster than reading them (docs/BENCHMARKS.md);
+    # the pages are unpinned once the new model has answered.
+    warm_spare_pins_weights: bool = True
     host_ram_budget: str | float | int | None = None  # models asleep in pinned host RAM: "64GiB", 0.5 of it, None: no limit
     worker_env: tuple[tuple[str, str], ...] = field(default_factory=tuple)
 
