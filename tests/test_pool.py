@@ -176,3 +176,16 @@ def test_two_cpu_replicas_of_one_model_serve_side_by_side_and_answer_alike(tiny_
         assert all(status.requests == 1 for status in pool.status())
         releases = [pool.unload(name) for name in names]
         assert all(release.process_gone for release in releases)
+
+
+def test_a_streamed_chat_gives_its_text_in_pieces_that_join_to_the_answer(tiny_qwen, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "Describe."}]}]
+    gen = GenerationSpec(max_new_tokens=24)
+    with ModelPool() as pool:
+        name = pool.load(ModelSpec(str(tiny_qwen), device="cpu"))
+        pieces: list[str] = []
+        streamed = pool.chat(name, messages, gen, on_text=pieces.append)
+        whole = pool.chat(name, messages, gen)
+    assert streamed == whole and "".join(pieces) == whole
+    assert len(pieces) > 1  # as generated, not the answer in one piece at the end

@@ -82,6 +82,14 @@ def test_both_models_answer_images_whole_and_streamed_with_usage(client):
         assert first.choices[0].finish_reason == ("length" if first.usage.completion_tokens == 8 else "stop")
         assert chunks[-1].usage.completion_tokens == first.usage.completion_tokens
         assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == first.choices[0].finish_reason
+    long_text, long_chunks = streamed(client, "qwen", ask(data_url(png("red"))), max_tokens=24)
+    pieces = [c.choices[0].delta.content for c in long_chunks if c.choices and c.choices[0].delta.content]
+    assert len(pieces) > 1  # the text as the model generates it, not in one piece at the end
+    stop = long_text[len(long_text) // 2 : len(long_text) // 2 + 2]
+    cut = client.chat.completions.create(model="qwen", messages=ask(data_url(png("red"))), max_tokens=24, stop=[stop])
+    cut_text, cut_chunks = streamed(client, "qwen", ask(data_url(png("red"))), max_tokens=24, stop=[stop])
+    assert cut_text == cut.choices[0].message.content == long_text[: long_text.index(stop)]
+    assert [c.choices[0].finish_reason for c in cut_chunks if c.choices][-1] == "stop"
     other = client.chat.completions.create(model="llava", messages=ask(data_url(png("blue", (64, 30)))), max_tokens=8)
     assert other.choices[0].message.content  # another picture, another request
 

@@ -8,7 +8,7 @@ from vlmux.chart import Series, line_chart, ticks, value_range
 from vlmux.serve.errors import ApiError
 from vlmux.serve.fetch import FetchPolicy, fetch, refusal
 from vlmux.serve.images import ImagePolicy, image_bytes
-from vlmux.serve.schema import UNSET, cut_at_stop, parse_chat
+from vlmux.serve.schema import UNSET, StopWatch, cut_at_stop, parse_chat
 from vlmux.serve.settings import model_option, parse_duration
 
 
@@ -76,6 +76,17 @@ def test_chat_requests_are_checked_with_the_parameter_named():
 def test_stop_strings_cut_the_answer():
     assert cut_at_stop("red square. blue", (".", "blue")) == ("red square", True)
     assert cut_at_stop("red square", ("!",)) == ("red square", False)
+
+
+@pytest.mark.parametrize("pieces", [["red sq", "uare. bl", "ue"], ["red square", " E", "ND", " blue"], ["r", "e", "d"],
+                                    ["red squ", "are E", "N"], ["ENDING"]])
+def test_a_streamed_answer_stops_where_the_whole_answer_is_cut(pieces):
+    stops = (".", " END")
+    watch = StopWatch(stops)
+    sent = [watch.feed(piece) for piece in pieces]
+    streamed = "".join(sent) + watch.rest()
+    assert (streamed, watch.stopped) == cut_at_stop("".join(pieces), stops)
+    assert "".join(sent[:-1]).endswith(" E") is False  # a possible start of " END" is held back, not sent
 
 
 def test_the_chart_has_round_ticks_between_its_ends_and_no_negative_lower_bound():

@@ -42,6 +42,7 @@ class Caption:
 class Chat:
     messages: list[dict[str, Any]]
     gen: GenerationSpec
+    stream: bool = False  # send the answer's text as it is generated (ChatText), before the Chatted reply
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,13 @@ class Chatted:
 @dataclass(frozen=True)
 class Done:
     seconds: float
+
+
+@dataclass(frozen=True)
+class ChatText:
+    """A piece of a streamed answer, sent while a Chat(stream=True) runs; the pieces join to Chatted.text."""
+
+    text: str
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 a backend is declared here; this module stays free of torch, since the handler is imported by the parent too."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from PIL import Image
@@ -57,8 +58,10 @@ class Backend(Protocol):
         """The device half of `caption`: a caption per real row; raises OutOfMemory when the batch does not fit."""
         ...
 
-    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> Chatted:
-        """Answer a conversation whose image items were replaced by {"type": "image"}, with its token counts."""
+    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
+             on_text: Callable[[str], None] | None = None) -> Chatted:
+        """Answer a conversation whose image items were replaced by {"type": "image"}, with its token counts;
+        `on_text` gets the answer's text in pieces as it is generated (they join to Chatted.text)."""
         ...
 
     def after_reply(self) -> None:

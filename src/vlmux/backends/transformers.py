@@ -7,6 +7,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
 )
 from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
+from vlmux.backends.streaming import TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
@@ -250,12 +252,14 @@ class TransformersBackend:
     def pads_batches(self) -> bool:
         return self.fast.pads_batches
 
-    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec) -> Chatted:
+    def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
+             on_text: Callable[[str], None] | None = None) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
-        new_tokens = self._generate_tokens(inputs, gen, {})[0]
+        streamer = None if on_text is None else TextPieces(self.tokenizer, on_text)
+        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})[0]
         completion = int((new_tokens != self.tokenizer.pad_token_id).sum())
         answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         return Chatted(answer, prompt_tokens, completion, "length" if completion >= gen.max_new_tokens else "stop")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 
 from vlmux.errors import ModelLoadError
 from vlmux.pool import vram
 from vlmux.pool.workers import ReleaseCheck
-from vlmux.protocol import Load, Reply, Request, Warm
+from vlmux.protocol import ChatText, Load, Reply, Request, Warm
 
 
 class InProcessWorker:
@@ -31,11 +32,12 @@ class InProcessWorker:
     def sentinel(self) -> int | None:
         return None  # it ends with the caller
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
+    def call(self, request: Request, timeout: float | None = None,
+             on_text: Callable[[ChatText], None] | None = None) -> Reply:
         if isinstance(request, Load):
             request = self._in_this_process(request)
         with self._lock:
-            return self._handler.handle(request)
+            return self._handler.handle(request, on_text)
 
     def stop(self, grace: float, check: ReleaseCheck) -> vram.Release:
         with self._lock:

@@ -6,7 +6,7 @@ import atexit
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
@@ -137,11 +137,13 @@ class ModelPool:
 
     # -- requests -----------------------------------------------------------------------------------------
 
-    def submit(self, name: str, payload: Caption | Chat | Sleep | Wake) -> Future:
+    def submit(self, name: str, payload: Caption | Chat | Sleep | Wake,
+               on_text: Callable[[str], None] | None = None) -> Future:
         """Queue a request; concurrent callers of one model are served together in batches. An item that can
         never be an image fails alone (ItemResult with bad_image); an accepted request is never failed by
-        eviction or keep-alive expiry."""
-        return self._scheduler.submit(name, payload)
+        eviction or keep-alive expiry. For a `Chat(..., stream=True)`, `on_text` gets the answer's text in pieces
+        as the model generates it (on the pool's thread; they join to the Chatted record's text)."""
+        return self._scheduler.submit(name, payload, on_text)
 
     def submit_caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec,
                        batch_size: int | None = None) -> Future:
@@ -153,9 +155,11 @@ class ModelPool:
         captions: Captions = self.submit_caption(name, items, prompts, gen).result()
         return captions.results
 
-    def chat(self, name: str, messages: list[dict], gen: GenerationSpec) -> str:
-        """The answer's text; `submit(name, Chat(...))` gives the Chatted record with its token counts."""
-        return self.submit(name, Chat(messages, gen)).result().text
+    def chat(self, name: str, messages: list[dict], gen: GenerationSpec,
+             on_text: Callable[[str], None] | None = None) -> str:
+        """The answer's text, also given to `on_text` in pieces as it is generated if that is set; `submit(name,
+        Chat(...))` gives the Chatted record with its token counts."""
+        return self.submit(name, Chat(messages, gen, stream=on_text is not None), on_text).result().text
 
     # -- reading ------------------------------------------------------------------------------------------
 

@@ -10,13 +10,14 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Connection, wait
 from pathlib import Path
 
 from vlmux.errors import WorkerDied
 from vlmux.pool.vram import Release
 from vlmux.pool.workers import ReleaseCheck
-from vlmux.protocol import Exit, Heartbeat, Reply, Request, Warm
+from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
 STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
@@ -126,8 +127,9 @@ class WorkerProcess:
         except OSError:
             return None
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
-        """Send one request and wait for its reply, skipping heartbeats. Raises WorkerDied if the worker ends, sends
+    def call(self, request: Request, timeout: float | None = None,
+             on_text: Callable[[ChatText], None] | None = None) -> Reply:
+        """Send one request and wait for its reply, skipping heartbeats; a streamed chat's pieces go to `on_text`. Raises WorkerDied if the worker ends, sends
         nothing for `hang_timeout` seconds or takes longer than `timeout` (those two are killed first). A request
         that cannot be pickled raises at once and leaves the worker usable."""
         with self._lock:
@@ -144,7 +146,10 @@ class WorkerProcess:
                         message = self._conn.recv()
                     except (EOFError, OSError):
                         raise WorkerDied(self.exit_reason()) from None
-                    if not isinstance(message, Heartbeat):
+                    if isinstance(message, ChatText):
+                        if on_text is not None:
+                            on_text(message)
+                    elif not isinstance(message, Heartbeat):
                         return message
                 elif ready:
                     raise WorkerDied(self.exit_reason())

@@ -38,11 +38,12 @@ class Request:
     payload: Caption | Chat | Sleep | Wake
     future: Future = field(default_factory=Future)
     bad: dict[int, str] = field(default_factory=dict)  # caption items that can never be images, by position
+    on_text: Callable[[str], None] | None = None  # a streamed chat's pieces, as they come
 
     @classmethod
-    def of(cls, payload: Caption | Chat | Sleep | Wake) -> Request:
+    def of(cls, payload: Caption | Chat | Sleep | Wake, on_text: Callable[[str], None] | None = None) -> Request:
         if not isinstance(payload, Caption):
-            return cls(payload)
+            return cls(payload, on_text=on_text)
         reasons = [check_input(item) for item in payload.items]
         bad = {index: reason for index, reason in enumerate(reasons) if reason is not None}
         good = [item for item, reason in zip(payload.items, reasons) if reason is None]
@@ -201,7 +202,8 @@ class Runner:
             _settle(batch[0], None)
             return
         if isinstance(first, Chat):
-            reply = self.worker.call(first, request_timeout)
+            on_text = batch[0].on_text
+            reply = self.worker.call(first, request_timeout, None if on_text is None else lambda piece: on_text(piece.text))
             _settle(batch[0], reply if isinstance(reply, Chatted) else _failure(reply))
             return
         items = [item for request in batch for item in request.payload.items]

@@ -178,10 +178,10 @@ class Scheduler:
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    def submit(self, name: str, payload: Caption | Chat | Sleep | Wake) -> Future:
+    def submit(self, name: str, payload: Caption | Chat | Sleep | Wake, on_text=None) -> Future:
         """Accept a request for `name`; a model whose worker died is loaded again for it. Once accepted, only its
         own failure, an unload or closing the pool can fail it: never expiry or eviction."""
-        request = Request.of(payload)
+        request = Request.of(payload, on_text)
         with self._lock:
             self._check_open()
             runner = self._runners.get(name)

@@ -3,10 +3,11 @@ hands them out (with its spare), and the GPU inventory. The pool takes the facto
 eviction and budgets are tested on the CPU with fake GPUs and real tiny workers (vlmux.testing.fakes)."""
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Protocol
 
 from vlmux.pool.vram import GpuMemory, Release
-from vlmux.protocol import Reply, Request, Warm
+from vlmux.protocol import ChatText, Reply, Request, Warm
 
 
 class ReleaseCheck(Protocol):
@@ -26,9 +27,11 @@ class Worker(Protocol):
         """A file descriptor that becomes readable once the worker has exited; None: it cannot exit by itself."""
         ...
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
-        """Send one request and wait for its reply. Raises WorkerDied if the worker ends, stops answering
-        (no heartbeat within its hang timeout) or takes longer than `timeout`; a worker that hung is killed first."""
+    def call(self, request: Request, timeout: float | None = None,
+             on_text: Callable[[ChatText], None] | None = None) -> Reply:
+        """Send one request and wait for its reply; a streamed chat's pieces go to `on_text` meanwhile. Raises
+        WorkerDied if the worker ends, stops answering (no heartbeat within its hang timeout) or takes longer than
+        `timeout`; a worker that hung is killed first."""
         ...
 
     def stop(self, grace: float, check: ReleaseCheck) -> Release:

@@ -1,6 +1,6 @@
-"""POST /v1/chat/completions, answered whole or as server-sent events. The worker gives the answer in one piece, so a
-stream sends a loading notice while the model loads, keep-alive comments while it waits, then the answer as one
-content chunk, the finish chunk, the usage chunk when asked for, and [DONE]."""
+"""POST /v1/chat/completions, answered whole or as server-sent events. A stream sends a loading notice while the model
+loads, keep-alive comments while it waits, the answer's text in pieces as the worker generates it, then the finish
+chunk, the usage chunk when asked for, and [DONE]."""
 from __future__ import annotations
 
 import asyncio
@@ -15,7 +15,9 @@ from vlmux.protocol import Chatted
 from vlmux.serve.errors import ApiError
 from vlmux.serve.history import RequestRecord
 from vlmux.serve.images import ImagePolicy, worker_messages
-from vlmux.serve.schema import ChatRequest, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk
+from vlmux.serve.schema import (
+    ChatRequest, StopWatch, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk,
+)
 from vlmux.serve.service import Service
 from vlmux.serve.settings import ModelEntry
 
@@ -57,30 +59,40 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
 async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, messages: list[dict],
                   started: float) -> AsyncIterator[bytes]:
     ident = completion_id()
-    notices: asyncio.Queue[str] = asyncio.Queue()
-    job = asyncio.ensure_future(service.answer(entry, request, messages, on_loading=lambda: notices.put_nowait("loading")))
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # ("loading", "") or ("text", piece)
+    job = asyncio.ensure_future(service.answer(
+        entry, request, messages, on_loading=lambda: events.put_nowait(("loading", "")),
+        on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece))))
+    stops = StopWatch(request.stop)
+    first: float | None = None
     try:
-        while not job.done():
-            notice = asyncio.ensure_future(notices.get())
-            done, _ = await asyncio.wait({job, notice}, timeout=WAITING_COMMENT_SECONDS,
+        while not job.done() or not events.empty():
+            event = asyncio.ensure_future(events.get())
+            done, _ = await asyncio.wait({job, event}, timeout=WAITING_COMMENT_SECONDS,
                                          return_when=asyncio.FIRST_COMPLETED)
-            if notice in done:
-                yield _event(chunk(ident, entry.name, {"role": "assistant", "content": ""},
-                                   vlmux={"status": "loading", "model": entry.name}))
-            else:
-                notice.cancel()
+            if event not in done:
+                event.cancel()
                 if not done:
                     yield b": waiting\n\n"
+                continue
+            kind, piece = event.result()
+            if kind == "loading":
+                yield _event(chunk(ident, entry.name, {"role": "assistant", "content": ""},
+                                   vlmux={"status": "loading", "model": entry.name}))
+            elif text := stops.feed(piece):
+                first = first or time.monotonic()
+                yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
         try:
             reply = job.result()
         except ApiError as e:
             _record(service, entry, e.status, started, None, 0, True)
             yield _event(e.body())
             return
-        text, finish = _finished(reply, request)
-        first = time.monotonic()
-        yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
-        yield _event(chunk(ident, entry.name, {}, finish))
+        if text := stops.rest():
+            first = first or time.monotonic()
+            yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
+        yield _event(chunk(ident, entry.name, {}, "stop" if stops.stopped else reply.finish_reason))
         if request.include_usage:
             yield _event(usage_chunk(ident, entry.name, usage(reply.prompt_tokens, reply.completion_tokens)))
         yield b"data: [DONE]\n\n"

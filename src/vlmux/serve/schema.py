@@ -157,3 +157,30 @@ def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
     """The text up to the first stop string, and whether one was found (the model ran on; the rest is dropped)."""
     cuts = [text.find(stop) for stop in stops if stop in text]
     return (text[: min(cuts)], True) if cuts else (text, False)
+
+
+class StopWatch:
+    """`stop` strings over a streamed answer: the pieces up to the first stop string, holding back any tail that
+    could be the start of one, so the stream ends where `cut_at_stop` cuts the whole answer."""
+
+    def __init__(self, stops: tuple[str, ...]) -> None:
+        self.stops = tuple(stop for stop in stops if stop)
+        self.stopped = False
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        """What of `piece` can be sent now ("" once a stop string was seen)."""
+        if self.stopped:
+            return ""
+        text, self.stopped = cut_at_stop(self._held + piece, self.stops)
+        if self.stopped:
+            self._held = ""
+            return text
+        keep = max((n for stop in self.stops for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        self._held = text[len(text) - keep:] if keep else ""
+        return text[: len(text) - keep]
+
+    def rest(self) -> str:
+        """What was held back, once the answer is complete."""
+        held, self._held = ("", "") if self.stopped else (self._held, "")
+        return held

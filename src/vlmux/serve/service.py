@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -151,16 +152,18 @@ class Service:
                               top_p=request.top_p if sample and request.top_p is not None else 1.0,
                               seed=request.seed, max_pixels=self.config.max_pixels)
 
-    async def answer(self, entry: ModelEntry, request: ChatRequest, messages: list[dict], on_loading) -> Chatted:
-        """The model's answer; `on_loading()` is called once if the request waits for its model to load."""
-        payload = Chat(messages, self.generation(request))
+    async def answer(self, entry: ModelEntry, request: ChatRequest, messages: list[dict], on_loading,
+                     on_text: Callable[[str], None] | None = None) -> Chatted:
+        """The model's answer; `on_loading()` is called once if the request waits for its model to load; `on_text`
+        (on a pool thread) gets the answer's text in pieces as it is generated."""
+        payload = Chat(messages, self.generation(request), stream=on_text is not None)
         limit = self._limits.setdefault(entry.name, asyncio.Semaphore(entry.max_concurrent or 1_000_000))
         async with limit:
             deadline = time.monotonic() + SUBMIT_DEADLINE
             told = False
             while True:
                 try:
-                    future = self.pool.submit(entry.name, payload)
+                    future = self.pool.submit(entry.name, payload, on_text)
                     break
                 except ModelNotLoaded:
                     if time.monotonic() > deadline:

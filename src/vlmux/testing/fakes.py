@@ -75,13 +75,13 @@ class FakeGpuWorker:
     def sentinel(self) -> int | None:
         return self.inner.sentinel
 
-    def call(self, request: Request, timeout: float | None = None) -> Reply:
+    def call(self, request: Request, timeout: float | None = None, on_text=None) -> Reply:
         if isinstance(request, Load):
             self.model = request.path
             self.factory.loads.append(request)
             self.factory.record("load_start", self.model, self.pid)
             request = replace(request, spec=replace(request.spec, device="cpu", max_memory=()), env=CPU_ENV)
-        reply = self.inner.call(request, timeout)
+        reply = self.inner.call(request, timeout, on_text)
         if isinstance(reply, Loaded) and self.gpu is not None:
             self.gpus.hold(self.gpu, self.pid, self.factory.held_bytes)
             self.factory.record("loaded", self.model, self.pid)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 import time
 from concurrent.futures import ThreadPoolExecutor
 from itertools import repeat
@@ -13,7 +14,7 @@ from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.images import ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
-    Caption, Captions, Chat, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
+    Caption, Captions, Chat, ChatText, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -43,7 +44,8 @@ class Handler:
         self._batch_size = CPU_BATCH_SIZE  # Loaded.batch_size: a Caption's size when it names none
         self._prepared_apart = 0
 
-    def handle(self, request: Request) -> Reply:
+    def handle(self, request: Request, send: Callable[[ChatText], None] | None = None) -> Reply:
+        """`send`: how a streamed chat's pieces reach the caller before the reply (None: they are not sent)."""
         start = time.perf_counter()
         if isinstance(request, Load):
             return self._load(request, start)
@@ -55,7 +57,7 @@ class Handler:
             if isinstance(request, Caption):
                 return self._caption(request, start)
             if isinstance(request, Chat):
-                return self._chat(request)
+                return self._chat(request, send)
             if isinstance(request, Sleep):
                 self.backend.sleep()
             elif isinstance(request, Wake):
@@ -226,7 +228,7 @@ class Handler:
         for i, caption in zip(chunk, captions):
             results[i] = ItemResult(caption, batch=len(chunk))
 
-    def _chat(self, request: Chat) -> Reply:
+    def _chat(self, request: Chat, send: Callable[[ChatText], None] | None) -> Reply:
         messages, images = [], []
         try:
             for message in request.messages:
@@ -242,7 +244,8 @@ class Handler:
                     else:
                         items.append(item)
                 messages.append({**message, "content": items})
-            return self.backend.chat(messages, images, request.gen)
+            on_text = (lambda text: send(ChatText(text))) if request.stream and send is not None else None
+            return self.backend.chat(messages, images, request.gen, on_text)
         except (ImageError, KeyError, TypeError) as e:
             return Failed("input", f"bad chat request: {e}")
         except OutOfMemory as e:

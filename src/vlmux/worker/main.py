@@ -5,7 +5,7 @@ import os
 import threading
 from multiprocessing.connection import Connection
 
-from vlmux.protocol import HEARTBEAT_SECONDS, Exit, Heartbeat, Reply
+from vlmux.protocol import HEARTBEAT_SECONDS, ChatText, Exit, Heartbeat, Reply
 from vlmux.worker.handler import Handler
 from vlmux.worker.orphan import exit_when_orphaned
 
@@ -21,7 +21,7 @@ def serve(conn: Connection, parent_pid: int) -> None:
         if isinstance(request, Exit):
             break
         heartbeats = Heartbeats(conn)  # from now until the reply
-        heartbeats.reply(handler.handle(request))
+        heartbeats.reply(handler.handle(request, heartbeats.send))
         handler.after_reply(request)
     conn.close()
     # Skip interpreter and CUDA teardown: the OS takes everything back faster, and that is the point.
@@ -42,6 +42,11 @@ class Heartbeats:
         with self._sending:
             self._replied.set()
             self._conn.send(reply)
+
+    def send(self, message: ChatText) -> None:
+        """Something for the caller before the reply: a piece of a streamed answer."""
+        with self._sending:
+            self._conn.send(message)
 
     def _beat(self) -> None:
         while not self._replied.wait(HEARTBEAT_SECONDS):

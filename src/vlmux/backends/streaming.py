@@ -1,0 +1,28 @@
+"""A streamed answer's text in pieces, as transformers' `generate` makes it (one conversation, batch 1)."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from transformers import TextStreamer
+
+
+class TextPieces(TextStreamer):
+    """Hands each piece of new text to `on_text` as soon as it decodes to whole characters. The pieces join to the
+    answer `chat` returns, which is stripped: leading whitespace is dropped and trailing whitespace held back until
+    more text follows it."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self._on_text = on_text
+        self._started = False
+        self._held = ""  # whitespace that only counts if more text follows
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self._held + text
+        if not self._started:
+            text = text.lstrip()
+        body = text.rstrip()
+        self._held = text[len(body):]
+        if body:
+            self._started = True
+            self._on_text(body)
