@@ -204,7 +204,7 @@ class Service:
         if self.inventory.status() is None:
             booked = {}
             for s in status:
-                for gpu in s.gpus:
+                for gpu in s.gpus:  # a split model's share per GPU; ModelStatus.device_bytes sums them
                     booked.setdefault(gpu, {})[s.name] = self.inventory.process_memory(gpu).get(s.pid, 0)
             gpus = [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                      "budget": self._budget(g.total), "models": booked.get(g.index, {})} for g in self.inventory.gpus()]
@@ -215,13 +215,7 @@ class Service:
 
     def _memory(self, status: list[ModelStatus]) -> dict[str, int]:
         """Bytes each model's worker holds: device memory on its GPUs, else its host memory."""
-        held = {}
-        for s in status:
-            if s.gpus:
-                held[s.name] = sum(self.inventory.process_memory(gpu).get(s.pid, 0) for gpu in s.gpus)
-            else:
-                held[s.name] = _rss(s.pid)
-        return held
+        return {s.name: s.device_bytes if s.gpus else _rss(s.pid) for s in status}
 
     def look(self) -> None:
         """Compare the pool with the last look: loads and unloads become marks and counts; gauges are set."""
