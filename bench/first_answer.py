@@ -43,7 +43,7 @@ def child(model: str, image: str, variant: str, queue: multiprocessing.Queue) ->
     if variant.endswith("no_cudnn_sdpa"):
         torch.backends.cuda.enable_cudnn_sdp(False)
     if variant.startswith("warm_spare"):  # what a warm spare did before the load was asked for: not timed here
-        from vlmux.backends.transformers import warm_up
+        from vlmux.backends.warm import warm_up
 
         result["warm_up"] = {k: round(v, 3) for k, v in warm_up(ModelSpec(model, device="cuda"), model).items()}
     gen = GenerationSpec("Describe this image in one short sentence for a caption dataset, please.", max_new_tokens=8)

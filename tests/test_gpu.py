@@ -130,7 +130,8 @@ def test_a_pool_that_switches_keeps_a_warm_spare_and_still_gives_back_every_byte
 
 def test_weights_a_warm_up_pinned_load_by_dma_and_caption_the_same(tiny_qwen, image_dir, monkeypatch):
     from vlmux.backends import pinned
-    from vlmux.backends.transformers import TransformersBackend, warm_up
+    from vlmux.backends.transformers import TransformersBackend
+    from vlmux.backends.warm import warm_up
     from vlmux.images import load_image
 
     spec = ModelSpec(str(tiny_qwen), device="cuda", dtype="bfloat16")

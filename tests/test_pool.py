@@ -189,3 +189,27 @@ def test_a_streamed_chat_gives_its_text_in_pieces_that_join_to_the_answer(tiny_q
         whole = pool.chat(name, messages, gen)
     assert streamed == whole and "".join(pieces) == whole
     assert len(pieces) > 1  # as generated, not the answer in one piece at the end
+
+
+def test_concurrent_chats_share_a_batch_and_each_gets_its_own_answer_and_stream(tiny_qwen, image_dir):
+    images = sorted(image_dir.iterdir())
+    gen = GenerationSpec(max_new_tokens=12)
+
+    def conversation(image, question="Describe."):
+        return [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": question}]}]
+
+    asks = [conversation(image, question) for image in images for question in ("Describe.", "What is it, in a few words?")]
+    asks.append(conversation(image_dir / "missing.jpg"))  # a bad image fails alone
+    with ModelPool(PoolConfig(max_batch_size=8, spare_worker=False)) as pool:
+        name = pool.load(ModelSpec(str(tiny_qwen), device="cpu"))
+        alone = [pool.chat(name, messages, gen) for messages in asks[:-1]]
+        pieces: list[list[str]] = [[] for _ in asks]
+        with ThreadPoolExecutor(len(asks)) as callers:
+            futures = [callers.submit(pool.chat, name, messages, gen, pieces[i].append) for i, messages in enumerate(asks)]
+            together = [future.result() for future in futures[:-1]]
+            with pytest.raises(RuntimeError, match="missing.jpg"):
+                futures[-1].result()
+        status = pool.status()[0]
+    assert together == alone
+    assert ["".join(streamed) for streamed in pieces[:-1]] == alone and pieces[-1] == []
+    assert status.batches < status.requests  # some conversations shared a worker call

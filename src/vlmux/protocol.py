@@ -46,6 +46,13 @@ class Chat:
 
 
 @dataclass(frozen=True)
+class Chats:
+    """Conversations with the same generation settings, answered together in one batch."""
+
+    chats: list[Chat]
+
+
+@dataclass(frozen=True)
 class Sleep:
     pass
 
@@ -60,7 +67,7 @@ class Exit:
     pass
 
 
-Request = Union[Load, Warm, Caption, Chat, Sleep, Wake, Exit]
+Request = Union[Load, Warm, Caption, Chat, Chats, Sleep, Wake, Exit]
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,14 @@ class ChatText:
     """A piece of a streamed answer, sent while a Chat(stream=True) runs; the pieces join to Chatted.text."""
 
     text: str
+    row: int = 0  # which conversation of a Chats request it belongs to
+
+
+@dataclass(frozen=True)
+class ChatsAnswered:
+    """A Chats request's answers, one per conversation in order: each answered, or failed alone."""
+
+    replies: list[Chatted | Failed]
 
 
 @dataclass(frozen=True)
@@ -124,4 +139,4 @@ class Failed:
     message: str
 
 
-Reply = Union[Loaded, Captions, Chatted, Done, Failed]  # Heartbeats come between, never instead of, a reply
+Reply = Union[Loaded, Captions, Chatted, ChatsAnswered, Done, Failed]  # Heartbeats come between, never instead of, a reply

@@ -64,6 +64,12 @@ class Backend(Protocol):
         `on_text` gets the answer's text in pieces as it is generated (they join to Chatted.text)."""
         ...
 
+    def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
+                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+        """Conversations (messages, images) answered together in one batch, each with images or none;
+        `on_text(row, piece)` streams each one's text. Raises OutOfMemory when the batch does not fit."""
+        ...
+
     def after_reply(self) -> None:
         """Work kept off a first answer's path (unpinning what a warm spare pinned), done once an answer is sent."""
         ...

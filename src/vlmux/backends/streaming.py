@@ -1,9 +1,10 @@
-"""A streamed answer's text in pieces, as transformers' `generate` makes it (one conversation, batch 1)."""
+"""Streamed answers' text in pieces, as transformers' `generate` makes it: one conversation, or each row of a batch."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
 from transformers import TextStreamer
+from transformers.generation.streamers import BaseStreamer
 
 
 class TextPieces(TextStreamer):
@@ -26,3 +27,18 @@ class TextPieces(TextStreamer):
         if body:
             self._started = True
             self._on_text(body)
+
+
+class RowPieces(BaseStreamer):
+    """`TextPieces` for each row of a batch (transformers' own streamers take one row): `on_text(row, piece)`."""
+
+    def __init__(self, tokenizer, rows: int, on_text: Callable[[int, str], None]) -> None:
+        self._rows = [TextPieces(tokenizer, lambda piece, row=row: on_text(row, piece)) for row in range(rows)]
+
+    def put(self, value) -> None:  # the prompt's ids (rows x length) first, then one token per row and step
+        for row, pieces in enumerate(self._rows):
+            pieces.put(value[row : row + 1])
+
+    def end(self) -> None:
+        for pieces in self._rows:
+            pieces.end()

@@ -20,11 +20,9 @@ from vlmux.backends.base import OutOfMemory
 from vlmux.backends.fast import (
     FastConfig, compile_vision_blocks, fitting_batch, generate_options, pad_rows, prepare_compile, to_device,
 )
-from vlmux.backends.loader import (
-    StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
-)
-from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
-from vlmux.backends.streaming import TextPieces
+from vlmux.backends.loader import Unsupported, empty_model, release_staging, stream_weights
+from vlmux.backends.pinned import unpin_all
+from vlmux.backends.streaming import RowPieces, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
@@ -264,6 +262,23 @@ class TransformersBackend:
         answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
         return Chatted(answer, prompt_tokens, completion, "length" if completion >= gen.max_new_tokens else "stop")
 
+    def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
+                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+        """Conversations answered in one batch, left-padded like caption batches; every one has images, or none."""
+        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in conversations]
+        images = [pictures for _, pictures in conversations]
+        inputs = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
+        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        streamer = None if on_text is None else RowPieces(self.tokenizer, len(texts), on_text)
+        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})
+        answers = []
+        for row, tokens in enumerate(new_tokens):
+            completion = int((tokens != self.tokenizer.pad_token_id).sum())
+            answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            answers.append(Chatted(answer, int(prompt_tokens[row]), completion,
+                                   "length" if completion >= gen.max_new_tokens else "stop"))
+        return answers
+
     def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
         new_tokens = self._generate_tokens(inputs, gen, fast, rows)
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
@@ -334,42 +349,6 @@ class TransformersBackend:
         gc.collect()
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.empty_cache()
-
-
-def warm_up(spec: ModelSpec, path: str, pin_weights: bool = False) -> dict[str, float]:
-    """Make this process ready to load `path` fast: create the CUDA context, pin the loader's staging memory, and
-    caption once with a one-layer copy of the model (uninitialised weights) so that its kernels, library handles
-    and first-call Python paths are loaded. Everything but the context, the staging memory and the loaded kernels
-    is freed again. A fresh worker otherwise spends most of its first answer on this (docs/BENCHMARKS.md).
-    pin_weights: also pin the checkpoint's page-cache pages (`backends.pinned`), where host memory allows."""
-    start = time.perf_counter()
-    device = resolve_device(spec.device)
-    if not device.startswith("cuda"):
-        return {}
-    torch.empty(1, device=device)
-    timings = {"cuda_init": time.perf_counter() - start}
-    staging_buffers(StreamConfig())
-    try:
-        shallow = TransformersBackend(spec, path, shallow=True)
-    except Exception:  # noqa: BLE001 - remote code, quantised: the context and staging memory still help
-        return timings
-    try:
-        shallow.caption([Image.new("RGB", (448, 448), (128, 128, 128))], ["Describe the image."], WARM_UP)
-    finally:
-        shallow.close()
-    timings["kernels"] = time.perf_counter() - start - timings["cuda_init"]
-    try:
-        prebuild(Path(path), resolve_dtype(spec.dtype, device), spec.trust_remote_code)
-    except Exception:  # noqa: BLE001 - remote code, quantised, anything else: the load builds it itself
-        pass
-    if pin_weights:
-        begin = time.perf_counter()
-        try:
-            timings["pinned_gb"] = pin_checkpoint(Path(path)) / 1e9
-        except PinFailed:  # the load streams through staging buffers instead
-            timings["pinned_gb"] = 0.0
-        timings["pin"] = time.perf_counter() - begin
-    return timings
 
 
 def device_map_options(spec: ModelSpec, device: str) -> dict:

@@ -19,7 +19,9 @@ from vlmux.estimate import Estimate
 from vlmux.images import check_input
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.workers import Worker
-from vlmux.protocol import Caption, Captions, Chat, Chatted, Done, Failed, ItemResult, Loaded, Sleep, Wake
+from vlmux.protocol import (
+    Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Done, Failed, ItemResult, Loaded, Sleep, Wake,
+)
 
 
 class State(enum.Enum):
@@ -193,6 +195,11 @@ class Runner:
                     break
                 batch.append(self.pending.popleft())
                 room -= follower.size
+        elif isinstance(first.payload, Chat):
+            key = _chat_key(first.payload)
+            while (self.pending and len(batch) < self.batch_size and isinstance(self.pending[0].payload, Chat)
+                   and _chat_key(self.pending[0].payload) == key):
+                batch.append(self.pending.popleft())
         return batch
 
     def _serve_batch(self, batch: list[Request], request_timeout: float | None) -> None:
@@ -201,10 +208,20 @@ class Runner:
             self._control(first, request_timeout)
             _settle(batch[0], None)
             return
-        if isinstance(first, Chat):
+        if isinstance(first, Chat) and len(batch) == 1:
             on_text = batch[0].on_text
             reply = self.worker.call(first, request_timeout, None if on_text is None else lambda piece: on_text(piece.text))
             _settle(batch[0], reply if isinstance(reply, Chatted) else _failure(reply))
+            return
+        if isinstance(first, Chat):
+            def on_text(piece: ChatText) -> None:
+                if batch[piece.row].on_text is not None:
+                    batch[piece.row].on_text(piece.text)
+
+            reply = self.worker.call(Chats([request.payload for request in batch]), request_timeout, on_text)
+            answers = reply.replies if isinstance(reply, ChatsAnswered) else [reply] * len(batch)
+            for request, answer in zip(batch, answers):
+                _settle(request, answer if isinstance(answer, Chatted) else _failure(answer))
             return
         items = [item for request in batch for item in request.payload.items]
         prompts = [prompt for request in batch for prompt in request.payload.prompts]
@@ -255,6 +272,13 @@ def _with_bad(results: list[ItemResult], bad: dict[int, str]) -> list[ItemResult
     for index in range(len(results) + len(bad)):
         merged.append(ItemResult(None, bad[index], bad_image=True) if index in bad else next(sent))
     return merged
+
+
+def _chat_key(chat: Chat) -> tuple:
+    """Conversations that can share a batch: the same generation settings, and all with images or all without."""
+    contents = [message.get("content") for message in chat.messages if isinstance(message, dict)]
+    items = [item for content in contents if isinstance(content, list) for item in content if isinstance(item, dict)]
+    return chat.gen, any(item.get("type") == "image" for item in items)
 
 
 def _settle(request: Request, outcome) -> None:

@@ -14,7 +14,8 @@ from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.images import ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
-    Caption, Captions, Chat, ChatText, Done, Failed, ItemResult, Load, Loaded, Reply, Request, Sleep, Wake, Warm,
+    Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply,
+    Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -58,6 +59,8 @@ class Handler:
                 return self._caption(request, start)
             if isinstance(request, Chat):
                 return self._chat(request, send)
+            if isinstance(request, Chats):
+                return self._chats(request, send)
             if isinstance(request, Sleep):
                 self.backend.sleep()
             elif isinstance(request, Wake):
@@ -68,7 +71,7 @@ class Handler:
 
     def after_reply(self, request: Request) -> None:
         """Called once the reply to `request` is on its way: the backend's deferred work, after an answer."""
-        if self.backend is not None and isinstance(request, (Caption, Chat)):
+        if self.backend is not None and isinstance(request, (Caption, Chat, Chats)):
             self.backend.after_reply()
 
     def close(self) -> None:
@@ -101,7 +104,7 @@ class Handler:
         if self.backend is not None:  # taken for a load before the warm-up's turn came: nothing left to prepare
             return Done(0.0)
         os.environ.update(request.env)
-        from vlmux.backends.transformers import warm_up
+        from vlmux.backends.warm import warm_up
 
         try:
             warm_up(request.spec, request.path, request.pin_weights)
@@ -229,27 +232,62 @@ class Handler:
             results[i] = ItemResult(caption, batch=len(chunk))
 
     def _chat(self, request: Chat, send: Callable[[ChatText], None] | None) -> Reply:
-        messages, images = [], []
         try:
-            for message in request.messages:
-                content = message["content"]
-                if isinstance(content, str):
-                    messages.append(message)
-                    continue
-                items = []
-                for item in content:
-                    if item.get("type") == "image":
-                        images.append(load_image(item["image"], max_pixels=request.gen.max_pixels))
-                        items.append({"type": "image"})
-                    else:
-                        items.append(item)
-                messages.append({**message, "content": items})
+            messages, images = self._conversation(request)
             on_text = (lambda text: send(ChatText(text))) if request.stream and send is not None else None
             return self.backend.chat(messages, images, request.gen, on_text)
         except (ImageError, KeyError, TypeError) as e:
             return Failed("input", f"bad chat request: {e}")
         except OutOfMemory as e:
             return Failed("oom", f"out of device memory: {e}")
+
+    def _chats(self, request: Chats, send: Callable[[ChatText], None] | None) -> Reply:
+        """One batch for the conversations that parse; one that does not (a bad image) fails alone. A batch that
+        does not fit is answered one conversation at a time."""
+        replies: list[Chatted | Failed | None] = [None] * len(request.chats)
+        rows, conversations = [], []
+        for index, chat in enumerate(request.chats):
+            try:
+                conversations.append(self._conversation(chat))
+                rows.append(index)
+            except (ImageError, KeyError, TypeError) as e:
+                replies[index] = Failed("input", f"bad chat request: {e}")
+        streaming = {row: index for row, index in enumerate(rows) if request.chats[index].stream}
+
+        def on_text(row: int, text: str) -> None:
+            if row in streaming:
+                send(ChatText(text, streaming[row]))
+
+        try:
+            if rows:
+                answers = self.backend.chat_batch(conversations, request.chats[0].gen,
+                                                  on_text if streaming and send is not None else None)
+                for index, answer in zip(rows, answers):
+                    replies[index] = answer
+        except OutOfMemory:
+            for index in rows:
+                streamed = request.chats[index].stream and send is not None
+                replies[index] = self._chat(request.chats[index], (lambda piece, i=index: send(ChatText(piece.text, i)))
+                                            if streamed else None)
+        return ChatsAnswered(replies)
+
+    def _conversation(self, request: Chat) -> tuple[list[dict], list[Image.Image]]:
+        """The messages with their image items replaced by {"type": "image"}, and the images decoded."""
+        messages, images = [], []
+        for message in request.messages:
+            content = message["content"]
+            if isinstance(content, str):
+                messages.append(message)
+                continue
+            items = []
+            for item in content:
+                if item.get("type") == "image":
+                    images.append(load_image(item["image"], max_pixels=request.gen.max_pixels))
+                    items.append({"type": "image"})
+                else:
+                    items.append(item)
+            messages.append({**message, "content": items})
+        return messages, images
 
 
 def _decode(item, max_pixels: int | None) -> Image.Image | str:

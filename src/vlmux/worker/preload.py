@@ -7,6 +7,7 @@ import transformers  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401
 
 import vlmux.backends.transformers  # noqa: F401
+import vlmux.backends.warm  # noqa: F401
 import vlmux.worker.main  # noqa: F401
 
 # Workers report through the parent; a weight-loading bar per worker would only garble the parent's progress bar.
