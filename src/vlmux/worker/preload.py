@@ -2,6 +2,7 @@
 
 Importing must not initialise CUDA: each worker creates its own context after the fork.
 """
+import vlmux.backends  # noqa: F401  (first: it quiets what importing transformers logs)
 import torch  # noqa: F401
 import transformers  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401
