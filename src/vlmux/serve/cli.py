@@ -79,7 +79,9 @@ def _serve(args: argparse.Namespace) -> int:
     if not _is_loopback(config.host) and config.api_key is None:
         print(f"vlmux serve: warning: listening on {config.host} without --api-key: anyone who reaches it may use it",
               file=sys.stderr)
-    pool = ModelPool(PoolConfig(vram_budget=config.vram_budget, keep_alive=config.keep_alive))
+    # The spare gets warm for the configured models after the first load, so a first switch is as fast as later ones.
+    prewarm = [Service.spec_of(config, entry) for entry in config.models]
+    pool = ModelPool(PoolConfig(vram_budget=config.vram_budget, keep_alive=config.keep_alive, prewarm=prewarm))
     app = create_app(Service(config, pool, vram.NVML))
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -72,7 +72,11 @@ class Service:
         return list(self._entries)
 
     def spec(self, entry: ModelEntry) -> ModelSpec:
-        return ModelSpec(entry.model, device=self.config.device, dtype=entry.dtype, decode=entry.decode)
+        return self.spec_of(self.config, entry)
+
+    @staticmethod
+    def spec_of(config: ServeConfig, entry: ModelEntry) -> ModelSpec:
+        return ModelSpec(entry.model, device=config.device, dtype=entry.dtype, decode=entry.decode)
 
     async def load(self, entry: ModelEntry) -> float:
         """Load `entry` (or wait for the load under way); the seconds waited. Its keep-alive is set by `retain`
