@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmux.checkpoint import read_index
+from vlmux.quantization import METHODS, weight_bytes
 
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, as measured (docs/BENCHMARKS.md)
@@ -43,10 +44,12 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
     return sum(e.numel for e in entries), sum(e.end - e.start for e in entries)
 
 
-def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, on_gpu: bool = True) -> Estimate:
-    parameters, stored = count_parameters(model_dir)
+def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, on_gpu: bool = True,
+             quantize: str | None = None) -> Estimate:
+    """quantize: a `--quantize` method (vlmux.quantization.METHODS) applied on load; a pre-quantised checkpoint's
+    packed weights count as stored without it."""
     element = TARGET_BYTES.get(dtype, 2)
-    weights = parameters * element if parameters else stored
+    weights = weight_bytes(read_index(model_dir), element, METHODS[quantize] if quantize else None)
     config = read_json(Path(model_dir) / "config.json")
     kv_cache, activations = image_bytes(config, image_budget(model_dir, config), max_new_tokens, element)
     return Estimate(weights, kv_cache * batch_size, activations * batch_size, CONTEXT_BYTES if on_gpu else 0)

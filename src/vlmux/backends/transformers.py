@@ -24,6 +24,7 @@ from vlmux.backends.loader import (
     StreamConfig, Unsupported, empty_model, prebuild, release_staging, staging_buffers, stream_weights,
 )
 from vlmux.backends.pinned import PinFailed, pin_checkpoint, unpin_all
+from vlmux.backends.quantize import quantization_options
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
@@ -132,13 +133,16 @@ class TransformersBackend:
         try:
             if spec.max_memory:
                 raise Unsupported(f"split across {len(spec.max_memory)} GPUs by device_map")
+            if spec.quantize:
+                raise Unsupported(f"quantised on load ({spec.quantize})")
             self.model = self._stream(Path(path), spec, shallow)
             self.loader = "stream"
         except Unsupported as e:
             if shallow:
                 raise
+            quantization = quantization_options(spec.quantize, path, self.torch_dtype)  # names a missing package
             self.model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **common
+                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **quantization, **common
             ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
