@@ -51,6 +51,17 @@ switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, pre
     timeout 150 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --out "$OUT/switch-pinned.json" 2>&1 \
         | tail -4
     ;;
+quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4, fp8; images/s on the 2B workload, residue after unload
+    # bitsandbytes and torchao are not on the device: carry their wheels in .wheels/ (pip download bitsandbytes torchao
+    # --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .wheels).
+    ls .wheels/bitsandbytes-*.whl .wheels/torchao-*.whl >/dev/null 2>&1 &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/bitsandbytes-*.whl \
+            .wheels/torchao-*.whl
+    shapes
+    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_quantize.py 2>&1 | tail -3
+    timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,fp8 --images 512 --out "$OUT/quant.json" \
+        2>&1 | grep -v "Warning\|^W1" | tail -8
+    ;;
 switch-pinned)  # issue 20: the GPU tests, then pool.switch + chat with the spare pinning the checkpoints, warm and cold
     shapes
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4

@@ -10,7 +10,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 
 from vlmux.pool import vram  # noqa: E402
-from vlmux.tiny import ARCHITECTURES, build_tiny, draw_sample_images  # noqa: E402
+from vlmux.tiny import ARCHITECTURES, FAMILIES, build_tiny, draw_sample_images  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -26,6 +26,13 @@ def pytest_collection_modifyitems(config, items):
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("models")
     return {arch: build_tiny(root / arch, arch, seed=0) for arch in ARCHITECTURES}
+
+
+@pytest.fixture(scope="session")
+def family_models(tiny_models, tmp_path_factory) -> dict[str, Path]:
+    """Every family `vlmux make-tiny` builds: the suite's three and the others (tests/test_families.py)."""
+    root = tmp_path_factory.mktemp("families")
+    return {arch: tiny_models.get(arch) or build_tiny(root / arch, arch, seed=0) for arch in FAMILIES}
 
 
 @pytest.fixture(scope="session")

@@ -89,7 +89,7 @@ def pipeline(model: str, device: str = "auto", dtype: str = "auto", **options: A
     max_new_tokens, do_sample, ...), pool settings (isolation, max_batch_size, ...) or batch_size."""
     if "batch_size" in options:
         options["max_batch_size"] = options.pop("batch_size")
-    spec_options = {k: options.pop(k) for k in ("revision", "trust_remote_code", "decode", "prep_processes") if k in options}
+    spec_options = {k: options.pop(k) for k in ("revision", "trust_remote_code", "decode", "prep_processes", "quantize") if k in options}
     pool_options = {k: options.pop(k) for k in list(options) if k in _POOL_OPTIONS}
     unknown = set(options) - _GENERATION_OPTIONS
     if unknown:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from vlmux import __version__
 from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
+from vlmux.quantization import METHODS as QUANTIZE_METHODS
 from vlmux.serve.cli import add_commands as add_serve_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -48,7 +49,7 @@ def _parser() -> argparse.ArgumentParser:
 
     caption = commands.add_parser(
         "caption", help="caption images with one or more models in turn",
-        epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size, --dtype and --decode given after a -m apply to that "
+        epilog="--prompt, --prompt-file, --max-new-tokens, --batch-size, --dtype, --decode and --quantize given after a -m apply to that "
                "model only; given before any -m, to all. Prompts may use {file}, {folder} and {existing}. With no -o, "
                "sidecar files are written beside the images (IMAGE.txt; IMAGE.{model}.txt for several models). "
                + EXIT_CODES + ".")
@@ -84,6 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                               "float32 on the CPU)")
     caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
                          help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker)")
+    caption.add_argument("--quantize", action=_PerModel, choices=QUANTIZE_METHODS,
+                         help="quantise a 16-bit checkpoint on load: 4bit | 8bit (bitsandbytes), fp8 (fine-grained, a "
+                              "Hopper GPU), torchao-int4 | torchao-int8 (pip install 'vlmux[bnb]' or 'vlmux[torchao]'); "
+                              "pre-quantised checkpoints (AWQ, GPTQ, ...) need none")
+    caption.add_argument("--trust-remote-code", action="store_true",
+                         help="run the model folder's own Python code (InternVL2, Florence-2 hub checkpoints, ...)")
     caption.add_argument("--prep-processes", type=int, metavar="N",
                          help="processes decoding and preprocessing images beside each GPU worker (default: the "
                               "host's cores less two, at most 12; 0: the worker's own threads)")
@@ -104,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
 
     tiny = commands.add_parser("make-tiny", help="write a tiny random model of a real architecture (offline)")
     tiny.add_argument("out_dir", type=Path)
-    tiny.add_argument("--arch", default="llava", help="llava | qwen2_vl | idefics3")
+    tiny.add_argument("--arch", default="llava", help="a transformers model_type: llava, qwen2_vl, qwen2_5_vl, qwen3_vl, "
+                      "llava_onevision, idefics3, smolvlm, internvl, gemma3, florence2")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny)
 
@@ -162,6 +170,7 @@ def _caption(args: argparse.Namespace) -> int:
 
     defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "prep_processes": args.prep_processes, "max_pixels": args.max_pixels,
+                "trust_remote_code": args.trust_remote_code,
                 **(getattr(args, "model_defaults", None) or {})}
     if args.job is not None:
         if args.models:

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from vlmux.quantization import METHODS
+
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # How captions are decoded: auto (dynamic, except caption jobs long enough to pay for a compile on a GPU:
@@ -28,8 +30,13 @@ class ModelSpec:
     # Processes that decode and preprocess caption batches beside the worker; None: on a GPU the host's cores less
     # two (at most 12), on the CPU none. 0 keeps it all in the worker's threads.
     prep_processes: int | None = None
+    # Quantise a 16-bit checkpoint on load: a key of vlmux.quantization.METHODS (4bit, 8bit, fp8, torchao-int4, ...).
+    # A pre-quantised checkpoint (quantization_config in its config.json) needs none.
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
+        if self.quantize is not None and self.quantize not in METHODS:
+            raise ValueError(f"unknown quantisation {self.quantize!r}; choose one of {', '.join(METHODS)}")
         if self.decode not in DECODE_MODES:
             raise ValueError(f"unknown decode mode {self.decode!r}; choose one of {', '.join(DECODE_MODES)}")
         if self.dtype not in DTYPES:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmux.checkpoint import read_index
+from vlmux.quantization import METHODS, weight_bytes
 
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, as measured (docs/BENCHMARKS.md)
@@ -43,10 +44,12 @@ def count_parameters(model_dir: Path) -> tuple[int, int]:
     return sum(e.numel for e in entries), sum(e.end - e.start for e in entries)
 
 
-def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, on_gpu: bool = True) -> Estimate:
-    parameters, stored = count_parameters(model_dir)
+def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, on_gpu: bool = True,
+             quantize: str | None = None) -> Estimate:
+    """quantize: a `--quantize` method (vlmux.quantization.METHODS) applied on load; a pre-quantised checkpoint's
+    packed weights count as stored without it."""
     element = TARGET_BYTES.get(dtype, 2)
-    weights = parameters * element if parameters else stored
+    weights = weight_bytes(read_index(model_dir), element, METHODS[quantize] if quantize else None)
     config = read_json(Path(model_dir) / "config.json")
     kv_cache, activations = image_bytes(config, image_budget(model_dir, config), max_new_tokens, element)
     return Estimate(weights, kv_cache * batch_size, activations * batch_size, CONTEXT_BYTES if on_gpu else 0)
@@ -56,17 +59,18 @@ def image_bytes(config: dict, budget: ImageBudget, max_new_tokens: int, element:
     """(KV cache, activations) one more image in a batch costs. Activations: the prefill's hidden- and MLP-sized
     tensors per token, and the vision encoder's per position (its rotary and attention scratch in float32)."""
     text = text_config(config)
-    layers = text.get("num_hidden_layers", 0)
-    hidden = text.get("hidden_size", 0)
-    heads = text.get("num_attention_heads", 1) or 1
+    # BART-style names (Florence-2's decoder) where the Llama-style ones are missing.
+    layers = text.get("num_hidden_layers") or text.get("decoder_layers", 0)
+    hidden = text.get("hidden_size") or text.get("d_model", 0)
+    heads = text.get("num_attention_heads") or text.get("decoder_attention_heads") or 1
     kv_heads = text.get("num_key_value_heads", heads) or heads
     head_dim = text.get("head_dim") or hidden // heads
     prompt = budget.tokens + PROMPT_TOKENS
     kv_cache = 2 * layers * kv_heads * head_dim * (prompt + max_new_tokens) * element
-    intermediate = text.get("intermediate_size", 4 * hidden)
+    intermediate = text.get("intermediate_size") or text.get("decoder_ffn_dim") or 4 * hidden
     prefill = prompt * (4 * hidden + 3 * intermediate) * element
     vision = config.get("vision_config") or {}
-    embed = vision.get("embed_dim") or vision.get("hidden_size", 0)
+    embed = _last(vision.get("embed_dim") or vision.get("hidden_size", 0))  # DaViT (Florence-2): per stage
     mlp = vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4))
     encoder = budget.patches * (6 * embed + 2 * mlp) * 4
     return kv_cache, prefill + encoder
@@ -86,7 +90,16 @@ def image_budget(model_dir: Path, config: dict | None = None) -> ImageBudget:
         if 0 < tokens <= 4 * IMAGE_TOKENS:
             return ImageBudget(tokens, patches)
         return ImageBudget(IMAGE_TOKENS, IMAGE_TOKENS * images["merge_size"] ** 2)
-    side = (vision.get("image_size") or 0) // (vision.get("patch_size") or 1)
+    side = _first(vision.get("image_size") or 0) // _first(vision.get("patch_size") or 1)
+    per_image = config.get("image_seq_length") or config.get("mm_tokens_per_image") or images.get("image_seq_length")
+    if per_image:  # InternVL (tiles of image_seq_length tokens, and a thumbnail), Gemma 3 (a fixed count)
+        tiles = images.get("max_patches", 0) + 1 if images.get("crop_to_patches") else 1
+        return ImageBudget(per_image * tiles, (side * side or per_image) * tiles)
+    pinpoints = config.get("image_grid_pinpoints")
+    if pinpoints and side:  # LLaVA-OneVision / -NeXT: the largest grid of tiles, and the whole picture as one more
+        tile = _first(vision.get("image_size"))
+        tiles = max(h * w for h, w in pinpoints) // tile**2 + 1
+        return ImageBudget(side * side * tiles, side * side * tiles)
     if "image_seq_len" in processor:  # Idefics3: up to a grid of tiles plus the whole image, each image_seq_len tokens
         longest = (images.get("size") or {}).get("longest_edge", 0)
         tile = (images.get("max_image_size") or {}).get("longest_edge") or longest or 1
@@ -95,6 +108,15 @@ def image_budget(model_dir: Path, config: dict | None = None) -> ImageBudget:
     if side:  # one fixed-size image (LLaVA with CLIP): a token per patch and the class token
         return ImageBudget(side * side + 1, side * side + 1)
     return ImageBudget(IMAGE_TOKENS, IMAGE_TOKENS)
+
+
+def _first(value: int | list[int]) -> int:
+    """A size given as one number, or as [height, width] (InternVL's vision config)."""
+    return value[0] if isinstance(value, (list, tuple)) else value
+
+
+def _last(value: int | list[int]) -> int:
+    return value[-1] if isinstance(value, (list, tuple)) else value
 
 
 def text_config(config: dict) -> dict:

@@ -17,11 +17,13 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
+from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
 from vlmux.backends.fast import (
     FastConfig, compile_vision_blocks, fitting_batch, generate_options, pad_rows, prepare_compile, to_device,
 )
 from vlmux.backends.loader import Unsupported, empty_model, release_staging, stream_weights
 from vlmux.backends.pinned import unpin_all
+from vlmux.backends.quantize import quantization_options
 from vlmux.backends.streaming import RowPieces, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
@@ -75,16 +77,16 @@ def load_processor(path: str | Path, trust_remote_code: bool):
     return processor
 
 
-def caption_text(processor, prompt: str) -> str:
-    """One image and the prompt as a user turn, through the model's chat template."""
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+def caption_text(processor, prompt: str, form: PromptForm = CHAT_TEMPLATE) -> str:
+    """One image and the prompt in the family's form: a user turn through the chat template for most."""
+    return form.text(processor, prompt)
 
 
-def host_inputs(processor, images: list[Image.Image], prompts: list[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def host_inputs(processor, images: list[Image.Image], prompts: list[str], dtype: torch.dtype,
+                form: PromptForm = CHAT_TEMPLATE) -> dict[str, torch.Tensor]:
     """What `prepare` makes on the host, as plain tensors in the model's dtype (floating ones): what a preparing
     process sends to the worker."""
-    texts = [caption_text(processor, prompt) for prompt in prompts]
+    texts = [caption_text(processor, prompt, form) for prompt in prompts]
     inputs = processor(text=texts, images=[[image] for image in images], padding=True, return_tensors="pt")
     return dict(inputs.to(dtype=dtype))
 
@@ -123,6 +125,7 @@ class TransformersBackend:
         context = _start_cuda(self.device)  # driver work, overlapped with reading the processor
         self.processor = load_processor(path, spec.trust_remote_code)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.form = prompt_form(path)
         self.timings["processor"] = time.perf_counter() - start
         if context is not None:
             context.join()
@@ -130,13 +133,16 @@ class TransformersBackend:
         try:
             if spec.max_memory:
                 raise Unsupported(f"split across {len(spec.max_memory)} GPUs by device_map")
+            if spec.quantize:
+                raise Unsupported(f"quantised on load ({spec.quantize})")
             self.model = self._stream(Path(path), spec, shallow)
             self.loader = "stream"
         except Unsupported as e:
             if shallow:
                 raise
+            quantization = quantization_options(spec.quantize, path, self.torch_dtype)  # names a missing package
             self.model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **common
+                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **quantization, **common
             ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
@@ -180,13 +186,13 @@ class TransformersBackend:
         if pad_to and self.fast.pads_batches and rows < pad_to:
             images, prompts = pad_rows(images, pad_to), pad_rows(prompts, pad_to)
         if self.preprocess_on_device:
-            texts = [caption_text(self.processor, prompt) for prompt in prompts]
+            texts = [caption_text(self.processor, prompt, self.form) for prompt in prompts]
             try:
                 return self._prepare_on_device(texts, images, rows)
             except TypeError:  # a processor without the device option: the host does it from now on. A bad
                 self.preprocess_on_device = False  # image raises ValueError, which must not turn this off for good.
         # The same inputs a preparing process makes (worker/prep.py), here pinned for the copy to the device.
-        inputs = BatchFeature(host_inputs(self.processor, images, prompts, self.torch_dtype))
+        inputs = BatchFeature(host_inputs(self.processor, images, prompts, self.torch_dtype, self.form))
         return Prepared(to_device(inputs, self.device, self.torch_dtype), rows)
 
     def from_host(self, inputs: dict[str, torch.Tensor], rows: int) -> Prepared:
@@ -253,7 +259,7 @@ class TransformersBackend:
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
              on_text: Callable[[str], None] | None = None) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        text = self.form.chat_text(self.processor, messages)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
         streamer = None if on_text is None else TextPieces(self.tokenizer, on_text)
@@ -265,7 +271,7 @@ class TransformersBackend:
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
                    on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
         """Conversations answered in one batch, left-padded like caption batches; every one has images, or none."""
-        texts = [self.processor.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m, _ in conversations]
+        texts = [self.form.chat_text(self.processor, messages) for messages, _ in conversations]
         images = [pictures for _, pictures in conversations]
         inputs = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
@@ -308,7 +314,7 @@ class TransformersBackend:
             del inputs  # free the batch before the caller retries a smaller one
             torch.cuda.empty_cache()
             raise OutOfMemory(str(e).splitlines()[0]) from None
-        new_tokens = output[:rows, prompt_length:]  # the padding rows are dropped here
+        new_tokens = self.form.answer(output, prompt_length)[:rows]  # the padding rows are dropped here
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return new_tokens
 

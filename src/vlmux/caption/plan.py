@@ -14,7 +14,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - Python 3.10
     import tomli as tomllib
 
-PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype", "decode")
+PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype", "decode", "quantize")
 # Decode auto becomes "compiled" on a GPU from this many images per model: enough to win back even a cold compile.
 COMPILE_MIN_IMAGES = 5000
 
@@ -58,7 +58,7 @@ def plans_from_file(path: Path, overrides: dict, device: str) -> list[ModelPlan]
 
 def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
     unknown = set(options) - {"model", "prompt_file", *PER_MODEL, "sample", "temperature", "top_p", "seed", "prep_processes",
-                              "max_pixels"}
+                              "max_pixels", "trust_remote_code"}
     if unknown:
         raise UsageError(f"unknown model options {sorted(unknown)}; known: model, prompt_file, {', '.join(PER_MODEL)}")
     prompt = options.get("prompt")
@@ -76,7 +76,8 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
         generation = replace(generation, prompt=prompt)
     try:
         spec = ModelSpec(str(options["model"]), device, options.get("dtype") or "auto", decode=options.get("decode") or "auto",
-                         prep_processes=options.get("prep_processes"))
+                         prep_processes=options.get("prep_processes"), quantize=options.get("quantize"),
+                         trust_remote_code=bool(options.get("trust_remote_code")))
     except ValueError as e:
         raise UsageError(str(e)) from None
     return ModelPlan(spec, generation, batch_size(options.get("batch_size", "auto")))

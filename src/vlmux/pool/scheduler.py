@@ -86,8 +86,8 @@ class Scheduler:
     def needs(self, spec: ModelSpec, path: Path, tokens: int, on_gpu: bool) -> Needs:
         """What the model takes with its smallest and its largest batch (both the fixed max_batch_size if set)."""
         fixed = self.config.max_batch_size
-        return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu),
-                     estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu))
+        return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu, spec.quantize),
+                     estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu, spec.quantize))
 
     def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None,
                 needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:

@@ -200,16 +200,19 @@ def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, t
 
 _source: Source | None = None
 _processor = None
+_form = None  # the family's PromptForm
 
 
 def _child_init(worker_pid: int, source: Source) -> None:
     import torch
 
+    from vlmux.backends.families import prompt_form
     from vlmux.backends.transformers import load_processor
     from vlmux.worker.orphan import exit_when_orphaned
 
-    global _source, _processor
+    global _source, _processor, _form
     _source = source
+    _form = prompt_form(source.path)
     _processor = load_processor(source.path, source.trust_remote_code)
     torch.set_num_threads(1)  # one core each: the processes are the parallelism
     exit_when_orphaned(worker_pid)  # their parent is their own fork server, not the worker
@@ -234,14 +237,14 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
             bad[position] = str(e)
     def inputs() -> dict[str, torch.Tensor] | None:
         pairs = list(read.values())
-        return host_inputs(_processor, [i for i, _ in pairs], [p for _, p in pairs], dtype) if pairs else None
+        return host_inputs(_processor, [i for i, _ in pairs], [p for _, p in pairs], dtype, _form) if pairs else None
 
     try:
         return Part(bad, inputs())
     except Exception:  # noqa: BLE001 - an image the processor rejects (too small, say): find it, keep the others
         for position, (image, prompt) in list(read.items()):
             try:
-                host_inputs(_processor, [image], [prompt], dtype)
+                host_inputs(_processor, [image], [prompt], dtype, _form)
             except Exception as e:  # noqa: BLE001 - named in the image's result
                 bad[position] = f"the processor rejected it: {type(e).__name__}: {e}"
                 del read[position]

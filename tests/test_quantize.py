@@ -1,0 +1,132 @@
+"""Quantisation: the estimate's bytes per weight, `quantize=` through the real load path on the CPU where the package
+runs there, and the error that names the missing package and its extra."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from vlmux import ModelLoadError, pipeline
+from vlmux.config import ModelSpec
+from vlmux.estimate import estimate
+from vlmux.quantization import METHODS, QuantizationUnavailable, kept_in_16bit, require_method
+from vlmux.testing.processes import process_gone
+
+MLP = "model.language_model.layers.0.mlp.up_proj.weight"
+KEPT = ["lm_head.weight", "model.language_model.embed_tokens.weight", "model.visual.blocks.0.attn.qkv.weight"]
+
+
+@pytest.fixture()
+def shaped(tmp_path):
+    """A checkpoint of four 256x128 bf16 weights (one quantisable) and a norm, with a Qwen2-VL-like config."""
+    tensors = {name: torch.zeros(256, 128, dtype=torch.bfloat16) for name in [MLP, *KEPT]}
+    tensors["model.language_model.norm.weight"] = torch.zeros(128, dtype=torch.bfloat16)
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2_vl", "text_config": {"hidden_size": 128}}')
+    return tmp_path
+
+
+def test_weights_in_16_bits_without_quantisation(shaped):
+    assert estimate(shaped, "bfloat16", 1, 8).weights == 4 * 256 * 128 * 2 + 128 * 2
+    assert estimate(shaped, "float32", 1, 8).weights == 4 * 256 * 128 * 4 + 128 * 4
+
+
+@pytest.mark.parametrize("method, quantised", [
+    ("4bit", 256 * 128 // 2 + 256 * 128 // 64 * 4),  # NF4 and a float32 absmax per 64
+    ("8bit", 256 * 128 + 256 * 4),  # int8 and a float32 scale per row
+    ("fp8", 256 * 128 + 2 * 4),  # fp8 and a float32 scale per 128x128 block
+    ("torchao-int4", 256 * 128 // 2 + 256 * 128 // 128 * 4),  # bf16 scale and zero point per 128
+    ("torchao-int8", 256 * 128 + 256 * 2),
+])
+def test_quantise_on_load_counts_bits_scales_and_the_layers_kept_in_16_bits(shaped, method, quantised):
+    kept = 3 * 256 * 128 * 2 + 128 * 2
+    assert estimate(shaped, "bfloat16", 1, 8, quantize=method).weights == quantised + kept
+    assert not kept_in_16bit(MLP) and all(kept_in_16bit(name) for name in KEPT)
+
+
+def test_a_prequantised_checkpoint_counts_its_packed_tensors_as_stored(tmp_path):
+    # AWQ's layout: int32 words of eight 4-bit weights, int32 packed zero points, fp16 scales per group of 128.
+    tensors = {
+        "model.layers.0.mlp.up_proj.qweight": torch.zeros(128, 256 // 8, dtype=torch.int32),
+        "model.layers.0.mlp.up_proj.qzeros": torch.zeros(1, 256 // 8, dtype=torch.int32),
+        "model.layers.0.mlp.up_proj.scales": torch.zeros(1, 256, dtype=torch.float16),
+        "lm_head.weight": torch.zeros(256, 128, dtype=torch.float16),
+    }
+    save_file(tensors, tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_text('{"quantization_config": {"quant_method": "awq", "bits": 4}}')
+    packed = 128 * 32 * 4 + 32 * 4
+    assert estimate(tmp_path, "bfloat16", 1, 8).weights == packed + 256 * 2 + 256 * 128 * 2
+
+
+def test_unknown_quantisation_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="torchao-int4"):
+        ModelSpec("m", quantize="3bit")
+
+
+def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(family_models):
+    pytest.importorskip("torchao")
+    from vlmux.backends.transformers import TransformersBackend
+
+    path = family_models["qwen2_vl"]
+    backend = TransformersBackend(ModelSpec(str(path), device="cpu", quantize="torchao-int8"), str(path))
+    try:
+        assert backend.loader.startswith("from_pretrained (quantised on load")
+        model = backend.model
+        assert "AffineQuantized" in type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__ or \
+            "Int8" in type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__
+        assert type(model.model.visual.blocks[0].attn.qkv.weight) is torch.nn.Parameter
+        assert type(model.lm_head.weight) is torch.nn.Parameter
+        captions = backend.caption([_picture()], ["Describe the image."], _gen())
+        assert len(captions) == 1 and captions[0]
+    finally:
+        backend.close()
+
+
+def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(family_models):
+    pytest.importorskip("bitsandbytes")
+    with pipeline(str(family_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
+                  ignore_eos=True) as pipe:
+        pid = pipe.status[0].pid
+        captions = pipe([_picture(), _picture((40, 80, 220))])
+        assert len(captions) == 2 and all(captions)
+    assert process_gone(pid)
+
+
+HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # import fails, find_spec says absent\n"
+
+
+def test_a_missing_package_names_itself_and_the_extra(family_models, tmp_path):
+    (tmp_path / "sitecustomize.py").write_text(HIDE.format(names=["bitsandbytes", "torchao"]))
+    code = textwrap.dedent(f"""
+        import vlmux
+        try:
+            vlmux.pipeline({str(family_models["llava"])!r}, device="cpu", quantize="8bit")
+        except vlmux.ModelLoadError as e:
+            print("ERROR", e)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "ERROR" in run.stdout and "pip install 'vlmux[bnb]'" in run.stdout and "bitsandbytes" in run.stdout
+
+
+def test_require_method_names_the_extra_in_this_process(monkeypatch):
+    monkeypatch.setitem(sys.modules, "torchao", None)
+    with pytest.raises(QuantizationUnavailable, match=r"pip install 'vlmux\[torchao\]'"):
+        require_method("torchao-int4")
+    assert require_method("fp8") is METHODS["fp8"]  # transformers' own: nothing to install
+
+
+def _picture(color=(220, 40, 40)):
+    from PIL import Image
+
+    return Image.new("RGB", (64, 48), color)
+
+
+def _gen():
+    from vlmux.config import GenerationSpec
+
+    return GenerationSpec(max_new_tokens=4, ignore_eos=True)
