@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     tiny = commands.add_parser("make-tiny", help="write a tiny random model of a real architecture (offline)")
     tiny.add_argument("out_dir", type=Path)
     tiny.add_argument("--arch", default="llava", help="a transformers model_type: llava, qwen2_vl, qwen2_5_vl, qwen3_vl, "
-                      "llava_onevision, idefics3, smolvlm, internvl, gemma3, florence2")
+                      "llava_onevision, idefics3, smolvlm, internvl, gemma3, florence2; internvl_chat: "
+                      "InternVL2's remote-code shape, loaded with --trust-remote-code")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.set_defaults(run=_make_tiny)
 

@@ -27,6 +27,8 @@ class Backend(Protocol):
     """Where the load's time went, for Loaded.timings."""
     generated_tokens: int
     """New tokens generated since the load, a running total for tokens/s."""
+    prepares_apart: bool
+    """Whether preparing processes (worker/prep.py: the processor in other processes) can make its caption batches."""
 
     @property
     def pad_token_id(self) -> int:

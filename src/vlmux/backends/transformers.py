@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import threading
 import time
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from vlmux.backends.fast import (
 )
 from vlmux.backends.loader import Unsupported, empty_model, release_staging, stream_weights
 from vlmux.backends.pinned import unpin_all
+from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
 from vlmux.backends.quantize import quantization_options
 from vlmux.backends.streaming import RowPieces, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
@@ -105,7 +105,9 @@ def attention_kernels(rows: int, device: str) -> contextlib.AbstractContextManag
     return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
 
 
-class TransformersBackend:
+class TransformersBackend(Resident):
+    prepares_apart = True  # worker/prep.py runs the same processor and `host_inputs`
+
     def __init__(self, spec: ModelSpec, path: str, shallow: bool = False) -> None:
         """shallow: a one-layer copy with uninitialised weights, only to run the model's code once (`warm_up`)."""
         self.device = resolve_device(spec.device)
@@ -242,11 +244,8 @@ class TransformersBackend:
         """The most images a batch of `max_new_tokens` fits in the budget and free device memory; None on the CPU."""
         if not self.device.startswith("cuda"):
             return None
-        free, _ = torch.cuda.mem_get_info(self.device)
-        # The allocator's cached blocks from earlier batches count as used on the device, yet this worker reuses them.
-        free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
         kv_cache, activations = image_bytes(self._config, self._image_budget, max_new_tokens, self.torch_dtype.itemsize)
-        return fitting_batch(kv_cache + activations, free, memory_budget)
+        return fitting_batch(kv_cache + activations, free_for_batches(self.device), memory_budget)
 
     @property
     def pad_token_id(self) -> int:
@@ -323,38 +322,11 @@ class TransformersBackend:
             self._unpin_after_answer = False
             unpin_all()
 
-    def sleep(self) -> None:
-        if self._host_state is not None or not self.device.startswith("cuda"):
-            return
-        self._host_state = {}
-        for name, tensor in self._tensors():
-            host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
-            host.copy_(tensor.data, non_blocking=True)
-            self._host_state[name] = host
-        torch.cuda.synchronize()
-        for _, tensor in self._tensors():
-            tensor.data = torch.empty(0, dtype=tensor.dtype, device=self.device)
-        torch.cuda.empty_cache()
-
-    def wake(self) -> None:
-        if self._host_state is None:
-            return
-        for name, tensor in self._tensors():
-            tensor.data = self._host_state[name].to(self.device, non_blocking=True)
-        torch.cuda.synchronize()
-        self._host_state = None
-
-    def _tensors(self) -> list[tuple[str, torch.Tensor]]:
-        # named_* drop duplicates, so a tied embedding moves once and stays tied.
-        return [*self.model.named_parameters(), *self.model.named_buffers()]
-
     def close(self) -> None:
         self.model = None
         self.processor = None
         self._host_state = None
-        gc.collect()
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.empty_cache()
+        drop_cached_memory()
 
 
 def device_map_options(spec: ModelSpec, device: str) -> dict:

@@ -16,10 +16,11 @@ from transformers import AutoModelForImageTextToText
 
 from vlmux.tiny import florence, gemma, idefics, internvl, llava, qwen
 from vlmux.tiny.pictures import draw_sample_images
+from vlmux.tiny.remote import build_remote_tiny
 from vlmux.tiny.qwen import QWEN2_VL_SPECIALS, qwen2_vl_parts
 from vlmux.tiny.text import VISION, Parts, TextDims, VisionDims
 
-__all__ = ["ARCHITECTURES", "FAMILIES", "QWEN2_VL_SPECIALS", "TextDims", "VisionDims", "build_tiny",
+__all__ = ["ARCHITECTURES", "FAMILIES", "REMOTE_FAMILIES", "QWEN2_VL_SPECIALS", "TextDims", "VisionDims", "build_tiny",
            "draw_sample_images", "qwen2_vl_parts"]
 
 
@@ -43,15 +44,19 @@ _BUILDERS: dict[str, Family] = {
 # The first three are what the wider test suite (loader, pool, prep) runs on; FAMILIES are all of them.
 ARCHITECTURES: tuple[str, ...] = ("llava", "qwen2_vl", "idefics3")
 FAMILIES: tuple[str, ...] = tuple(_BUILDERS)
+# Models that ship their own code and load only with trust_remote_code (tiny/remote.py).
+REMOTE_FAMILIES: tuple[str, ...] = ("internvl_chat",)
 
 
 def build_tiny(out_dir: str | Path, arch: str = "llava", seed: int = 0) -> Path:
-    """Write a tiny model of `arch` (one of FAMILIES) to out_dir and return the path.
+    """Write a tiny model of `arch` (one of FAMILIES or REMOTE_FAMILIES) to out_dir and return the path.
 
     Same seed, same bytes. Raises ValueError for an unknown arch.
     """
+    if arch in REMOTE_FAMILIES:
+        return build_remote_tiny(out_dir, seed)
     if arch not in _BUILDERS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(FAMILIES + REMOTE_FAMILIES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     family = _BUILDERS[arch]

@@ -84,10 +84,10 @@ class Handler:
 
     def _load(self, request: Load, start: float) -> Reply:
         os.environ.update(request.env)
-        from vlmux.backends.transformers import TransformersBackend  # the heavy import happens here, not in the parent
+        from vlmux.backends.choice import backend_for  # the heavy import happens here, not in the parent
 
         try:
-            self.backend = TransformersBackend(request.spec, request.path)
+            self.backend = backend_for(request.spec, request.path)
         except Exception as e:  # noqa: BLE001 - any load failure goes back to the caller as a message
             return Failed("load", f"{type(e).__name__}: {e}")
         self._load_request = request
@@ -148,7 +148,7 @@ class Handler:
                         tokens, self._prepared_apart, input_wait)
 
     def _start_prep(self) -> None:
-        if self._prep is not None or self._load_request is None:
+        if self._prep is not None or self._load_request is None or not self.backend.prepares_apart:
             return
         spec, path = self._load_request.spec, self._load_request.path
         processes = prep.auto_processes(self.backend.device) if spec.prep_processes is None else spec.prep_processes
