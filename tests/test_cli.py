@@ -156,3 +156,16 @@ def test_demo_runs_two_models_and_reports_release(tmp_path):
     assert len(models) == 2
     assert all(row["caption"] for row in rows)
     assert run.stdout.count("released") + run.stdout.count("release verified") == 2
+
+
+def test_a_truncated_checkpoint_is_named_with_what_to_do_and_no_traceback(tiny_qwen, image_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_qwen, broken)
+    weights = sorted(broken.glob("*.safetensors"))[0]
+    weights.write_bytes(weights.read_bytes()[:5])
+    run = vlmux("caption", str(image_dir), "-m", str(broken), "-o", str(tmp_path / "out.jsonl"), "--device", "cpu",
+                "--no-progress")
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert f"{weights} is not a readable safetensors file" in run.stderr and "download or copy it again" in run.stderr

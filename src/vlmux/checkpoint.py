@@ -29,17 +29,30 @@ class TensorEntry:
         return count
 
 
+class CorruptCheckpoint(ValueError):
+    """A *.safetensors file whose header cannot be read: truncated, or not safetensors at all."""
+
+
 def read_index(model_dir: Path) -> dict[str, TensorEntry]:
-    """Every tensor of every *.safetensors file in the folder, by name."""
+    """Every tensor of every *.safetensors file in the folder, by name; CorruptCheckpoint names a file that is not
+    safetensors."""
     index: dict[str, TensorEntry] = {}
     for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with open(file, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
+        size = file.stat().st_size
+        try:
+            with open(file, "rb") as f:
+                if size < 8:
+                    raise ValueError(f"{size} bytes, too few for a header")
+                (length,) = struct.unpack("<Q", f.read(8))
+                if not 2 <= length <= size - 8:
+                    raise ValueError(f"a header of {length} bytes in a file of {size}")
+                header = json.loads(f.read(length))
+            entries = [(name, entry["dtype"], tuple(entry["shape"]), *entry["data_offsets"])
+                       for name, entry in header.items() if name != "__metadata__"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptCheckpoint(f"{file} is not a readable safetensors file ({e}); it may be "
+                                    "truncated: download or copy it again") from None
         data_start = 8 + length
-        for name, entry in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = entry["data_offsets"]
-            index[name] = TensorEntry(file, entry["dtype"], tuple(entry["shape"]), data_start + begin, data_start + end)
+        for name, dtype, shape, begin, end in entries:
+            index[name] = TensorEntry(file, dtype, shape, data_start + begin, data_start + end)
     return index
