@@ -18,7 +18,7 @@ import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmux.config import MAX_PIXELS
@@ -49,6 +49,7 @@ class Source:
 class Part:
     bad: dict[int, str]  # position in the part -> why it could not be read
     inputs: dict[str, torch.Tensor] | None  # None when no image of the part could be read
+    notes: dict[int, str] = field(default_factory=dict)  # position -> what decoding changed (images.NOTE)
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,7 @@ class Prepped:
     good: list[int]  # positions in the chunk that were read, in the order of the inputs' rows
     bad: dict[int, str]
     inputs: dict[str, torch.Tensor] | None
+    notes: dict[int, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -127,15 +129,16 @@ class PrepPool:
         size = math.ceil(len(items) / self.processes)
         starts = range(0, len(items), size)
         parts = [self._submit(items[s : s + size], prompts[s : s + size], max_pixels) for s in starts]
-        good, bad, inputs = [], {}, []
+        good, bad, inputs, notes = [], {}, [], {}
         for start, future in zip(starts, parts):
             part = self._result(future)
             bad.update({start + position: reason for position, reason in part.bad.items()})
+            notes.update({start + position: note for position, note in part.notes.items()})
             good.extend(start + p for p in range(min(size, len(items) - start)) if p not in part.bad)
             if part.inputs is not None:
                 inputs.append(part.inputs)
         if not good:
-            return Prepped([], bad, None)
+            return Prepped([], bad, None, notes)
         last, missing = good[-1], max(0, (pad_to or 0) - len(good))  # the compiled batch shape: repeat the last
         if missing:
             inputs.append(self._result(self._submit([items[last]] * missing, [prompts[last]] * missing, max_pixels)).inputs)
@@ -144,7 +147,7 @@ class PrepPool:
         except NotJoinable:  # one process does the whole chunk: the processor pads the parts itself
             chosen = good + [last] * missing
             joined = self._result(self._submit([items[i] for i in chosen], [prompts[i] for i in chosen], max_pixels)).inputs
-        return Prepped(good, bad, joined)
+        return Prepped(good, bad, joined, notes)
 
     def _submit(self, items: list, prompts: list[str], max_pixels: int | None) -> Future:
         try:
@@ -226,7 +229,7 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
     import torch
 
     from vlmux.backends.transformers import host_inputs
-    from vlmux.images import ImageError, load_image
+    from vlmux.images import NOTE, ImageError, load_image
 
     dtype = getattr(torch, _source.dtype)
     read, bad = {}, {}
@@ -235,12 +238,15 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
             read[position] = (load_image(item, max_pixels=max_pixels), prompt)
         except ImageError as e:
             bad[position] = str(e)
+    def notes() -> dict[int, str]:
+        return {position: image.info[NOTE] for position, (image, _) in read.items() if NOTE in image.info}
+
     def inputs() -> dict[str, torch.Tensor] | None:
         pairs = list(read.values())
         return host_inputs(_processor, [i for i, _ in pairs], [p for _, p in pairs], dtype, _form) if pairs else None
 
     try:
-        return Part(bad, inputs())
+        return Part(bad, inputs(), notes())
     except Exception:  # noqa: BLE001 - an image the processor rejects (too small, say): find it, keep the others
         for position, (image, prompt) in list(read.items()):
             try:
@@ -248,4 +254,4 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
             except Exception as e:  # noqa: BLE001 - named in the image's result
                 bad[position] = f"the processor rejected it: {type(e).__name__}: {e}"
                 del read[position]
-        return Part(bad, inputs())
+        return Part(bad, inputs(), notes())
