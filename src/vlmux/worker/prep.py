@@ -11,12 +11,15 @@ after the worker is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     import torch
 
 PRELOAD = ["vlmux.worker.prep_server", "vlmux.worker.prep", "vlmux.backends.transformers", "vlmux.images"]
+# A part takes seconds; one not back in this long is from a process that hangs (stopped, deadlocked): the worker
+# then kills the processes and prepares its chunks itself, where waiting would hang the request past any heartbeat.
+PART_TIMEOUT = 60.0
 MIN_IMAGES = 16  # smaller requests (a first answer, a chat) are prepared in the worker: no round trip
 MAX_PROCESSES = 12
 # Tensors along the token sequence (rows x tokens): parts are left-padded to the longest before joining.
@@ -89,6 +95,7 @@ class PrepPool:
         self._ready = threading.Event()
         self._lock = threading.Lock()  # a close() while the processes start must not miss the executor
         self.failed: str | None = None
+        self._pidfds: list[int] = []  # the processes, by pidfd: a signal never reaches a reused pid
         threading.Thread(target=self._start, name="vlmux-prep-start", daemon=True).start()
 
     @property
@@ -108,8 +115,7 @@ class PrepPool:
                                                      initargs=(os.getpid(), self.source))
                 # One task per process makes the executor start them all now, not one by one as work arrives.
                 pings = [self._executor.submit(_ping) for _ in range(self.processes)]
-            for future in pings:
-                future.result()
+            self._pidfds = [os.pidfd_open(future.result()) for future in pings]
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
             if self.failed is None:
                 self.failed = f"{type(e).__name__}: {e}"
@@ -159,7 +165,10 @@ class PrepPool:
         """A part's result. Bad images come back as `Part.bad`; anything raised is the processes' own failure (one
         died, shared memory ran out): the worker then prepares every chunk itself."""
         try:
-            return future.result()
+            return future.result(timeout=PART_TIMEOUT)
+        except FutureTimeout as e:
+            self._kill()
+            raise self._failure(RuntimeError(f"a part took over {PART_TIMEOUT:g} s: {e}")) from None
         except Exception as e:  # noqa: BLE001 - reported once, then the worker's own threads take over
             raise self._failure(e) from None
 
@@ -176,6 +185,15 @@ class PrepPool:
             executor = self._executor
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        self._kill()  # a stopped process never reads the executor's exit request
+        for pidfd in self._pidfds:
+            os.close(pidfd)
+        self._pidfds = []
+
+    def _kill(self) -> None:
+        for pidfd in self._pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
