@@ -33,6 +33,7 @@ def main() -> None:
     parser.add_argument("--cycles", type=int, default=200, help="load/unload cycles of each of the two models")
     parser.add_argument("--tiny", action="store_true", help="two tiny models on the CPU")
     parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"), help="holds qwen2-vl-2b and -7b")
+    parser.add_argument("--minutes", type=float, help="stop after the cycle that passes this (a device call's limit)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
@@ -41,13 +42,13 @@ def main() -> None:
             device = "cpu"
         else:
             paths, device = [args.models / "qwen2-vl-2b", args.models / "qwen2-vl-7b"], "cuda"
-        data = soak(paths, device, args.cycles)
+        data = soak(paths, device, args.cycles, args.minutes)
     path = write_result("soak", {"environment": environment(), **data}, args.out)
     print(json.dumps({k: v for k, v in data.items() if k != "releases"}, indent=1))
     print(f"written to {path}")
 
 
-def soak(paths: list[Path], device: str, cycles: int) -> dict:
+def soak(paths: list[Path], device: str, cycles: int, minutes: float | None = None) -> dict:
     image = Image.new("RGB", (64, 48), "orange")
     releases, samples, pids = [], [], set()
     started = time.perf_counter()
@@ -63,11 +64,14 @@ def soak(paths: list[Path], device: str, cycles: int) -> dict:
                 releases.append({"cycle": cycle, "model": path.name, "verified": release.verified,
                                  "process_gone": release.process_gone, "residue_mib": release.residue_mib,
                                  "seconds": round(release.seconds, 3)})
-            if cycle == 1 or cycle % 50 == 0 or cycle == cycles:  # cycle 1: once lazily started threads exist
+            over = minutes is not None and time.perf_counter() - started > minutes * 60
+            if cycle == 1 or cycle % 50 == 0 or cycle == cycles or over:  # cycle 1: once lazy threads exist
                 samples.append({"cycle": cycle, **host_figures()})
                 print(f"cycle {cycle}: {samples[-1]}", file=sys.stderr, flush=True)
+            if over:
+                break
     residues = [r["residue_mib"] for r in releases if r["residue_mib"] is not None]
-    return {"cycles": cycles, "models": [p.name for p in paths], "device": device,
+    return {"cycles": samples[-1]["cycle"], "models": [p.name for p in paths], "device": device,
             "wall_s": time.perf_counter() - started, "unloads": len(releases),
             "unverified": sum(1 for r in releases if r["verified"] is False),
             "max_residue_mib": max(residues) if residues else None,

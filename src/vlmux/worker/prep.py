@@ -225,11 +225,13 @@ _form = None  # the family's PromptForm
 
 
 def _child_init(worker_pid: int, source: Source) -> None:
+    from vlmux.worker.orphan import exit_when_orphaned, killed_with_parent
+
+    killed_with_parent()  # first: the fork server exits with the worker, and then even a stopped process goes
     import torch
 
     from vlmux.backends.families import prompt_form
     from vlmux.backends.transformers import load_processor
-    from vlmux.worker.orphan import exit_when_orphaned
 
     global _source, _processor, _form
     _source = source
