@@ -115,7 +115,7 @@ class PrepPool:
                                                      initargs=(os.getpid(), self.source))
                 # One task per process makes the executor start them all now, not one by one as work arrives.
                 pings = [self._executor.submit(_ping) for _ in range(self.processes)]
-            self._pidfds = [os.pidfd_open(future.result()) for future in pings]
+            self._pidfds = [fd for pid in dict.fromkeys(f.result() for f in pings) if (fd := _pidfd(pid)) is not None]
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
             if self.failed is None:
                 self.failed = f"{type(e).__name__}: {e}"
@@ -239,6 +239,15 @@ def _child_init(worker_pid: int, source: Source) -> None:
     _processor = load_processor(source.path, source.trust_remote_code)
     torch.set_num_threads(1)  # one core each: the processes are the parallelism
     exit_when_orphaned(worker_pid)  # their parent is their own fork server, not the worker
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for `pid`, or None where the kernel has none (before Linux 5.3): that process is then not killed on a
+    hang, only when its fork server ends."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _ping() -> int:
