@@ -36,7 +36,7 @@ def chat_body(model: str, prompt: str, image: str, max_tokens: int = 6) -> dict:
 
 @dataclass
 class LoadResult:
-    latencies: list[float] = field(default_factory=list)  # seconds from the first send to the final answer
+    latencies: list[float] = field(default_factory=list)  # seconds from the first send (429s included) to the answer
     statuses: Counter = field(default_factory=Counter)  # final status per request
     retried: int = 0  # 429 answers that were sent again
     answers: list[tuple[dict, str | None]] = field(default_factory=list)  # (request, its text or None)
@@ -61,8 +61,8 @@ def drive(url: str, requests: list[dict], concurrency: int, timeout: float = 600
         limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=0)  # no reuse of a closing one
         async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
             async def one(request: dict) -> None:
-                started = time.perf_counter()
                 async with gate:
+                    started = time.perf_counter()  # from its turn: the wait for a free slot is the client's own
                     while True:
                         answer = await client.post(url + "/v1/chat/completions", json=request)
                         if answer.status_code != 429:
