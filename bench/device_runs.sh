@@ -62,6 +62,17 @@ quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4, fp8; images/s
     timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,fp8 --images 512 --out "$OUT/quant.json" \
         2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
+stress)  # issue 22: a batch that cannot fit (OOM), then the load test with the 2B / 7B shapes (2000 at 64)
+    shapes
+    timeout 150 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -12
+    timeout 200 python3 bench/serve_load.py --requests 2000 --concurrency 64 --out "$OUT/serve-load-2000.json" 2>&1 \
+        | tail -4
+    ;;
+soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process (cut at 8 minutes if slower)
+    shapes
+    timeout 540 python3 bench/soak.py --models "$MODELS" --cycles 200 --minutes 7.5 --out "$OUT/soak.json" 2>&1 \
+        | grep -v "^W1" | tail -14
+    ;;
 switch-pinned)  # issue 20: the GPU tests, then pool.switch + chat with the spare pinning the checkpoints, warm and cold
     shapes
     timeout 170 python3 -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py 2>&1 | tail -4

@@ -36,8 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
     except (RuntimeError, OSError) as e:
         hint = ""
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
             hint = "; free some space and run the same command again: finished results are kept and skipped"
+        elif isinstance(e, OSError) and e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            hint = "; make the output writable and run the same command again: finished results are kept and skipped"
         print(f"vlmux {args.command}: failed: {e}{hint}", file=sys.stderr)
         return EXIT_FAILED
 

@@ -20,6 +20,9 @@ IMAGE_EXTENSIONS = frozenset(
 # cheaper than decoding a 12 MP photo in full and resizing it; processors resize far below this.
 DRAFT_SIZE = (1024, 1024)
 JPEG_MAX_REDUCTION = 64  # draft() scales each side by up to 1/8
+# Qwen2-VL's processor refuses an aspect ratio of 200:1 or more; a strip beyond MAX_ASPECT is padded to it.
+MAX_ASPECT = 100
+NOTE = "vlmux_note"  # the key in Image.info of what decoding changed about the picture (a padded strip)
 
 
 class ImageError(ValueError):
@@ -45,7 +48,7 @@ def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
     if reason is not None:
         raise ImageError(reason)
     if isinstance(source, Image.Image):
-        return _to_rgb(source)
+        return fit_aspect(_to_rgb(source), max_pixels)
     _leave_the_limit_to_us(max_pixels)
     try:
         with warnings.catch_warnings():
@@ -53,7 +56,7 @@ def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
             image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
             if draft is not None and image.format == "JPEG":
                 image.draft("RGB", draft)
-            _check_pixels(image, max_pixels)
+            _check_pixels(image.size, max_pixels)  # after draft(): what load() will allocate
             image.load()
     except ImageError:
         raise
@@ -65,7 +68,24 @@ def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
         raise ImageError("not an image Pillow can read") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot decode image: {e}") from None
-    return _to_rgb(image)
+    return fit_aspect(_to_rgb(image), max_pixels)
+
+
+def fit_aspect(image: Image.Image, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+    """`image`, or a strip beyond MAX_ASPECT:1 padded on white to that ratio (centred), which every processor takes;
+    the padded copy says so in `info[NOTE]`. Padding counts against `max_pixels` too: a 10^6 x 1 strip is no bomb
+    until padded."""
+    width, height = image.size
+    if max(width, height) <= MAX_ASPECT * min(width, height):
+        return image
+    short = -(-max(width, height) // MAX_ASPECT)  # the short side at MAX_ASPECT:1, rounded up
+    size = (width, short) if width > height else (short, height)
+    _check_pixels(size, max_pixels)
+    padded = Image.new("RGB", size, (255, 255, 255))
+    padded.paste(image, ((size[0] - width) // 2, (size[1] - height) // 2))
+    padded.info[NOTE] = (f"padded from {width}x{height} to {size[0]}x{size[1]}: an aspect ratio over {MAX_ASPECT}:1 "
+                         f"is refused by some processors")
+    return padded
 
 
 def _leave_the_limit_to_us(max_pixels: int | None) -> None:
@@ -76,8 +96,8 @@ def _leave_the_limit_to_us(max_pixels: int | None) -> None:
         Image.MAX_IMAGE_PIXELS = needed
 
 
-def _check_pixels(image: Image.Image, max_pixels: int | None) -> None:
-    width, height = image.size  # after draft(): what load() will allocate
+def _check_pixels(size: tuple[int, int], max_pixels: int | None) -> None:
+    width, height = size
     if max_pixels is not None and width * height > max_pixels:
         raise ImageError(f"image too large: {width}x{height} would decode to {width * height / 1e6:.1f} megapixels, "
                          f"over the limit of {max_pixels / 1e6:g} (a guard against decompression bombs); raise it "

@@ -76,6 +76,7 @@ class ItemResult:
     error: str | None = None
     bad_image: bool = False  # the error is the input's fault (undecodable), not the model's
     batch: int = 0  # images captioned together with this one in one model batch; 0: it reached no model batch
+    note: str | None = None  # what decoding changed about the picture (a strip padded), for the record
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
 from vlmux.backends.fast import (
     FastConfig, compile_vision_blocks, fitting_batch, generate_options, pad_rows, prepare_compile, to_device,
 )
+from vlmux.backends.inert import control_strings, inert, inert_messages
 from vlmux.backends.loader import Unsupported, empty_model, release_staging, stream_weights
 from vlmux.backends.pinned import unpin_all
 from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
@@ -78,8 +79,9 @@ def load_processor(path: str | Path, trust_remote_code: bool):
 
 
 def caption_text(processor, prompt: str, form: PromptForm = CHAT_TEMPLATE) -> str:
-    """One image and the prompt in the family's form: a user turn through the chat template for most."""
-    return form.text(processor, prompt)
+    """One image and the prompt (control tokens in it made inert) in the family's form: a user turn through the chat
+    template for most."""
+    return form.text(processor, inert(prompt, control_strings(processor)))
 
 
 def host_inputs(processor, images: list[Image.Image], prompts: list[str], dtype: torch.dtype,
@@ -258,6 +260,7 @@ class TransformersBackend(Resident):
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
              on_text: Callable[[str], None] | None = None) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
+        messages = inert_messages(messages, control_strings(self.processor))  # user text never acts as a marker
         text = self.form.chat_text(self.processor, messages)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])

@@ -314,7 +314,7 @@ def record(job: CaptionJob, plan: ModelPlan, report: ModelReport, refs: list[Ima
         if result.error is None and (refusal := _refusal(job, ref, plan.spec.model)):
             result = replace(result, caption=None, error=refusal)
         caption = None if result.caption is None else f"{job.prefix}{result.caption}{job.suffix}"
-        pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error)))
+        pairs.append((ref, Record(ref.key, plan.spec.model, caption, result.error, result.note)))
         if result.batch:
             report.batch_share += 1 / result.batch
             report.largest_batch = max(report.largest_batch, result.batch)

@@ -8,6 +8,7 @@ import contextlib
 import json
 import os
 import secrets
+import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -23,6 +24,7 @@ class Record:
     model: str
     caption: str | None
     error: str | None
+    note: str | None = None  # e.g. a strip padded to an aspect ratio processors take; JSONL lines carry it when set
 
 
 class Sink(Protocol):
@@ -70,11 +72,33 @@ class JsonlSink:
         return None  # a line of JSON holds any result
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
+        if not self._still_there():
+            self._restore()
         lines = "".join(_line(record) for _, record in pairs)
-        self._file.write(lines)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        try:
+            self._file.write(lines)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError as e:  # a full disk or a read-only mount: the message names the output, not only errno
+            raise OSError(e.errno, f"cannot write results to {self.path}: {e.strerror}") from None
         self._done.update(((record.file, record.model), record) for _, record in pairs)
+
+    def _still_there(self) -> bool:
+        """Does the path still name the file we append to? Deleted (or replaced) mid-job, appends would go nowhere."""
+        try:
+            on_disk, ours = os.stat(self.path), os.fstat(self._file.fileno())
+        except FileNotFoundError:
+            return False
+        return (on_disk.st_dev, on_disk.st_ino) == (ours.st_dev, ours.st_ino)
+
+    def _restore(self) -> None:
+        """The output was deleted or replaced while the job ran: write it again from the results this sink holds,
+        so that nothing finished is lost, and say so."""
+        print(f"vlmux: {self.path} was deleted or replaced during the job; written again with the "
+              f"{len(self._done)} results held", file=sys.stderr)
+        self._file.close()
+        atomic_write(self.path, "".join(_line(record) for record in self._done.values()).encode("utf-8"))
+        self._file = open(self.path, "a", encoding="utf-8")
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
         """Drop the records of these (file, model) pairs, for --overwrite."""
@@ -97,7 +121,8 @@ class JsonlSink:
         pass  # every write is already on disk
 
     def close(self) -> None:
-        self._file.close()
+        with contextlib.suppress(OSError):  # each write was flushed and synced; one that failed has raised already
+            self._file.close()
         if self._lock is not None:
             self._lock.release()
 
@@ -154,7 +179,10 @@ class SidecarSink:
 
 
 def _line(record: Record) -> str:
-    return json.dumps(asdict(record), ensure_ascii=False) + "\n"
+    fields = asdict(record)
+    if fields["note"] is None:  # the records of ordinary images keep their four fields
+        del fields["note"]
+    return json.dumps(fields, ensure_ascii=False) + "\n"
 
 
 def name_max(folder: Path) -> int:

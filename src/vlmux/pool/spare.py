@@ -38,6 +38,7 @@ class WarmSpare:
         self._lock = threading.Lock()
         self._recent: list[Warm] = []  # what a warm spare gets ready for, most recently loaded first
         self._warming: threading.Thread | None = None
+        self._cooling: threading.Timer | None = None  # one at a time: a timer per release piled up threads
         specs = [m if isinstance(m, ModelSpec) else ModelSpec(m) for m in config.prewarm]
         self._prewarm = [(spec, resolve_model(spec.model, spec.revision)) for spec in specs]  # unknown ones fail here
 
@@ -84,9 +85,11 @@ class WarmSpare:
             if not self._pool.holds_gpu() and not self._pool.closed:
                 self.workers.warm(None)
 
-        timer = threading.Timer(self.config.warm_spare_linger, cool)
-        timer.daemon = True
-        timer.start()
+        if self._cooling is not None:
+            self._cooling.cancel()  # the linger counts from the last release
+        self._cooling = threading.Timer(self.config.warm_spare_linger, cool)
+        self._cooling.daemon = True
+        self._cooling.start()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the spare finished getting ready; False on timeout."""
@@ -98,4 +101,6 @@ class WarmSpare:
         return self.workers.wait_ready(timeout)
 
     def close(self) -> None:
+        if self._cooling is not None:
+            self._cooling.cancel()
         self.workers.close()

@@ -35,7 +35,8 @@ def create_app(service: Service) -> FastAPI:
         yield
         service.close()
 
-    app = FastAPI(title="vlmux", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
+    # The OpenAPI document (behind the key) lets fuzzers walk every route; the docs pages would load a CDN: off.
+    app = FastAPI(title="vlmux", docs_url=None, redoc_url=None, openapi_url="/openapi.json", lifespan=lifespan)
 
     @app.middleware("http")
     async def guard(request: Request, call_next):
@@ -70,7 +71,7 @@ def create_app(service: Service) -> FastAPI:
                                "body_too_large")
         try:
             return json.loads(body or b"{}")
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested deeper than json can parse
             raise ApiError(400, "the body is not valid JSON", "invalid_json") from None
 
     policy = ImagePolicy(config.allow_remote_images,
@@ -108,7 +109,7 @@ def _management(service: Service, read_json) -> APIRouter:
     @router.post("/api/unload")
     async def unload(request: Request):
         body = await read_json(request)
-        name = _model(body) if body.get("model") is not None else None
+        name = _model(body) if not isinstance(body, dict) or body.get("model") is not None else None
         return {"unloaded": await service.unload(name)}
 
     @router.post("/api/sleep")

@@ -41,10 +41,13 @@ def refusal(address: str, allow_private: bool) -> str | None:
 def fetch(url: str, policy: FetchPolicy) -> bytes:
     """The body of `url` (http or https), or ApiError: 400 for a refused or failed fetch, 413 past the byte limit."""
     for _ in range(MAX_REDIRECTS + 1):
-        parts = urlsplit(url)
+        try:  # an unclosed IPv6 bracket or a port past 65535 raises ValueError
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+        except ValueError as e:
+            raise ApiError(400, f"image URL {url[:200]!r} is malformed: {e}", "invalid_image_url") from None
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ApiError(400, f"image URL {url[:200]!r}: only http(s) URLs with a host are fetched", "invalid_image_url")
-        port = parts.port or (443 if parts.scheme == "https" else 80)
         address = _resolve(parts.hostname, port, policy.allow_private)
         connection = _Connection(parts.scheme, parts.hostname, address, port, policy.timeout)
         try:

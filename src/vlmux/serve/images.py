@@ -58,13 +58,17 @@ def _local(url: str, policy: ImagePolicy) -> bytes:
                             "the server's --allow-local-images DIR", "local_images_disabled", "messages")
     text = url.removeprefix("file://")
     root = policy.local_root.resolve()
-    path = (root / text).resolve()  # an absolute path stays itself; either way it must lie under the root
-    if not path.is_relative_to(root) or not path.is_file():
-        raise ApiError(400, f"image path {text[:200]!r} is not a file under the allowed folder", "invalid_image_path",
+    refused = ApiError(400, f"image path {text[:200]!r} is not a file under the allowed folder", "invalid_image_path",
                        "messages")
-    if path.stat().st_size > policy.max_bytes:
-        raise ApiError(413, f"an image is larger than {policy.max_bytes // 2**20} MiB", "image_too_large", "messages")
-    return path.read_bytes()
+    try:  # a NUL byte (ValueError) or a name too long (OSError) is a bad path, not the server's fault
+        path = (root / text).resolve()  # an absolute path stays itself; either way it must lie under the root
+        if not path.is_relative_to(root) or not path.is_file():
+            raise refused
+        if path.stat().st_size > policy.max_bytes:
+            raise ApiError(413, f"an image is larger than {policy.max_bytes // 2**20} MiB", "image_too_large", "messages")
+        return path.read_bytes()
+    except (OSError, ValueError):
+        raise refused from None
 
 
 def _check_image(data: bytes, max_pixels: int) -> None:

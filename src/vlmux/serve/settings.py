@@ -2,6 +2,7 @@
 records. Durations are written like Ollama's keep_alive: 300, "90s", "5m", "1h"; 0 unloads once idle, -1 never."""
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +20,9 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 def parse_duration(value: str | int | float) -> float | None:
     """Seconds from 300, "90s", "5m", "1h"; a negative value means forever (None)."""
-    if isinstance(value, bool):
-        raise ValueError(f"a duration like 300, 90s, 5m or -1, not {value!r}")
+    wrong = ValueError(f"a duration like 300, 90s, 5m or -1, not {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):  # JSON gives lists and objects too
+        raise wrong
     if isinstance(value, (int, float)):
         seconds = float(value)
     else:
@@ -29,7 +31,9 @@ def parse_duration(value: str | int | float) -> float | None:
         try:
             seconds = float(text[: len(text) - len(unit)]) * _UNITS.get(unit, 1.0)
         except ValueError:
-            raise ValueError(f"a duration like 300, 90s, 5m or -1, not {value!r}") from None
+            raise wrong from None
+    if not math.isfinite(seconds):  # "nan" and "inf" parse as floats; a timer cannot use them
+        raise wrong
     return FOREVER if seconds < 0 else seconds
 
 

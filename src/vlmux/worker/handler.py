@@ -5,13 +5,14 @@ import os
 from collections.abc import Callable
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from itertools import repeat
 
 from PIL import Image
 
 from vlmux.backends.base import Backend, OutOfMemory, PreparedBatch
 from vlmux.estimate import MAX_AUTO_BATCH
-from vlmux.images import ImageError, check_input, load_image
+from vlmux.images import NOTE, ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
     Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply,
@@ -44,6 +45,7 @@ class Handler:
         self._load_request: Load | None = None
         self._batch_size = CPU_BATCH_SIZE  # Loaded.batch_size: a Caption's size when it names none
         self._prepared_apart = 0
+        self._notes: dict[int, str] = {}  # item -> what decoding changed (a padded strip), for its result
 
     def handle(self, request: Request, send: Callable[[ChatText], None] | None = None) -> Reply:
         """`send`: how a streamed chat's pieces reach the caller before the reply (None: they are not sent)."""
@@ -116,7 +118,7 @@ class Handler:
         """Chunk i generates on the device while chunk i+1 is decoded and preprocessed (in the preparing processes,
         or on the worker's threads)."""
         tokens_before = self.backend.generated_tokens
-        self._prepared_apart = 0
+        self._prepared_apart, self._notes = 0, {}
         fits = self.backend.largest_batch(request.gen.max_new_tokens, self._load_request.memory_budget)
         size = capped_batch_size(request.batch_size, self._batch_size, fits)
         results: list[ItemResult | None] = [None] * len(request.items)
@@ -144,6 +146,8 @@ class Handler:
             generated += len(images)
             self._generate_chunk(images, prepared, request, results)
         tokens = self.backend.generated_tokens - tokens_before
+        results = [replace(r, note=self._notes[i]) if r and r.error is None and i in self._notes else r
+                   for i, r in enumerate(results)]
         return Captions([r or ItemResult(None, "not captioned") for r in results], time.perf_counter() - start, generated,
                         tokens, self._prepared_apart, input_wait)
 
@@ -174,6 +178,7 @@ class Handler:
                 bad[index] = image
             else:
                 images[index] = image
+                self._notes.update({index: image.info[NOTE]} if NOTE in image.info else {})
         prepared = None
         if images:
             try:
@@ -188,6 +193,7 @@ class Handler:
                                   self.backend.pad_token_id, request.gen.max_pixels)
         bad = {chunk[position]: reason for position, reason in done.bad.items()}
         images = {chunk[position]: None for position in done.good}
+        self._notes.update({chunk[position]: note for position, note in done.notes.items()})
         self._prepared_apart += 1
         return images, bad, (self.backend.from_host(done.inputs, done.rows) if done.inputs is not None else None)
 
@@ -210,6 +216,7 @@ class Handler:
                 del images[index]
             else:
                 images[index] = image
+                self._notes.update({index: image.info[NOTE]} if NOTE in image.info else {})
         self._caption_chunk(list(images), images, request, results)
 
     def _caption_chunk(self, chunk: list[int], decoded: dict[int, Image.Image], request: Caption, results: list) -> None:

@@ -19,3 +19,13 @@ def exit_when_orphaned(parent_pid: int) -> None:
                 os._exit(1)
 
     threading.Thread(target=watch, name="vlmux-orphan-watch", daemon=True).start()
+
+
+def killed_with_parent() -> None:
+    """Ask the kernel to SIGKILL this process when its parent ends (Linux PR_SET_PDEATHSIG): unlike the watch above
+    it works on a stopped or hung process too."""
+    import ctypes
+    import signal
+
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)

@@ -11,14 +11,17 @@ after the worker is gone.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import multiprocessing
 import os
+import signal
 import sys
 import threading
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vlmux.config import MAX_PIXELS
@@ -27,6 +30,9 @@ if TYPE_CHECKING:
     import torch
 
 PRELOAD = ["vlmux.worker.prep_server", "vlmux.worker.prep", "vlmux.backends.transformers", "vlmux.images"]
+# A part takes seconds; one not back in this long is from a process that hangs (stopped, deadlocked): the worker
+# then kills the processes and prepares its chunks itself, where waiting would hang the request past any heartbeat.
+PART_TIMEOUT = 60.0
 MIN_IMAGES = 16  # smaller requests (a first answer, a chat) are prepared in the worker: no round trip
 MAX_PROCESSES = 12
 # Tensors along the token sequence (rows x tokens): parts are left-padded to the longest before joining.
@@ -49,6 +55,7 @@ class Source:
 class Part:
     bad: dict[int, str]  # position in the part -> why it could not be read
     inputs: dict[str, torch.Tensor] | None  # None when no image of the part could be read
+    notes: dict[int, str] = field(default_factory=dict)  # position -> what decoding changed (images.NOTE)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,7 @@ class Prepped:
     good: list[int]  # positions in the chunk that were read, in the order of the inputs' rows
     bad: dict[int, str]
     inputs: dict[str, torch.Tensor] | None
+    notes: dict[int, str] = field(default_factory=dict)
 
     @property
     def rows(self) -> int:
@@ -87,6 +95,7 @@ class PrepPool:
         self._ready = threading.Event()
         self._lock = threading.Lock()  # a close() while the processes start must not miss the executor
         self.failed: str | None = None
+        self._pidfds: list[int] = []  # the processes, by pidfd: a signal never reaches a reused pid
         threading.Thread(target=self._start, name="vlmux-prep-start", daemon=True).start()
 
     @property
@@ -106,8 +115,7 @@ class PrepPool:
                                                      initargs=(os.getpid(), self.source))
                 # One task per process makes the executor start them all now, not one by one as work arrives.
                 pings = [self._executor.submit(_ping) for _ in range(self.processes)]
-            for future in pings:
-                future.result()
+            self._pidfds = [fd for pid in dict.fromkeys(f.result() for f in pings) if (fd := _pidfd(pid)) is not None]
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
             if self.failed is None:
                 self.failed = f"{type(e).__name__}: {e}"
@@ -127,15 +135,16 @@ class PrepPool:
         size = math.ceil(len(items) / self.processes)
         starts = range(0, len(items), size)
         parts = [self._submit(items[s : s + size], prompts[s : s + size], max_pixels) for s in starts]
-        good, bad, inputs = [], {}, []
+        good, bad, inputs, notes = [], {}, [], {}
         for start, future in zip(starts, parts):
             part = self._result(future)
             bad.update({start + position: reason for position, reason in part.bad.items()})
+            notes.update({start + position: note for position, note in part.notes.items()})
             good.extend(start + p for p in range(min(size, len(items) - start)) if p not in part.bad)
             if part.inputs is not None:
                 inputs.append(part.inputs)
         if not good:
-            return Prepped([], bad, None)
+            return Prepped([], bad, None, notes)
         last, missing = good[-1], max(0, (pad_to or 0) - len(good))  # the compiled batch shape: repeat the last
         if missing:
             inputs.append(self._result(self._submit([items[last]] * missing, [prompts[last]] * missing, max_pixels)).inputs)
@@ -144,7 +153,7 @@ class PrepPool:
         except NotJoinable:  # one process does the whole chunk: the processor pads the parts itself
             chosen = good + [last] * missing
             joined = self._result(self._submit([items[i] for i in chosen], [prompts[i] for i in chosen], max_pixels)).inputs
-        return Prepped(good, bad, joined)
+        return Prepped(good, bad, joined, notes)
 
     def _submit(self, items: list, prompts: list[str], max_pixels: int | None) -> Future:
         try:
@@ -156,7 +165,10 @@ class PrepPool:
         """A part's result. Bad images come back as `Part.bad`; anything raised is the processes' own failure (one
         died, shared memory ran out): the worker then prepares every chunk itself."""
         try:
-            return future.result()
+            return future.result(timeout=PART_TIMEOUT)
+        except FutureTimeout as e:
+            self._kill()
+            raise self._failure(RuntimeError(f"a part took over {PART_TIMEOUT:g} s: {e}")) from None
         except Exception as e:  # noqa: BLE001 - reported once, then the worker's own threads take over
             raise self._failure(e) from None
 
@@ -173,6 +185,15 @@ class PrepPool:
             executor = self._executor
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
+        self._kill()  # a stopped process never reads the executor's exit request
+        for pidfd in self._pidfds:
+            os.close(pidfd)
+        self._pidfds = []
+
+    def _kill(self) -> None:
+        for pidfd in self._pidfds:
+            with contextlib.suppress(ProcessLookupError):
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
 
 
 def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -204,11 +225,13 @@ _form = None  # the family's PromptForm
 
 
 def _child_init(worker_pid: int, source: Source) -> None:
+    from vlmux.worker.orphan import exit_when_orphaned, killed_with_parent
+
+    killed_with_parent()  # first: the fork server exits with the worker, and then even a stopped process goes
     import torch
 
     from vlmux.backends.families import prompt_form
     from vlmux.backends.transformers import load_processor
-    from vlmux.worker.orphan import exit_when_orphaned
 
     global _source, _processor, _form
     _source = source
@@ -216,6 +239,15 @@ def _child_init(worker_pid: int, source: Source) -> None:
     _processor = load_processor(source.path, source.trust_remote_code)
     torch.set_num_threads(1)  # one core each: the processes are the parallelism
     exit_when_orphaned(worker_pid)  # their parent is their own fork server, not the worker
+
+
+def _pidfd(pid: int) -> int | None:
+    """A pidfd for `pid`, or None where the kernel has none (before Linux 5.3): that process is then not killed on a
+    hang, only when its fork server ends."""
+    try:
+        return os.pidfd_open(pid)
+    except OSError:
+        return None
 
 
 def _ping() -> int:
@@ -226,7 +258,7 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
     import torch
 
     from vlmux.backends.transformers import host_inputs
-    from vlmux.images import ImageError, load_image
+    from vlmux.images import NOTE, ImageError, load_image
 
     dtype = getattr(torch, _source.dtype)
     read, bad = {}, {}
@@ -235,12 +267,15 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
             read[position] = (load_image(item, max_pixels=max_pixels), prompt)
         except ImageError as e:
             bad[position] = str(e)
+    def notes() -> dict[int, str]:
+        return {position: image.info[NOTE] for position, (image, _) in read.items() if NOTE in image.info}
+
     def inputs() -> dict[str, torch.Tensor] | None:
         pairs = list(read.values())
         return host_inputs(_processor, [i for i, _ in pairs], [p for _, p in pairs], dtype, _form) if pairs else None
 
     try:
-        return Part(bad, inputs())
+        return Part(bad, inputs(), notes())
     except Exception:  # noqa: BLE001 - an image the processor rejects (too small, say): find it, keep the others
         for position, (image, prompt) in list(read.items()):
             try:
@@ -248,4 +283,4 @@ def _prepare_part(items: list, prompts: list[str], max_pixels: int | None = MAX_
             except Exception as e:  # noqa: BLE001 - named in the image's result
                 bad[position] = f"the processor rejected it: {type(e).__name__}: {e}"
                 del read[position]
-        return Part(bad, inputs())
+        return Part(bad, inputs(), notes())

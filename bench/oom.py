@@ -1,0 +1,58 @@
+"""CUDA out of memory on purpose (issue 22, device only): the 7B shape captions a batch that cannot fit (large
+pictures, no pixel limit, a batch size far past the worker's estimate). The worker must split the batch on OOM down
+to what fits, answer every image (a caption, or an "out of device memory even alone" error), stay up for the next
+request, and give its memory back at unload, verified by NVML. Writes JSON: captions and errors, batch sizes used,
+the answer after the OOM, and the release.
+
+Usage: python3 bench/oom.py [--models /tmp/vlmux-bench] [--images 256] [--side 2048] [--out FILE]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from vlmux import GenerationSpec, ModelPool, ModelSpec, PoolConfig  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"))
+    parser.add_argument("--model", default="qwen2-vl-7b")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--side", type=int, default=2048, help="pixels per side of each picture")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    pictures = [Image.effect_noise((args.side, args.side), 64).convert("RGB") for _ in range(4)]
+    items = [pictures[i % 4] for i in range(args.images)]
+    gen = GenerationSpec(max_new_tokens=16, max_pixels=None)
+    with ModelPool(PoolConfig(spare_worker=False)) as pool:
+        name = pool.load(ModelSpec(str(args.models / args.model), device="cuda"))
+        started = time.perf_counter()
+        captions = pool.submit_caption(name, items, ["Describe."] * len(items), gen, batch_size=args.images).result()
+        seconds = time.perf_counter() - started
+        after = pool.caption(name, [Image.new("RGB", (448, 448), "red")], ["Describe."], GenerationSpec(max_new_tokens=8))
+        release = pool.unload(name)
+    results = captions.results
+    data = {"environment": environment(), "model": args.model, "images": args.images, "side": args.side,
+            "asked_batch": args.images, "captioned": sum(r.error is None for r in results),
+            "errors": Counter(r.error.split(":")[0] for r in results if r.error),
+            "batches_used": Counter(r.batch for r in results), "seconds": seconds,
+            "answer_after": after[0].caption, "release": {"verified": release.verified,
+                                                          "process_gone": release.process_gone,
+                                                          "residue_mib": release.residue_mib, "note": release.note}}
+    path = write_result("oom", data, args.out)
+    print(json.dumps({k: v for k, v in data.items() if k != "environment"}, indent=1, default=str))
+    print(f"written to {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,83 @@
+"""Soak (issue 22): CYCLES load / caption / unload cycles of two models, one after the other, in one process (one
+ModelPool). Every unload's release is recorded (on a GPU: verified by NVML, with its residue in MiB); this process's
+RSS, threads, file descriptors and /dev/shm segments are read at the start, every 50 cycles and at the end, and the
+workers seen are all checked gone. On the CPU (--tiny) it runs with two tiny models.
+
+Usage: python3 bench/soak.py --tiny [--cycles 200] [--out FILE]                       (CPU)
+       python3 bench/soak.py --models /tmp/vlmux-bench [--cycles 200] [--out FILE]     (a GPU: the 2B and 7B shapes)
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import environment, write_result  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from vlmux import GenerationSpec, ModelPool, ModelSpec, PoolConfig  # noqa: E402
+from vlmux.testing.load import host_figures  # noqa: E402
+from vlmux.testing.processes import process_gone  # noqa: E402
+from vlmux.tiny import build_tiny  # noqa: E402
+
+GEN = GenerationSpec(max_new_tokens=4)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cycles", type=int, default=200, help="load/unload cycles of each of the two models")
+    parser.add_argument("--tiny", action="store_true", help="two tiny models on the CPU")
+    parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"), help="holds qwen2-vl-2b and -7b")
+    parser.add_argument("--minutes", type=float, help="stop after the cycle that passes this (a device call's limit)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.tiny:
+            paths = [build_tiny(Path(scratch) / arch, arch, seed=0) for arch in ("llava", "qwen2_vl")]
+            device = "cpu"
+        else:
+            paths, device = [args.models / "qwen2-vl-2b", args.models / "qwen2-vl-7b"], "cuda"
+        data = soak(paths, device, args.cycles, args.minutes)
+    path = write_result("soak", {"environment": environment(), **data}, args.out)
+    print(json.dumps({k: v for k, v in data.items() if k != "releases"}, indent=1))
+    print(f"written to {path}")
+
+
+def soak(paths: list[Path], device: str, cycles: int, minutes: float | None = None) -> dict:
+    image = Image.new("RGB", (64, 48), "orange")
+    releases, samples, pids = [], [], set()
+    started = time.perf_counter()
+    # No spare worker: each load forks a fresh worker, the case whose leaks a soak is for.
+    with ModelPool(PoolConfig(spare_worker=False)) as pool:
+        samples.append({"cycle": 0, **host_figures()})
+        for cycle in range(1, cycles + 1):
+            for path in paths:
+                name = pool.load(ModelSpec(str(path), device=device))
+                pids.add(pool.status()[0].pid)
+                assert pool.caption(name, [image], ["Describe."], GEN)[0].caption is not None
+                release = pool.unload(name)
+                releases.append({"cycle": cycle, "model": path.name, "verified": release.verified,
+                                 "process_gone": release.process_gone, "residue_mib": release.residue_mib,
+                                 "seconds": round(release.seconds, 3)})
+            over = minutes is not None and time.perf_counter() - started > minutes * 60
+            if cycle == 1 or cycle % 50 == 0 or cycle == cycles or over:  # cycle 1: once lazy threads exist
+                samples.append({"cycle": cycle, **host_figures()})
+                print(f"cycle {cycle}: {samples[-1]}", file=sys.stderr, flush=True)
+            if over:
+                break
+    residues = [r["residue_mib"] for r in releases if r["residue_mib"] is not None]
+    return {"cycles": samples[-1]["cycle"], "models": [p.name for p in paths], "device": device,
+            "wall_s": time.perf_counter() - started, "unloads": len(releases),
+            "unverified": sum(1 for r in releases if r["verified"] is False),
+            "max_residue_mib": max(residues) if residues else None,
+            "workers_left": sorted(pid for pid in pids if not process_gone(pid)),
+            "start": samples[0], "end": samples[-1], "samples": samples, "releases": releases}
+
+
+if __name__ == "__main__":
+    main()
