@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vlmux.shapes import write_dataset
-from vlmux.testing.cli import read_jsonl, run_caption
+from vlmux.testing.cli import read_jsonl, run_caption, shapes_job
 from vlmux.testing.processes import children, descendants, process_gone
 
 IMAGES = 48
@@ -34,11 +34,6 @@ def many_images(tmp_path_factory) -> Path:
     return folder
 
 
-def caption_args(images: Path, out: Path) -> list[str]:
-    # 4 model batches of 4: 16 images per request, enough for the preparing processes to take part
-    return [str(images), "-m", "vlmux/shapes", "-o", str(out), "--batch-size", "4", "--prep-processes", "2"]
-
-
 def start(images: Path, out: Path, limit_bytes: int | None = None) -> subprocess.Popen:
     """The job in a session of its own; `limit_bytes`: the largest file it may write (a full disk)."""
     def limit():
@@ -46,7 +41,7 @@ def start(images: Path, out: Path, limit_bytes: int | None = None) -> subprocess
 
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
 
-    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *caption_args(images, out), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *shapes_job(images, out), "--no-progress"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
                             preexec_fn=limit if limit_bytes else None)
 
@@ -67,6 +62,7 @@ class Watch:
 
     def __init__(self, job: subprocess.Popen) -> None:
         self.job, self.seen = job, set()
+        self.last: tuple[list[int], list[int]] = ([], [])  # what the look that ended a wait_for saw
 
     def look(self) -> tuple[list[int], list[int]]:
         """(workers, preparing processes) under the job now. A worker's children are the preparing processes' fork
@@ -74,6 +70,7 @@ class Watch:
         workers = [w for server in children(self.job.pid) for w in children(server)]
         preparing = [p for w in workers for below in children(w) for p in children(below)]
         self.seen |= set(workers) | {p for w in workers for p in descendants(w)} | set(children(self.job.pid))
+        self.last = (workers, preparing)
         return workers, preparing
 
     def wait_for(self, condition, within: float = 120) -> None:
@@ -116,7 +113,7 @@ def inject(images: Path, out: Path, target: str, sig: signal.Signals, seed: int)
         watch.wait_for(lambda: records(out) >= after)
     else:
         watch.wait_for(lambda: records(out) >= after and watch.look()[0])
-    workers, preparing = watch.look()
+    workers, preparing = watch.last  # the look that ended the wait: a later one can come after the worker is gone
     preparing = [pid for pid in preparing if threads(pid) > 1]
     victim = {"worker": lambda: rng.choice(workers), "preparing": lambda: rng.choice(preparing),
               "job": lambda: job.pid}[target]()
@@ -127,7 +124,7 @@ def inject(images: Path, out: Path, target: str, sig: signal.Signals, seed: int)
         outcome = "finished (retried)"
     else:
         assert target == "job" and code == -sig, (code, stderr)  # only killing the job itself may end it
-        rerun = run_caption(*caption_args(images, out))
+        rerun = run_caption(*shapes_job(images, out))
         assert rerun.returncode == 0 and "0 errors" in rerun.stdout, rerun.stderr
         outcome = "killed, rerun resumed"
     rows = one_record_each(images, out)
@@ -163,7 +160,7 @@ def test_a_full_disk_fails_in_one_line_naming_the_output_and_the_rerun_completes
     assert code == 1 and len(lines) == 1 and "Traceback" not in stderr, stderr
     assert f"cannot write results to {out}: File too large" in lines[0] and "free some space" in lines[0]
     assert 0 < records(out) < IMAGES
-    rerun = run_caption(*caption_args(images, out))
+    rerun = run_caption(*shapes_job(images, out))
     assert rerun.returncode == 0, rerun.stderr
     one_record_each(images, out)
 
@@ -217,7 +214,7 @@ def test_an_output_made_read_only_mid_job_fails_in_one_line_and_the_rerun_comple
         writable(folder)
     lines = [line for line in stderr.splitlines() if line.startswith("vlmux caption")]
     assert code == 1 and len(lines) == 1 and "make the output writable" in lines[0], stderr
-    rerun = run_caption(*caption_args(images, out))
+    rerun = run_caption(*shapes_job(images, out))
     assert rerun.returncode == 0 and "already done" in rerun.stdout, rerun.stderr
     import pyarrow.parquet as pq
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vlmux.shapes import write_dataset
-from vlmux.testing.cli import read_jsonl, run_caption
+from vlmux.testing.cli import read_jsonl, run_caption, shapes_job
 from vlmux.testing.processes import descendants, group_members, process_gone
 
 IMAGES = 120
@@ -24,11 +24,6 @@ def images(tmp_path_factory) -> Path:
     return folder
 
 
-def caption_args(images: Path, out: Path) -> list[str]:
-    # --prep-processes: the worker's preparing processes (and their fork server) are in the group too
-    return [str(images), "-m", "vlmux/shapes", "-o", str(out), "--batch-size", "4", "--prep-processes", "2"]
-
-
 def written(out: Path) -> Path:
     """Where results land as they come: a table's go to its journal first."""
     return out if out.suffix == ".jsonl" else out.with_name(f".{out.name}.journal.jsonl")
@@ -36,7 +31,8 @@ def written(out: Path) -> Path:
 
 def start_busy(images: Path, out: Path) -> subprocess.Popen:
     """The job in a process group of its own (a terminal's foreground group), once it has written a record."""
-    job = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *caption_args(images, out), "--no-progress"],
+    # shapes_job has preparing processes: they (and their fork server) are in the group too
+    job = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *shapes_job(images, out), "--no-progress"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (written(out).exists() and written(out).read_text().count("\n")):
@@ -62,7 +58,7 @@ def interrupt(job: subprocess.Popen, send) -> tuple[str, float]:
 
 
 def assert_resumes(images: Path, out: Path, done: int) -> None:
-    rerun = run_caption(*caption_args(images, out))
+    rerun = run_caption(*shapes_job(images, out))
     assert rerun.returncode == 0, rerun.stderr
     assert f"{IMAGES - done} captioned, 0 errors, {done} already done" in rerun.stdout
     rows = read_jsonl(out) if out.suffix == ".jsonl" else _parquet_rows(out)

@@ -20,3 +20,9 @@ def run_caption(*args: str, timeout: float = 300) -> subprocess.CompletedProcess
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def shapes_job(images: Path, out: Path) -> list[str]:
+    """`vlmux caption` arguments for the bundled shapes model with two preparing processes: model batches of 4, four
+    to a request (16 images, enough for the preparing processes to take part)."""
+    return [str(images), "-m", "vlmux/shapes", "-o", str(out), "--batch-size", "4", "--prep-processes", "2"]
