@@ -91,7 +91,10 @@ first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new)
     done
     ;;
 serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one, 500 mixed requests at 32 at once
-    pip install -q fastapi uvicorn prometheus-client openai httpx 2>&1 | tail -1
+    # Not on the device image: fastapi, starlette, uvicorn, pydantic (+ core, annotated-types, typing-inspection),
+    # openai (+ jiter, distro, sniffio): carry their wheels in .whl/ (device README) and name .whl in carry.
+    ls .whl/*.whl >/dev/null 2>&1 &&
+        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     shapes
     timeout 420 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
