@@ -35,6 +35,16 @@ def caption(pool, name, image) -> str:
     return pool.caption(name, [image], ["Describe."], GEN)[0].caption
 
 
+def assert_switch_overlaps(pool, workers, current: str, old, new, image) -> None:
+    """Switch from `current` (model `old`) to `new`: the new load starts before the old worker has stopped."""
+    workers.events.clear()
+    name, release = pool.switch(current, ModelSpec(str(new), device="cuda"))
+    assert release.verified
+    when = {(e.what, e.name): e.at for e in workers.events}
+    assert when[("load_start", str(new))] < when[("stop_end", str(old))]  # overlapped
+    assert caption(pool, name, image)
+
+
 @pytest.fixture()
 def image(image_dir):
     return sorted(image_dir.iterdir())[0]
@@ -142,12 +152,7 @@ def test_a_switch_loads_the_new_model_while_the_old_one_is_released_once_the_spa
         second, _ = pool.switch(first, ModelSpec(str(b), device="cuda"))  # cold spare: one after the other
         caption(pool, second, image)
         assert pool.wait_for_spare(60) and workers.warm_for() is not None
-        workers.events.clear()
-        third, release = pool.switch(second, ModelSpec(str(a), device="cuda"))
-        assert release.verified
-        when = {(e.what, e.name): e.at for e in workers.events}
-        assert when[("load_start", str(a))] < when[("stop_end", str(b))]  # overlapped
-        assert caption(pool, third, image)
+        assert_switch_overlaps(pool, workers, second, b, a, image)
 
 
 def test_with_prewarm_the_first_switch_overlaps_too(tiny_models, image):
@@ -160,12 +165,7 @@ def test_with_prewarm_the_first_switch_overlaps_too(tiny_models, image):
         first = load(pool, a)
         caption(pool, first, image)
         assert pool.wait_for_spare(60) and workers.warm_for() is not None  # warm for b before any switch
-        workers.events.clear()
-        second, release = pool.switch(first, ModelSpec(str(b), device="cuda"))
-        assert release.verified
-        when = {(e.what, e.name): e.at for e in workers.events}
-        assert when[("load_start", str(b))] < when[("stop_end", str(a))]  # overlapped
-        assert caption(pool, second, image)
+        assert_switch_overlaps(pool, workers, first, a, b, image)
 
 
 def test_status_says_what_a_model_holds_on_its_gpu_and_asleep_on_the_host(tiny_models, image):

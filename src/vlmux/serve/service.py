@@ -206,10 +206,9 @@ class Service:
                    "expires_at": None if s.expires_in is None else round(now + s.expires_in, 3)} for s in status]
         gpus = []
         if self.inventory.status() is None:
-            booked = {}
-            for s in status:
-                for gpu in s.gpus:  # a split model's share per GPU; ModelStatus.device_bytes sums them
-                    booked.setdefault(gpu, {})[s.name] = self.inventory.process_memory(gpu).get(s.pid, 0)
+            usage = {gpu: self.inventory.process_memory(gpu) for gpu in {gpu for s in status for gpu in s.gpus}}
+            # a split model's share per GPU; ModelStatus.device_bytes sums them
+            booked = {gpu: {s.name: held.get(s.pid, 0) for s in status if gpu in s.gpus} for gpu, held in usage.items()}
             gpus = [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                      "budget": self._budget(g.total), "models": booked.get(g.index, {})} for g in self.inventory.gpus()]
         return {"models": models, "gpus": gpus, "queue": self._held, "max_queue": self.config.max_queue}

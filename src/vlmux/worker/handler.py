@@ -178,7 +178,7 @@ class Handler:
                 bad[index] = image
             else:
                 images[index] = image
-                self._notes.update({index: image.info[NOTE]} if NOTE in image.info else {})
+                self._keep_note(index, image)
         prepared = None
         if images:
             try:
@@ -186,6 +186,11 @@ class Handler:
             except Exception:  # noqa: BLE001 - the chunk is retried in halves below, which finds the image at fault
                 prepared = None
         return images, bad, prepared
+
+    def _keep_note(self, index: int, image: Image.Image) -> None:
+        """What decoding changed in the image (a padded strip), for its result."""
+        if NOTE in image.info:
+            self._notes[index] = image.info[NOTE]
 
     def _prepare_in_processes(self, chunk: list[int], request: Caption, size: int) -> tuple[dict[int, None], dict[int, str], PreparedBatch | None]:
         pad_to = size if self.backend.pads_batches else None
@@ -216,7 +221,7 @@ class Handler:
                 del images[index]
             else:
                 images[index] = image
-                self._notes.update({index: image.info[NOTE]} if NOTE in image.info else {})
+                self._keep_note(index, image)
         self._caption_chunk(list(images), images, request, results)
 
     def _caption_chunk(self, chunk: list[int], decoded: dict[int, Image.Image], request: Caption, results: list) -> None:
