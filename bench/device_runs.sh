@@ -3,21 +3,24 @@
 # repository root: `bash bench/device_runs.sh switch` (issue 7) or `bash bench/device_runs.sh throughput` (issue 6).
 # Writes JSON under $OUT (default ./device-out). The benchmark models are built on the GPU first (~90 s) unless
 # /tmp/vlmux-bench already holds them (a machine kept warm between calls).
-# fastsafetensors is not on the device: carry its wheel in .wheels/ (pip download fastsafetensors==0.5.0 --no-deps
-# --only-binary=:all: --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 -d .wheels).
+# Packages the device image lacks travel as wheels in .whl/ (gitignored; name .whl in the call's carry): the device
+# README's `pip download --no-deps --only-binary=:all: --python-version 3.12 ... -d .whl NAME==VERSION`, one version
+# of each. `switch` wants fastsafetensors; `quant` bitsandbytes and torchao; `serve` and `stress` fastapi, starlette,
+# uvicorn, pydantic, pydantic-core, annotated-types, typing-inspection, opentelemetry-api and openai with jiter,
+# distro, sniffio, httpx2, httpcore2, truststore, idna, anyio, h11, typing-extensions (the versions pip list shows here).
 set -uo pipefail
 OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 MODELS=/tmp/vlmux-bench
+ls .whl/*.whl >/dev/null 2>&1 &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 shapes() {
     python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from shapes import build_shape
 for s in ('2b', '7b'): build_shape(Path('$MODELS') / f'qwen2-vl-{s}', s)" 2>&1 | grep -v '^Writing' | tail -2
 }
 case "${1:-}" in
 switch)  # issue 7: pinned spares on a GPU, the switch goals, the memory estimate, a cold-disk load
-    ls .wheels/fastsafetensors-*.whl >/dev/null 2>&1 &&
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/fastsafetensors-*.whl
     timeout 100 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_gpu.py -k "pinned or warm_spare" 2>&1 | tail -3
     shapes
     timeout 140 python3 bench/switch.py --methods vlmux,vlmux_pinned --rounds 6 --out "$OUT/switch.json" 2>&1 | tail -8
@@ -52,11 +55,6 @@ switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, pre
         | tail -4
     ;;
 quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4, fp8; images/s on the 2B workload, residue after unload
-    # bitsandbytes and torchao are not on the device: carry their wheels in .wheels/ (pip download bitsandbytes torchao
-    # --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 -d .wheels).
-    ls .wheels/bitsandbytes-*.whl .wheels/torchao-*.whl >/dev/null 2>&1 &&
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .wheels/bitsandbytes-*.whl \
-            .wheels/torchao-*.whl
     shapes
     timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_quantize.py 2>&1 | tail -3
     timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,fp8 --images 512 --out "$OUT/quant.json" \
@@ -91,10 +89,6 @@ first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new)
     done
     ;;
 serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one, 500 mixed requests at 32 at once
-    # Not on the device image: fastapi, starlette, uvicorn, pydantic (+ core, annotated-types, typing-inspection),
-    # openai (+ jiter, distro, sniffio): carry their wheels in .whl/ (device README) and name .whl in carry.
-    ls .whl/*.whl >/dev/null 2>&1 &&
-        python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     shapes
     timeout 420 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4

@@ -2,8 +2,8 @@
 Qwen2-VL 2B and 7B shapes on a GPU), a load generator on loopback sending mixed chat requests through the OpenAI API
 (most to one model), then switches by hand, each unload's residue read from /api/unload and /api/ps.
 
-Writes JSON: latency and time-to-first-token percentiles (the worker answers in one piece, so the first token comes
-with the last), answers by status, switches (loads on demand) and their seconds, and the residue after each unload.
+Writes JSON: latency and time-to-first-token percentiles (streamed: the first token is the first content chunk after
+the loading notice), answers by status, switches (loads on demand) and their seconds, and the residue after each unload.
 
 Usage: python bench/serve_load.py [--requests 500] [--concurrency 32] [--share 0.8] [--out FILE]   (on a GPU)
        python bench/serve_load.py --tiny --requests 60                                           (CPU, tiny models)
