@@ -90,7 +90,7 @@ first-request)  # issue 15: the `vlmux caption` row interleaved, this tree (new)
     ;;
 serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one, 500 mixed requests at 32 at once
     shapes
-    timeout 420 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 \
+    timeout 330 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 --minutes ${MINUTES:-5} \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
 *)

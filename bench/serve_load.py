@@ -37,6 +37,7 @@ def main() -> None:
     parser.add_argument("--share", type=float, default=0.8, help="share of the requests to the first model")
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--switches", type=int, default=4, help="unload-then-ask rounds after the load, for residue")
+    parser.add_argument("--minutes", type=float, help="send no request after this (a device call's limit): rows cut")
     parser.add_argument("--tiny", action="store_true", help="two tiny models on the CPU (no budget to hold)")
     parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"))
     parser.add_argument("--out", type=Path)
@@ -44,7 +45,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         models, options = _models(args, Path(scratch))
         with served(*[f"--model={name}={path}" for name, path in models.items()], "--max-queue", "100000",
-                    "--keep-alive", "-1", *options, timeout=600) as (_, url):
+                    "--keep-alive", "-1", *options, timeout=600,
+                    log=str(args.out.with_suffix(".log")) if args.out else None) as (_, url):
             result = asyncio.run(_run(url, list(models), args))
     result.update(environment=environment(), models={k: str(v) for k, v in models.items()}, server_options=options,
                   requests=args.requests, concurrency=args.concurrency, share=args.share, max_tokens=args.max_tokens)
@@ -89,10 +91,16 @@ async def _run(url: str, names: list[str], args) -> dict:
     gate = asyncio.Semaphore(args.concurrency)
     records = []
 
+    cutoff = time.perf_counter() + args.minutes * 60 if args.minutes else float("inf")
+
     async def one(model: str, image: str) -> None:
         async with gate:
             started = time.perf_counter()
-            first, status, tokens = None, 200, 0
+            if started > cutoff:
+                records.append({"model": model, "status": "not_sent", "seconds": 0.0, "first_token": None,
+                                "tokens": 0, "message": f"after --minutes {args.minutes}"})
+                return
+            first, status, tokens, message = None, 200, 0, None
             try:
                 stream = await client.chat.completions.create(
                     model=model, max_tokens=args.max_tokens, temperature=0, stream=True,
@@ -105,14 +113,22 @@ async def _run(url: str, names: list[str], args) -> dict:
                     if chunk.usage:
                         tokens = chunk.usage.completion_tokens
             except openai.APIStatusError as e:
-                status = e.status_code
+                status, message = e.status_code, str(e)
             except openai.APIError as e:  # an error event inside the stream
-                status = getattr(e, "code", None) or 500
+                status, message = getattr(e, "code", None) or 500, str(e)
             records.append({"model": model, "status": status, "seconds": time.perf_counter() - started,
-                            "first_token": first, "tokens": tokens})
+                            "first_token": first, "tokens": tokens, "message": message})
+
+    async def progress() -> None:
+        while True:
+            await asyncio.sleep(20)
+            print(f"{time.perf_counter() - started:.0f} s: {len(records)} answered, by status "
+                  f"{_count(r['status'] for r in records)}", file=sys.stderr, flush=True)
 
     started = time.perf_counter()
+    reporter = asyncio.create_task(progress())
     await asyncio.gather(*(one(model, image) for model, image in plan))
+    reporter.cancel()
     wall = time.perf_counter() - started
     ok = [r for r in records if r["status"] == 200]  # the switch rounds below add theirs after this
     by_status = _count(r["status"] for r in records)
@@ -125,7 +141,8 @@ async def _run(url: str, names: list[str], args) -> dict:
             unloads += [{**r, "gpu_used_mib_after": [g["used"] / 2**20 for g in ps["gpus"]]} for r in released]
             await one(names[round_ % 2], images[0])
         unloads += (await http.post("/api/unload", json={})).json()["unloaded"]
-    return {"wall_seconds": wall, "answers_by_status": by_status,
+    first_errors = {str(r["status"]): r["message"] for r in reversed(records) if r["status"] != 200}
+    return {"wall_seconds": wall, "answers_by_status": by_status, "first_errors": first_errors,
             "latency": _percentiles([r["seconds"] for r in ok]),
             "time_to_first_token": _percentiles([r["first_token"] for r in ok if r["first_token"] is not None]),
             "per_model": {name: _percentiles([r["seconds"] for r in ok if r["model"] == name]) for name in names},

@@ -294,8 +294,9 @@ class Spawner:
                 spare.kill()
                 self._start_refill()
             return
-        self._warming = threading.Thread(target=self._warm, args=(requests,), name="vlmux-warm", daemon=True)
-        self._warming.start()
+        warming = threading.Thread(target=self._warm, args=(requests,), name="vlmux-warm", daemon=True)
+        warming.start()
+        self._warming = warming  # started before others can see it: they may join it
 
     def warm_for(self) -> dict[str, str] | None:
         """The environment (GPUs) the spare holds a context for, or None if it is cold or missing."""
@@ -360,5 +361,6 @@ class Spawner:
             if worker is not None:
                 worker.kill()
 
-        self._refill = threading.Thread(target=refill, name="vlmux-spare", daemon=True)
-        self._refill.start()
+        thread = threading.Thread(target=refill, name="vlmux-spare", daemon=True)
+        thread.start()
+        self._refill = thread  # started before others can see it: they may join it

@@ -88,9 +88,10 @@ def mixed_requests(count: int, models: list[str], image: str, seed: int = 0) -> 
 
 
 @contextlib.contextmanager
-def fake_gpu_server(models: dict[str, Path], max_queue: int = 100) -> Iterator[tuple[str, object, object]]:
+def fake_gpu_server(models: dict[str, Path], max_queue: int = 100, holds: int = 2
+                    ) -> Iterator[tuple[str, object, object]]:
     """`vlmux serve`'s app in a thread over `models` (name -> tiny model folder) on one fake GPU whose budget holds
-    the two largest together, never all three; yields (url, FakeGpus, FakeGpuWorkers)."""
+    the `holds` largest together, never one more; yields (url, FakeGpus, FakeGpuWorkers)."""
     from vlmux import ModelPool, PoolConfig
     from vlmux.config import GenerationSpec
     from vlmux.estimate import estimate
@@ -101,7 +102,7 @@ def fake_gpu_server(models: dict[str, Path], max_queue: int = 100) -> Iterator[t
     from vlmux.testing.server import in_thread
 
     charges = sorted(estimate(path, "auto", 1, GenerationSpec.max_new_tokens, on_gpu=True).total for path in models.values())
-    budget = charges[-2] + charges[-1] + 1
+    budget = sum(charges[-holds:]) + 1
     gpus = FakeGpus()
     workers = FakeGpuWorkers(gpus)
     pool = ModelPool(PoolConfig(vram_budget=budget, max_batch_size=1, keep_alive=300), inventory=gpus, workers=workers)

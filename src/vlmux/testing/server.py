@@ -17,13 +17,14 @@ LISTENING = re.compile(r"listening on (http://\S+) ")
 
 
 @contextlib.contextmanager
-def served(*args: str, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`vlmux serve ARGS --port 0` as a child; yields it and its URL, then stops it (SIGTERM, then SIGKILL)."""
+def served(*args: str, timeout: float = 60.0, log: str | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`vlmux serve ARGS --port 0` as a child; yields it and its URL, then stops it (SIGTERM, then SIGKILL). With
+    `log`, the server's output is copied to that file."""
     command = [sys.executable, "-m", "vlmux.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        url = _wait_for_url(process, timeout)
+        url = _wait_for_url(process, timeout, log)
         yield process, url
     finally:
         process.send_signal(signal.SIGTERM)
@@ -34,7 +35,7 @@ def served(*args: str, timeout: float = 60.0) -> Iterator[tuple[subprocess.Popen
             process.wait()
 
 
-def _wait_for_url(process: subprocess.Popen, timeout: float) -> str:
+def _wait_for_url(process: subprocess.Popen, timeout: float, log: str | None) -> str:
     deadline = time.monotonic() + timeout
     lines = []
     while time.monotonic() < deadline:
@@ -44,9 +45,21 @@ def _wait_for_url(process: subprocess.Popen, timeout: float) -> str:
         lines.append(line)
         found = LISTENING.search(line)
         if found:
-            threading.Thread(target=process.stdout.read, daemon=True).start()  # keep its pipe drained
+            threading.Thread(target=_drain, args=(process, lines, log), daemon=True).start()
             return found.group(1)
     raise RuntimeError("vlmux serve did not listen in time:\n" + "".join(lines))
+
+
+def _drain(process: subprocess.Popen, lines: list[str], log: str | None) -> None:
+    """Keep the server's pipe drained (a full pipe would block it), copying its output to `log`."""
+    if log is None:
+        process.stdout.read()
+        return
+    with open(log, "w") as out:
+        out.writelines(lines)
+        for line in process.stdout:
+            out.write(line)
+            out.flush()
 
 
 @contextlib.contextmanager

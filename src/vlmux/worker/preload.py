@@ -3,6 +3,7 @@
 Importing must not initialise CUDA: each worker creates its own context after the fork.
 """
 import vlmux.backends  # noqa: F401  (first: it quiets what importing transformers logs)
+import vlmux.worker.cuda_free
 import torch  # noqa: F401
 import transformers  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401
@@ -20,3 +21,5 @@ try:  # transformers' checkpoint renaming rules: hundreds of regular expressions
     get_checkpoint_conversion_mapping("llava")
 except (ImportError, AttributeError, TypeError):  # another transformers version: the loader pays it itself
     pass
+
+vlmux.worker.cuda_free.check_cuda_not_started("workers' fork server")
