@@ -119,11 +119,21 @@ async def _run(url: str, names: list[str], args) -> dict:
             records.append({"model": model, "status": status, "seconds": time.perf_counter() - started,
                             "first_token": first, "tokens": tokens, "message": message})
 
-    async def progress() -> None:
-        while True:
-            await asyncio.sleep(20)
-            print(f"{time.perf_counter() - started:.0f} s: {len(records)} answered, by status "
-                  f"{_count(r['status'] for r in records)}", file=sys.stderr, flush=True)
+    async def progress() -> None:  # to a file too: a device call cut by its time limit loses the pipe's tail
+        log = args.out.with_suffix(".progress") if args.out else None
+        async with httpx.AsyncClient(base_url=url, timeout=30) as http:
+            while True:
+                await asyncio.sleep(15)
+                try:
+                    states = {m["name"]: m["state"] for m in (await http.get("/api/ps")).json()["models"]}
+                except (httpx.HTTPError, KeyError, ValueError) as e:
+                    states = repr(e)
+                line = (f"{time.perf_counter() - started:.0f} s: {len(records)} answered, by status "
+                        f"{_count(r['status'] for r in records)}; models {states}")
+                print(line, file=sys.stderr, flush=True)
+                if log is not None:
+                    with open(log, "a") as f:
+                        print(line, file=f)
 
     started = time.perf_counter()
     reporter = asyncio.create_task(progress())

@@ -39,6 +39,7 @@ class Service:
         self._limits: dict[str, asyncio.Semaphore] = {}
         self._held = 0  # chat requests admitted and not yet answered
         self._loader = ThreadPoolExecutor(16, thread_name_prefix="vlmux-serve-load")
+        self._reported: dict[str, object] = {}  # per model, the last release already counted
         self._seen: dict[str, str] = {}  # model -> state at the last look
         self._residue_due: set[str] = set()  # unloaded models whose release is not yet reported
         self._looking = threading.Lock()
@@ -230,6 +231,7 @@ class Service:
                 if state in ("ready", "sleeping") and self._seen.get(name) not in ("ready", "sleeping"):
                     self.history.event(name, "load")
                     self.metrics.loads.labels(name).inc()
+                    print(f"vlmux serve: {name} loaded", flush=True)
             for name, state in self._seen.items():
                 if state in ("ready", "sleeping") and states.get(name) not in ("ready", "sleeping"):
                     self.history.event(name, "unload")
@@ -237,9 +239,11 @@ class Service:
                     self._residue_due.add(name)
             for name in list(self._residue_due):
                 release = self.pool.last_release.get(name)
-                if release is not None and name not in states:
+                if release is not None and name not in states and release is not self._reported.get(name):
+                    self._reported[name] = release  # the same object again is the previous unload's, not this one's
                     self.metrics.residue.labels(name).set(release.residue_mib or 0.0)
                     self._residue_due.discard(name)
+                    print(f"vlmux serve: {name} unloaded: {release}", flush=True)
             self._seen = states
             self.metrics.models(states, held)
             if self.inventory.status() is None:
