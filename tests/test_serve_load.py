@@ -101,3 +101,38 @@ def test_2000_requests_at_concurrency_64_are_all_answered_right_and_leave_no_wor
         assert text == expected[request["model"], request["messages"][0]["content"][1]["text"]]
     assert sum(1 for e in workers.events if e.what == "loaded") > 3  # the budget made models take turns
     unload_all(url, gpus, workers)
+
+
+def test_a_model_waiting_for_a_busy_ones_memory_goes_before_that_models_later_requests(tiny_models):
+    """A GPU that holds one model: while `a` answers a stream that never pauses, a request for `b` is answered,
+    before the stream ends (`a`'s new requests wait their turn) and long before the pool's wait for room runs out."""
+    models = {"a": tiny_models["qwen2_vl"], "b": tiny_models["llava"]}
+    image = picture("red")
+
+    async def run(url: str) -> tuple[float, int, int]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            assert (await _send(client, url, body("a", "Describe it.", image))).status_code == 200
+            b_done = asyncio.Event()
+            a_after_b: list[int] = []
+
+            async def stream_to_a(delay: float) -> None:  # callers of `a`, each asking again at once, until b is
+                await asyncio.sleep(delay)  # answered; started apart, so some always wait while others are answered
+                while not b_done.is_set():
+                    response = await _send(client, url, body("a", "Describe it.", image))
+                    if b_done.is_set():
+                        a_after_b.append(response.status_code)
+
+            streams = [asyncio.create_task(stream_to_a(i * 0.05)) for i in range(8)]
+            await asyncio.sleep(1.0)
+            started = asyncio.get_running_loop().time()
+            answer = await asyncio.wait_for(_send(client, url, body("b", "Describe it.", image)), 50)
+            waited = asyncio.get_running_loop().time() - started
+            b_done.set()
+            await asyncio.gather(*streams)
+            return waited, answer.status_code, len(a_after_b)
+
+    with fake_gpu_server(models, holds=1) as (url, gpus, workers):
+        waited, status, a_finished_later = asyncio.run(run(url))
+        unload_all(url, gpus, workers)
+    assert status == 200 and a_finished_later == 8  # the stream to a was still running when b answered
+    print(f"\nb answered after {waited:.1f} s while a's stream went on")

@@ -18,6 +18,7 @@ from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.pool.inprocess import InProcessWorkers
 from vlmux.pool.placement import PlacementError, WorkerPlacement, place, select_gpus
 from vlmux.pool.process import Spawner
+from vlmux.pool.room import Needs
 from vlmux.pool.runner import ModelStatus, State
 from vlmux.pool.scheduler import Scheduler
 from vlmux.pool.workers import GpuInventory, WorkerFactory
@@ -74,7 +75,7 @@ class ModelPool:
         else:
             gpu = self._scheduler.gpu(spec.device)
             chosen = [] if gpu is None else [inventory.memory(gpu)]
-        needs = self._scheduler.needs(spec, path, max_new_tokens or GenerationSpec.max_new_tokens, bool(chosen))
+        needs = Needs.of(spec, path, max_new_tokens or GenerationSpec.max_new_tokens, bool(chosen), self.config.max_batch_size)
         booked = self._scheduler.booked()
         try:
             return place(needs.largest, chosen, replicas, self.config.vram_budget, booked)
@@ -127,6 +128,11 @@ class ModelPool:
 
     def wake(self, name: str) -> None:
         self.submit(name, Wake()).result()
+
+    def awaited(self, name: str) -> bool:
+        """Whether a load waits for `name` to go idle to take its memory: a caller that holds back new requests for
+        it meanwhile lets that load go first (first come, first served across models on a full GPU)."""
+        return self._scheduler.awaited(name)
 
     def close(self, kill: bool = False) -> None:
         """Stop every worker (loads and unloads under way included); returns once each release is verified.

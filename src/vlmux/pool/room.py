@@ -3,11 +3,15 @@ to wait for; or, when only busy runners hold the room, `MustWait`; or, when the 
 Called by the scheduler with its lock held."""
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
+from pathlib import Path
 
+from vlmux.config import ModelSpec
 from vlmux.errors import PoolFull
+from vlmux.estimate import MAX_AUTO_BATCH, Estimate, estimate
 from vlmux.pool.runner import SERVING, Runner, State
 
 GIB = 2**30
@@ -15,6 +19,28 @@ GIB = 2**30
 
 class MustWait(PoolFull):
     """Busy runners hold the room: a load waits for one to go idle, and raises this as PoolFull if none does."""
+
+    def __init__(self, message: str, holders: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.holders = holders  # the busy models whose going idle would make the room
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What a model takes on a GPU with its smallest and its largest batch."""
+
+    smallest: Estimate
+    largest: Estimate
+
+    @classmethod
+    def of(cls, spec: ModelSpec, path: Path, tokens: int, on_gpu: bool, fixed_batch: int | None) -> "Needs":
+        """Both the fixed batch size when one is set."""
+        return cls(estimate(path, spec.dtype, fixed_batch or 1, tokens, on_gpu, spec.quantize),
+                   estimate(path, spec.dtype, fixed_batch or MAX_AUTO_BATCH, tokens, on_gpu, spec.quantize))
+
+    def charge(self, room: int) -> int:
+        """What a new runner books: room for its largest batch if `room` holds it, else for its smallest."""
+        return self.largest.total if self.largest.total <= room else self.smallest.total
 
 
 @dataclass(frozen=True)
@@ -32,7 +58,9 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
     here = [r for r in runners if gpu.index in r.placement.gpus and r not in chosen]
     booked = gpu.booked - sum(r.placement.booked().get(gpu.index, 0) for r in chosen)
     free = gpu.free
-    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0 and not r.pinned), key=lambda r: r.last_used)
+    now = time.monotonic()
+    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0 and not r.pinned and r.fresh_until <= now),
+                  key=lambda r: r.last_used)
     victims: list[Runner] = []
     while booked + need > gpu.budget or need > free:
         if idle:
@@ -53,6 +81,6 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
                    "Raise --vram-budget, lower --batch-size, or unload a model.")
         room_once_idle = sum(r.placement.booked()[gpu.index] for r in busy if not r.pinned)
         if busy and booked - room_once_idle + need <= gpu.budget:
-            raise MustWait(message)
+            raise MustWait(message, tuple(r.name for r in busy if not r.pinned))
         raise PoolFull(message)
     return victims, []

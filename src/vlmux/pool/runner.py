@@ -93,6 +93,7 @@ class Runner:
         self.requests = 0
         self.batches = 0
         self.last_used = time.monotonic()
+        self.fresh_until = 0.0  # until then, a load that needs its room waits: its loaders' requests are on the way
         self.changed = threading.Condition(lock)  # new work, a state change, or in_flight reaching 0
         self.answered = threading.Event()  # it has answered a request and has none left (the spare warms then)
         self.stopped: Future = Future()  # its Release, once the worker is gone

@@ -6,33 +6,28 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import Counter
 import time
 from concurrent.futures import Future, InvalidStateError, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
-from vlmux.estimate import MAX_AUTO_BATCH, Estimate, estimate
 from vlmux.hub import resolve_model
 from vlmux.pool import vram
 from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import VerifiedRelease
-from vlmux.pool.room import GpuRoom, MustWait, make_room
+from vlmux.pool.room import GpuRoom, MustWait, Needs, make_room
 from vlmux.pool.runner import SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
 from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
 
 
-@dataclass(frozen=True)
-class Needs:
-    """What a model takes on a GPU with its smallest and its largest batch."""
-
-    smallest: Estimate
-    largest: Estimate
+FRESH_SECONDS = 1.0  # a model just loaded is not evicted for a waiting load before those who loaded it get to ask
 
 
 class Scheduler:
@@ -47,6 +42,7 @@ class Scheduler:
         self._baselines: dict[int, int] = {}  # per GPU: memory NVML booked to no process before our first load
         self._closed = False
         self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
+        self._awaited: Counter[str] = Counter()  # per model, the loads waiting for it to go idle
         self._exits = ExitWatch(self._on_exit)
         self.spare = WarmSpare(config, workers, self)
 
@@ -62,39 +58,49 @@ class Scheduler:
         path = resolve_model(spec.model, spec.revision)
         tokens = max_new_tokens or Load.max_new_tokens
         on_gpu = bool(placement.gpus) if placement is not None else self.gpu(spec.device) is not None
-        needs = self.needs(spec, path, tokens, on_gpu)
+        needs = Needs.of(spec, path, tokens, on_gpu, self.config.max_batch_size)
         deadline = time.monotonic() + self.config.wait_for_room
-        while True:
+        holders: tuple[str, ...] = ()  # the models this load waits for, counted in _awaited while it waits
+        try:
+            while True:
+                with self._lock:
+                    self._check_open()
+                    runner = self._runners.get(name)
+                    if runner is None or runner.state is State.DEAD:
+                        try:
+                            runner, victims, waiting = self._decide(spec, path, name, placement, needs)
+                        except MustWait as busy:
+                            self._awaited.subtract(holders)
+                            holders = busy.holders
+                            self._awaited.update(holders)
+                            if time.monotonic() >= deadline:
+                                raise PoolFull(f"{busy} (waited {self.config.wait_for_room:g} s for one to go idle)"
+                                               ) from None
+                            self._room.wait(min(FRESH_SECONDS, deadline - time.monotonic()))  # freshness ends unsaid
+                            continue
+                        if not waiting:
+                            break
+                if runner is not None and runner.state is not State.DEAD:
+                    return self._await_loaded(runner)
+                wait(waiting)
+        finally:
             with self._lock:
-                self._check_open()
-                runner = self._runners.get(name)
-                if runner is None or runner.state is State.DEAD:
-                    try:
-                        runner, victims, waiting = self._decide(spec, path, name, placement, needs)
-                    except MustWait as busy:
-                        if not self._room.wait(max(0.0, deadline - time.monotonic())):
-                            raise PoolFull(f"{busy} (waited {self.config.wait_for_room:g} s for one to go idle)") from None
-                        continue
-                    if not waiting:
-                        break
-            if runner is not None and runner.state is not State.DEAD:
-                return self._await_loaded(runner)
-            wait(waiting)
+                self._awaited.subtract(holders)
         self._stop_all(victims)
         return self._start(runner, tokens)
 
-    def needs(self, spec: ModelSpec, path: Path, tokens: int, on_gpu: bool) -> Needs:
-        """What the model takes with its smallest and its largest batch (both the fixed max_batch_size if set)."""
-        fixed = self.config.max_batch_size
-        return Needs(estimate(path, spec.dtype, fixed or 1, tokens, on_gpu, spec.quantize),
-                     estimate(path, spec.dtype, fixed or MAX_AUTO_BATCH, tokens, on_gpu, spec.quantize))
+    def awaited(self, name: str) -> bool:
+        """Whether a load waits for `name` to go idle to take its memory."""
+        with self._lock:
+            return self._awaited[name] > 0
 
     def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None,
                 needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:
         """With the lock held: a new runner and the idle runners to evict for it, or the releases to wait for."""
         if placement is None:
             gpu = self.gpu(spec.device)
-            placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (self._charge(gpu, needs),))
+            room = None if gpu is None else min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
+            placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (needs.charge(room),))
         victims: list[Runner] = []
         for gpu, charge in placement.booked().items():
             self._baselines.setdefault(gpu, vram.unattributed(gpu, self.inventory))
@@ -113,11 +119,6 @@ class Scheduler:
             del self._runners[victim.name]
             self._retire(victim, ModelNotLoaded(f"{victim.name} was evicted"))
         return runner, victims, []
-
-    def _charge(self, gpu: int, needs: Needs) -> int:
-        """What a new runner books on `gpu`: room for its largest batch if the GPU has it now, else its smallest."""
-        room = min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
-        return needs.largest.total if needs.largest.total <= room else needs.smallest.total
 
     def _start(self, runner: Runner, tokens: int) -> Runner:
         """Load the runner's worker, without the lock; a spare that died while it waited gets one replacement."""
@@ -145,6 +146,7 @@ class Scheduler:
             cancelled = runner.state is State.STOPPING
             if isinstance(reply, Loaded) and not cancelled:
                 runner.loaded, runner.state = reply, State.READY
+                runner.fresh_until = time.monotonic() + FRESH_SECONDS
                 runner.start(self._on_idle, self._on_death, self.config.request_timeout)
                 if runner.worker.sentinel is not None:
                     self._exits.watch(runner.worker.sentinel, runner)
@@ -370,13 +372,10 @@ class Scheduler:
 
     def _booked(self) -> dict[int, int]:
         """Bytes per GPU that our runners are counted for, until each one's release is verified."""
-        booked: dict[int, int] = {}
+        booked: Counter[int] = Counter()
         for runner in [*self._runners.values(), *self._stopping]:
-            if runner.stopped.done():
-                continue
-            for gpu, size in runner.placement.booked().items():
-                booked[gpu] = booked.get(gpu, 0) + size
-        return booked
+            booked.update({} if runner.stopped.done() else runner.placement.booked())
+        return dict(booked)
 
     def _budget(self, gpu: int) -> int:
         total = self.inventory.memory(gpu).total

@@ -27,6 +27,7 @@ from vlmux.serve.settings import ModelEntry, ServeConfig
 
 WATCH_SECONDS = 0.5
 SUBMIT_DEADLINE = 300.0  # seconds a request keeps reloading a model that others' loads keep evicting
+YIELD_POLL = 0.02  # seconds between looks while a new request lets another model's waiting load go first
 
 
 class Service:
@@ -167,6 +168,8 @@ class Service:
             deadline = time.monotonic() + SUBMIT_DEADLINE
             told = False
             while True:
+                while not told and self.pool.awaited(entry.name) and time.monotonic() < deadline:
+                    await asyncio.sleep(YIELD_POLL)  # another model's load waits for this one's memory: it goes first
                 try:
                     future = self.pool.submit(entry.name, payload, on_text)
                     break
