@@ -21,6 +21,7 @@ from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
 STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
+START_RETRY = 30.0  # seconds a fork server that failed to start is not started again (each start imports torch)
 PID_BYTES = 8  # as worker/forkserver.py sends them
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder this vlmux is imported from
 
@@ -32,6 +33,7 @@ class ForkServer:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._control: socket.socket | None = None
+        self._failed: tuple[float, str] | None = None  # when starting it last failed, and how
 
     def ensure_running(self) -> None:
         with self._lock:
@@ -42,6 +44,8 @@ class ForkServer:
         ours, theirs = socket.socketpair()
         try:
             with self._lock:
+                if self._failed is not None and time.monotonic() - self._failed[0] < START_RETRY:
+                    raise RuntimeError(f"{self._failed[1]}; not started again for {START_RETRY:g} s")
                 for _ in range(2):  # a server that died since the last fork gets one replacement
                     self._start_if_gone()
                     try:
@@ -54,10 +58,12 @@ class ForkServer:
                     for fd in fds:
                         os.close(fd)
                     code = self._stop()
+                self._failed = (time.monotonic(), f"the vlmux fork server exited with code {code} before forking a "
+                                "worker (see its error above)")
+                raise RuntimeError(self._failed[1])
         finally:
             theirs.close()
             ours.close()
-        raise RuntimeError(f"the vlmux fork server exited with code {code} before forking a worker (see its error above)")
 
     def _start_if_gone(self) -> None:
         if self._process is not None and self._process.poll() is None:
