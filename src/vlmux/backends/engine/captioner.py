@@ -21,11 +21,15 @@ class EngineUnsupported(ValueError):
     """A model that decode mode `engine` cannot run."""
 
 
+def check_family(model_type: str) -> None:
+    if model_type not in SUPPORTED:
+        raise EngineUnsupported(f"decode 'engine' runs {', '.join(SUPPORTED)}, not {model_type!r}; "
+                                "use decode 'auto', 'dynamic', 'static' or 'compiled' for it")
+
+
 def check_model(model: torch.nn.Module) -> None:
     config = model.config
-    if config.model_type not in SUPPORTED:
-        raise EngineUnsupported(f"decode 'engine' runs {', '.join(SUPPORTED)}, not {config.model_type!r}; "
-                                "use decode 'auto', 'dynamic', 'static' or 'compiled' for it")
+    check_family(config.model_type)
     if getattr(config, "quantization_config", None) is not None:
         raise EngineUnsupported("decode 'engine' runs 16- and 32-bit weights only, not a quantised model")
     if len(set(getattr(model, "hf_device_map", {"": 0}).values())) > 1:

@@ -62,7 +62,8 @@ class Attention:
     def of(cls, shape: TextShape, index: int, module: torch.nn.Module) -> Attention:
         projections = (module.q_proj, module.k_proj, module.v_proj)
         q_norm, k_norm = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
-        return cls(shape, index, fused(projections), fused(projections, "bias"), module.o_proj.weight, module.o_proj.bias,
+        out = module.o_proj
+        return cls(shape, index, fused(projections), fused(projections, "bias"), out.weight, out.bias,
                    None if q_norm is None else q_norm.weight, None if k_norm is None else k_norm.weight)
 
     def heads(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -70,7 +71,8 @@ class Attention:
         rows, tokens, _ = x.shape
         s = self.shape
         sizes = (s.heads * s.head_dim, s.kv_heads * s.head_dim, s.kv_heads * s.head_dim)
-        q, k, v = (t.view(rows, tokens, -1, s.head_dim) for t in functional.linear(x, self.qkv, self.qkv_bias).split(sizes, -1))
+        projected = functional.linear(x, self.qkv, self.qkv_bias).split(sizes, -1)
+        q, k, v = (t.view(rows, tokens, -1, s.head_dim) for t in projected)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, s.eps), rms_norm(k, self.k_norm, s.eps)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))
@@ -135,7 +137,8 @@ class LanguageModel:
 
     def __init__(self, shape: TextShape, embed: torch.Tensor, layers: list[DecoderLayer], norm: torch.Tensor,
                  head: torch.Tensor, rotary: torch.nn.Module) -> None:
-        self.shape, self.embed, self.layers, self.norm, self.head, self.rotary = shape, embed, layers, norm, head, rotary
+        self.shape, self.embed, self.layers = shape, embed, layers
+        self.norm, self.head, self.rotary = norm, head, rotary
 
     @classmethod
     def from_transformers(cls, model: torch.nn.Module) -> LanguageModel:

@@ -25,6 +25,7 @@ class RunStats:
     decode_steps: int = 0
     decoded_tokens: int = 0  # over all decode steps: the rows each step decoded
     widest_step: int = 0  # the most rows one decode step decoded
+    answer_lengths: list[int] = field(default_factory=list)  # tokens per row, its end-of-sequence token included
 
 
 @dataclass
@@ -74,6 +75,7 @@ class Runner:
                 stats.decoded_tokens += len(slots.rows)
                 stats.widest_step = max(stats.widest_step, len(slots.rows))
                 self._accept(logits, 0, slots, answers, sampling, generator)
+        stats.answer_lengths = [len(answer) for answer in answers]
         return answers, stats
 
     def _prefill(self, group: list[Prompt], slots: Slots, rows: list[int]) -> torch.Tensor:
