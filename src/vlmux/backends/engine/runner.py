@@ -50,7 +50,8 @@ class Runner:
 
     @torch.inference_mode()
     def run(self, prompts: list[Prompt], sampling: Sampling) -> tuple[list[list[int]], RunStats]:
-        """Each prompt's answer tokens (its end-of-sequence token included, as generate returns it)."""
+        """Each prompt's answer tokens (its end-of-sequence token included, as generate returns it). Empties
+        `prompts`: a row's embeddings are dropped once it is prefilled (a batch's worth of device memory)."""
         longest = max(prompt.length for prompt in prompts) + sampling.max_new_tokens - 1
         if longest > self.config.max_length:
             raise ValueError(f"a row needs {longest} cache tokens; this runner holds {self.config.max_length}")
@@ -60,15 +61,15 @@ class Runner:
         generator = None
         if sampling.seed is not None:
             generator = torch.Generator(self.model.device).manual_seed(sampling.seed)
-        waiting, answers = deque(range(len(prompts))), [[] for _ in prompts]
+        waiting, answers = deque(enumerate(prompts)), [[] for _ in prompts]
         slots, stats = Slots(), RunStats(rows=len(prompts))
+        prompts.clear()
         while waiting or slots.rows:
             free = self.config.slots - len(slots.rows)
             if waiting and free:
-                group = [waiting.popleft() for _ in range(min(free, len(waiting)))]
-                logits = self._prefill([prompts[row] for row in group], slots, group)
+                logits = self._prefill([waiting.popleft() for _ in range(min(free, len(waiting)))], slots)
                 stats.prefills += 1
-                self._accept(logits, len(slots.rows) - len(group), slots, answers, sampling, generator)
+                self._accept(logits, len(slots.rows) - logits.shape[0], slots, answers, sampling, generator)
             if slots.rows:
                 logits = self._decode(slots)
                 stats.decode_steps += 1
@@ -78,7 +79,9 @@ class Runner:
         stats.answer_lengths = [len(answer) for answer in answers]
         return answers, stats
 
-    def _prefill(self, group: list[Prompt], slots: Slots, rows: list[int]) -> torch.Tensor:
+    def _prefill(self, taking: list[tuple[int, Prompt]], slots: Slots) -> torch.Tensor:
+        """Waiting rows (index, prompt) into the first free slots; returns the logits of their first answer token."""
+        rows, group = [row for row, _ in taking], [prompt for _, prompt in taking]
         first = len(slots.rows)
         taken = torch.arange(first, first + len(group), device=self.model.device)
         packed = pack(group)
