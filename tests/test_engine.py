@@ -127,10 +127,13 @@ def test_sampling_follows_the_seed(qwen_models):
     assert sampled[0] != captions(engine, GenerationSpec(max_new_tokens=TOKENS))
 
 
-def test_captions_survive_sleep_and_wake(qwen_models):
+def test_the_cache_grows_for_a_wider_batch_and_captions_survive_sleep_and_wake(qwen_models):
     engine = backend(qwen_models["qwen2_5_vl"], "engine")
     gen = GenerationSpec(max_new_tokens=TOKENS)
+    first = engine.generate(engine.prepare(pictures()[:2], list(PROMPTS[:2])), gen)
+    assert engine.engine.runner.config.slots == 2
     before = captions(engine, gen)
+    assert engine.engine.runner.config.slots == len(PROMPTS) and before[:2] == first
     engine.sleep()
     engine.wake()
     assert captions(engine, gen) == before

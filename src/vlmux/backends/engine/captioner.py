@@ -70,11 +70,10 @@ class EngineCaptioner:
 
     def _runner(self, rows: int, length: int) -> Runner:
         slots = min(rows, self.max_slots or rows)
-        current = self.runner
-        if current is None or current.config.slots < slots or current.config.max_length < length:
-            wanted = EngineConfig(max(slots, current.config.slots if current else 0),
-                                  bucketed(max(length, current.config.max_length if current else 0)), self.cuda_graphs)
-            self.runner = current = None  # the old cache goes before the new one is allocated
+        held = self.runner.config if self.runner is not None else EngineConfig(1, 2)
+        if self.runner is None or held.slots < slots or held.max_length < length:
+            self.runner = None  # the old cache goes before the new one is allocated
+            wanted = EngineConfig(max(slots, held.slots), bucketed(max(length, held.max_length)), self.cuda_graphs)
             self.runner = Runner(self.language, wanted)
         return self.runner
 
