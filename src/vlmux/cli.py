@@ -86,7 +86,8 @@ def _parser() -> argparse.ArgumentParser:
                          help="weight precision (default auto: bfloat16 where the GPU has it, float16 on older GPUs, "
                               "float32 on the CPU)")
     caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
-                         help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker)")
+                         help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker) | "
+                              "engine (vlmux's own runner, Qwen2-VL family)")
     caption.add_argument("--quantize", action=_PerModel, choices=QUANTIZE_METHODS,
                          help="quantise a 16-bit checkpoint on load: 4bit | 8bit (bitsandbytes), fp8 (fine-grained, a "
                               "Hopper GPU), torchao-int4 | torchao-int8 (pip install 'vlmux[bnb]' or 'vlmux[torchao]'); "

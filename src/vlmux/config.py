@@ -9,8 +9,9 @@ DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # How captions are decoded: auto (dynamic, except caption jobs long enough to pay for a compile on a GPU:
 # caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
-# torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks).
-DECODE_MODES = ("auto", "dynamic", "static", "compiled")
+# torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks), engine (vlmux's own runner for
+# the Qwen2-VL family: backends/engine/).
+DECODE_MODES = ("auto", "dynamic", "static", "compiled", "engine")
 # Images decoding to more pixels are refused as possible decompression bombs: Pillow's 89.5 MP would refuse real
 # 100-200 MP photos. JPEGs count at their draft size (images.load_image).
 MAX_PIXELS = 200_000_000

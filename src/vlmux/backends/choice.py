@@ -7,6 +7,7 @@ from pathlib import Path
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from vlmux.backends.base import Backend
+from vlmux.backends.engine.captioner import EngineUnsupported, check_family
 from vlmux.config import ModelSpec
 from vlmux.estimate import read_json
 
@@ -18,6 +19,9 @@ class RemoteCodeRefused(ValueError):
 def backend_for(spec: ModelSpec, path: str) -> Backend:
     config = read_json(Path(path) / "config.json")
     if config.get("auto_map") and spec.trust_remote_code:
+        if spec.decode == "engine":
+            check_family(config.get("model_type", ""))
+            raise EngineUnsupported("decode 'engine' runs transformers' own classes, not a model's remote code")
         from vlmux.backends.remote import RemoteCodeBackend
 
         return RemoteCodeBackend(spec, path)

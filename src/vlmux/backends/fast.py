@@ -29,14 +29,15 @@ MEMORY_SHARE = 0.8  # of the free memory after loading, the rest for the allocat
 class FastConfig:
     static_cache: bool
     compile: bool
+    engine: bool = False  # vlmux's own runner (backends/engine/) instead of generate, for captions
 
     @classmethod
     def for_device(cls, mode: str, device: str) -> "FastConfig":
         if mode == "auto":
             # A compile stalls a worker's first batch far longer than an answer takes: a model switch's first answer
             # must not pay it. Caption jobs long enough to pay for it ask for "compiled" (caption.plan.job_decode).
-            mode = "dynamic"
-        return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled")
+            mode = "dynamic"  # not "engine" until GPU measurements show it pays (issue 17)
+        return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled", engine=mode == "engine")
 
     @property
     def pads_batches(self) -> bool:

@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
+from vlmux.backends.engine.captioner import EngineCaptioner, check_family
 from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
 from vlmux.backends.fast import (
     FastConfig, compile_vision_blocks, fitting_batch, generate_options, pad_rows, prepare_compile, to_device,
@@ -124,6 +125,8 @@ class TransformersBackend(Resident):
             prepare_compile()
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self._unpin_after_answer = False
+        if self.fast.engine:  # a family the engine cannot run is refused before its weights are read
+            check_family(read_json(Path(path) / "config.json").get("model_type", ""))
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # driver work, overlapped with reading the processor
@@ -152,6 +155,7 @@ class TransformersBackend(Resident):
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
         self.attention = use_fast_attention(self.model, packed_vision=self.fast.compile)
         self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.compile else 0
+        self.engine = self._engine()
         self._host_state: dict[str, torch.Tensor] | None = None
         self._config = read_json(Path(path) / "config.json")
         self._image_budget = image_budget(Path(path), self._config)
@@ -179,6 +183,17 @@ class TransformersBackend(Resident):
         self.timings["stream"] = time.perf_counter() - start - self.timings["empty_model"]
         self.timings["stream_gb"] = size / 1e9
         return model
+
+    def _engine(self) -> EngineCaptioner | None:
+        return EngineCaptioner(self.model, self.tokenizer.pad_token_id) if self.fast.engine else None
+
+    def sleep(self) -> None:
+        self.engine = None  # its fused weights and cache would hold device memory through the sleep
+        super().sleep()
+
+    def wake(self) -> None:
+        super().wake()
+        self.engine = self._engine()
 
     def caption(self, images: list[Image.Image], prompts: list[str], gen: GenerationSpec) -> list[str]:
         return self.generate(self.prepare(images, prompts), gen)
@@ -234,6 +249,8 @@ class TransformersBackend(Resident):
             for value in inputs.values():
                 if isinstance(value, torch.Tensor) and value.is_cuda:
                     value.record_stream(stream)  # freed after this batch: not reused while its kernels may still run
+        if self.engine is not None:  # captions through vlmux's own runner; chat stays on generate (it streams)
+            return self._generate(inputs, gen, {}, prepared.rows, engine=True)
         rows = inputs["input_ids"].shape[0]
         if self.fast.compile and rows < self._compiled_rows:
             fast = {}  # a batch split after running out of memory: eager beats compiling a graph for it
@@ -287,13 +304,14 @@ class TransformersBackend(Resident):
                                    "length" if completion >= gen.max_new_tokens else "stop"))
         return answers
 
-    def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None) -> list[str]:
-        new_tokens = self._generate_tokens(inputs, gen, fast, rows)
+    def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None,
+                  engine: bool = False) -> list[str]:
+        new_tokens = self._generate_tokens(inputs, gen, fast, rows, engine)
         return [text.strip() for text in self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)]
 
     @torch.inference_mode()
     def _generate_tokens(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any],
-                         rows: int | None = None) -> torch.Tensor:
+                         rows: int | None = None, engine: bool = False) -> torch.Tensor:
         inputs = inputs.to(self.device, dtype=self.torch_dtype, non_blocking=True)
         if gen.seed is not None:
             torch.manual_seed(gen.seed)
@@ -311,12 +329,17 @@ class TransformersBackend(Resident):
         prompt_length = inputs["input_ids"].shape[1]
         try:
             with attention_kernels(inputs["input_ids"].shape[0], self.device):
-                output = self.model.generate(**inputs, **options, **fast)
+                if engine:
+                    new_tokens = self.engine.generate(inputs, gen)
+                else:
+                    new_tokens = self.form.answer(self.model.generate(**inputs, **options, **fast), prompt_length)
         except torch.OutOfMemoryError as e:
             del inputs  # free the batch before the caller retries a smaller one
+            if self.engine is not None:
+                self.engine.release()  # and the engine's cache, sized for the batch that did not fit
             torch.cuda.empty_cache()
             raise OutOfMemory(str(e).splitlines()[0]) from None
-        new_tokens = self.form.answer(output, prompt_length)[:rows]  # the padding rows are dropped here
+        new_tokens = new_tokens[:rows]  # the padding rows are dropped here
         self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
         return new_tokens
 
@@ -326,6 +349,7 @@ class TransformersBackend(Resident):
             unpin_all()
 
     def close(self) -> None:
+        self.engine = None
         self.model = None
         self.processor = None
         self._host_state = None
