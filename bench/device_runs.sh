@@ -93,8 +93,14 @@ serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one
     timeout 330 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 --minutes ${MINUTES:-5} \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
+engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side with HF's best
+    shapes
+    timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tail -3
+    timeout 400 python3 bench/throughput.py --rows hf_static_compile,vlmux_gpu:compiled,vlmux_gpu:engine,vlmux_cli:engine \
+        --files 4096 --minutes 6 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -6
+    ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|soak|engine" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;
