@@ -117,7 +117,7 @@ def main() -> None:
                       + ", ".join(f"{m} {v[-1]:.2f}s" for m, v in seconds[name].items() if v), file=sys.stderr)
     result = {
         "benchmark": "startup",
-        "environment": environment(),
+        "environment": {**environment(), **reported["this"]["server"]["versions"]},  # as the servers imported them
         "checkouts": {name: {"path": str(path), "commit": _commit(path)} for name, path in checkouts.items()},
         "extra_path": args.extra_path,
         "workload": {"runs": args.runs, "images": len(sample_images(images)), "model": "vlmux/shapes",
