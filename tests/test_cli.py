@@ -6,6 +6,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+from vlmux.testing.processes import fork_servers
 
 
 def vlmux(*args: str, env: dict | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -133,6 +134,18 @@ def test_folder_without_images_is_a_usage_error(tmp_path, tiny_llava):
     empty.mkdir()
     (empty / "notes.md").write_text("no pictures here")
     assert_usage_error(vlmux("caption", str(empty), "-m", str(tiny_llava)), "no images found")
+
+
+def test_a_usage_error_found_after_the_fork_server_started_leaves_no_server_behind(tmp_path):
+    """The server starts before the inputs are scanned; a job with nothing to caption stops it, not its import."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with (tmp_path / "stderr").open("w") as stderr:  # not a pipe: the server would hold it open while it imports
+        command = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", str(empty), "-m", "vlmux/shapes"],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+        assert command.wait(timeout=300) == 2
+    assert "no images found" in (tmp_path / "stderr").read_text()
+    assert fork_servers(command.pid) == []
 
 
 def test_missing_path_is_a_usage_error(tmp_path, tiny_llava):

@@ -171,6 +171,7 @@ def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.sinks import SidecarSink
     from vlmux.caption.sources import UsageError, collect_images
     from vlmux.hub import resolve_model
+    from vlmux.pool.process import stop_fork_server, warm_fork_server
 
     defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "prep_processes": args.prep_processes, "max_pixels": args.max_pixels,
@@ -189,14 +190,20 @@ def _caption(args: argparse.Namespace) -> int:
         raise UsageError("the same model is listed twice")
     if args.replicas is not None and args.replicas < 1:
         raise UsageError("--replicas must be at least 1")
-    images = collect_images(args.inputs, args.recursive, args.image_column, args.follow_symlinks,
-                            warn=lambda message: print(f"vlmux caption: {message}", file=sys.stderr))
-    for plan in plans:
-        resolve_model(plan.spec.model)  # fail on a misspelt model now, not after the first model's hour
-    models = [plan.spec.model for plan in plans]
-    for line in renamed(model_tags(models)):
-        print(f"vlmux caption: {line}", file=sys.stderr)
-    sinks = _sinks(args, images, models)
+    if args.ray is None:  # the fork server's imports (seconds) overlap the inputs' scan and the outputs' checks
+        warm_fork_server()
+    try:
+        images = collect_images(args.inputs, args.recursive, args.image_column, args.follow_symlinks,
+                                warn=lambda message: print(f"vlmux caption: {message}", file=sys.stderr))
+        for plan in plans:
+            resolve_model(plan.spec.model)  # fail on a misspelt model now, not after the first model's hour
+        models = [plan.spec.model for plan in plans]
+        for line in renamed(model_tags(models)):
+            print(f"vlmux caption: {line}", file=sys.stderr)
+        sinks = _sinks(args, images, models)
+    except BaseException:  # nothing to caption: no server importing on for seconds after the command ends
+        stop_fork_server()
+        raise
     if len(plans) > 1 and not args.no_progress:
         for plan in plans:
             print(f"{plan.spec.model}: prompt {plan.generation.prompt!r}, max {plan.generation.max_new_tokens} new tokens, "

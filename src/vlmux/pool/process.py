@@ -77,6 +77,11 @@ class ForkServer:
         )
         theirs.close()
 
+    def stop(self) -> None:
+        with self._lock:
+            if self._process is not None and self._process.poll() is None:
+                self._stop()
+
     def _stop(self) -> int:
         self._process.kill()
         code = self._process.wait()
@@ -91,6 +96,11 @@ _SERVER = ForkServer()
 def warm_fork_server() -> None:
     """Start the fork server (it imports torch and transformers once, in the background) if it is not running."""
     _SERVER.ensure_running()
+
+
+def stop_fork_server() -> None:
+    """Stop the fork server; its workers run on. For a caller that started it early and then has nothing to run."""
+    _SERVER.stop()
 
 
 class WorkerProcess:

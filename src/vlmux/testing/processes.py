@@ -49,3 +49,17 @@ def _stats() -> Iterator[tuple[int, list[str]]]:
             yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
+
+
+def fork_servers(parent_pid: int) -> list[int]:
+    """The live vlmux fork servers started by `parent_pid` (their command line ends with it), wherever they went."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        pid = int(cmdline.parent.name)
+        if args[1:3] == ["-m", "vlmux.worker"] and args[-1] == str(parent_pid) and not process_gone(pid, within=0):
+            found.append(pid)
+    return found

@@ -4,6 +4,7 @@ Importing must not initialise CUDA: each worker creates its own context after th
 """
 import vlmux.backends  # noqa: F401  (first: it quiets what importing transformers logs)
 import vlmux.worker.cuda_free
+import vlmux.worker.lean  # noqa: F401  (before transformers' model modules: keeps scikit-learn and SciPy out)
 import torch  # noqa: F401
 import transformers  # noqa: F401
 from transformers import AutoModelForImageTextToText, AutoProcessor  # noqa: F401

@@ -29,8 +29,8 @@ from vlmux.config import MAX_PIXELS
 if TYPE_CHECKING:
     import torch
 
-PRELOAD = ["vlmux.worker.prep_server", "vlmux.worker.cuda_free", "vlmux.worker.prep", "vlmux.backends.transformers",
-           "vlmux.images"]
+PRELOAD = ["vlmux.worker.prep_server", "vlmux.worker.cuda_free", "vlmux.worker.lean", "vlmux.worker.prep",
+           "vlmux.backends.transformers", "vlmux.images"]
 # A part takes seconds; one not back in this long is from a process that hangs (stopped, deadlocked): the worker
 # then kills the processes and prepares its chunks itself, where waiting would hang the request past any heartbeat.
 PART_TIMEOUT = 60.0
