@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmux
@@ -21,6 +21,7 @@ from vlmux.backends.transformers import TransformersBackend, caption_text
 from vlmux.config import DECODE_MODES, GenerationSpec, ModelSpec
 from vlmux.shapes import write_dataset
 from vlmux.tiny import build_tiny
+from vlmux.tiny.pictures import ellipses
 
 TOKENS = 16
 PROMPTS = ("Describe the image.", "What?", "Colours and shapes, please, all of them.", "Caption.", "a b c d e f", "Hi")
@@ -28,13 +29,7 @@ SIZES = ((40, 30), (64, 64), (120, 50), (33, 90), (200, 150), (90, 90))
 
 
 def pictures() -> list[Image.Image]:
-    images = []
-    for index, (width, height) in enumerate(SIZES):
-        image = Image.new("RGB", (width, height), (250, 250, 250))
-        colour = (60 * index % 256, 200 - 30 * index, 40 + 50 * index % 256)
-        ImageDraw.Draw(image).ellipse([width // 5, height // 5, 4 * width // 5, 4 * height // 5], fill=colour)
-        images.append(image)
-    return images
+    return ellipses(list(SIZES))
 
 
 def common_token(path: Path) -> int:

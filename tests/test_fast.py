@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 from vlmux.backends.fast import MEMORY_SHARE, FastConfig, cache_length, fitting_batch, generate_options, pad_rows
@@ -19,20 +19,14 @@ from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.worker.handler import CPU_BATCH_SIZE, Handler, auto_batch_size, capped_batch_size
 from vlmux.protocol import Caption, Captions, Load, Loaded
+from vlmux.tiny.pictures import ellipses
 
 GEN = GenerationSpec(max_new_tokens=10, ignore_eos=True)
 PROMPTS = ("Describe the image.", "What is in this picture?", "Colours and shapes, please, all of them.", "Caption.")
 
 
 def pictures() -> list[Image.Image]:
-    sizes = [(40, 30), (64, 64), (120, 50), (33, 90), (200, 150)]
-    images = []
-    for index, (width, height) in enumerate(sizes):
-        image = Image.new("RGB", (width, height), (250, 250, 250))
-        colour = (60 * index % 256, 200 - 30 * index, 40 + 50 * index % 256)
-        ImageDraw.Draw(image).ellipse([width // 5, height // 5, 4 * width // 5, 4 * height // 5], fill=colour)
-        images.append(image)
-    return images
+    return ellipses([(40, 30), (64, 64), (120, 50), (33, 90), (200, 150)])
 
 
 def reference(path: Path, images: list[Image.Image], prompts: list[str], device: str = "cpu") -> list[str]:

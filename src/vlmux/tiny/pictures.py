@@ -40,3 +40,14 @@ def _draw_shape(draw: ImageDraw.ImageDraw, rng: random.Random, width: int, heigh
         draw.rectangle([x, y, x + side, y + side], fill=color)
     else:
         draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=color)
+
+
+def ellipses(sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    """One coloured ellipse on near-white per (width, height): pictures of mixed sizes for batch tests."""
+    images = []
+    for index, (width, height) in enumerate(sizes):
+        image = Image.new("RGB", (width, height), (250, 250, 250))
+        colour = (60 * index % 256, 200 - 30 * index, 40 + 50 * index % 256)
+        ImageDraw.Draw(image).ellipse([width // 5, height // 5, 4 * width // 5, 4 * height // 5], fill=colour)
+        images.append(image)
+    return images
