@@ -91,10 +91,11 @@ def test_idle_models_expire_after_keep_alive(tiny_llava):
     with ModelPool(PoolConfig(keep_alive=0.3, spare_worker=False)) as pool:
         name = pool.load(ModelSpec(str(tiny_llava), device="cpu"))
         pid = pool.status()[0].pid
+        assert pool.state(name) == "ready" and pool.state("no such model") is None
         deadline = time.monotonic() + 10
         while name in pool and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert name not in pool
+        assert name not in pool and pool.state(name) is None
         assert process_gone(pid)
         with pytest.raises(ModelNotLoaded):
             pool.caption(name, [], [], GenerationSpec())

@@ -129,6 +129,14 @@ class ModelPool:
     def wake(self, name: str) -> None:
         self.submit(name, Wake()).result()
 
+    def state(self, name: str) -> str | None:
+        """`name`'s state ("loading", "ready", "sleeping", "dead"), or None if the pool does not hold it (or it is
+        stopping); unlike status(), it asks NVML nothing, so it suits a per-request check."""
+        try:
+            return self._scheduler.runner(name).state.value
+        except ModelNotLoaded:
+            return None
+
     def awaited(self, name: str) -> bool:
         """Whether a load waits for `name` to go idle to take its memory: a caller that holds back new requests for
         it meanwhile lets that load go first (first come, first served across models on a full GPU)."""

@@ -184,7 +184,7 @@ class Service:
                     self.metrics.switch.labels(entry.name).observe(waited)
                 except Exception as e:  # noqa: BLE001
                     raise from_pool(e, entry.name) from None
-            if not told and self.state(entry.name) == "loading":
+            if not told and self.pool.state(entry.name) == "loading":
                 on_loading()
             try:
                 reply = await asyncio.wrap_future(future)
@@ -194,9 +194,6 @@ class Service:
         return reply
 
     # -- reading --------------------------------------------------------------------------------------------------
-
-    def state(self, name: str) -> str | None:
-        return next((s.state for s in self.pool.status() if s.name == name), None)
 
     def ps(self) -> dict:
         status = self.pool.status()
