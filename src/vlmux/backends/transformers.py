@@ -125,8 +125,9 @@ class TransformersBackend(Resident):
             prepare_compile()
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self._unpin_after_answer = False
+        self._config = read_json(Path(path) / "config.json")
         if self.fast.engine:  # a family the engine cannot run is refused before its weights are read
-            check_family(read_json(Path(path) / "config.json").get("model_type", ""))
+            check_family(self._config.get("model_type", ""))
         self.generated_tokens = 0  # running total, read by the worker for tokens/s
         start = time.perf_counter()
         context = _start_cuda(self.device)  # driver work, overlapped with reading the processor
@@ -157,7 +158,6 @@ class TransformersBackend(Resident):
         self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.compile else 0
         self.engine = self._engine()
         self._host_state: dict[str, torch.Tensor] | None = None
-        self._config = read_json(Path(path) / "config.json")
         self._image_budget = image_budget(Path(path), self._config)
         # The host's resizing and patching of a large batch outlasts the GPU's captioning of it; processors with a
         # `device` option do it on the GPU instead.

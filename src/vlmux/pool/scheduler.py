@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections import Counter
 import time
+from collections import Counter
 from concurrent.futures import Future, InvalidStateError, wait
 from dataclasses import replace
 from pathlib import Path

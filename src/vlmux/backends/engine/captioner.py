@@ -6,11 +6,12 @@ from collections.abc import Mapping
 
 import torch
 
-from vlmux.backends.engine.config import EngineConfig, bucketed
+from vlmux.backends.engine.config import EngineConfig
 from vlmux.backends.engine.layers import LanguageModel
 from vlmux.backends.engine.prompts import prompts_from_inputs
 from vlmux.backends.engine.runner import Runner, RunStats
 from vlmux.backends.engine.sampling import Sampling, unsupported_settings
+from vlmux.backends.fast import cache_length
 from vlmux.config import GenerationSpec
 
 # transformers model_types the engine runs: their language models share one layout.
@@ -61,7 +62,7 @@ class EngineCaptioner:
         padded with the pad token to the longest answer (as generate's output after the prompt)."""
         prompts = prompts_from_inputs(self.model, inputs)
         sampling = Sampling.of(gen, self.model.generation_config)
-        length = max(prompt.length for prompt in prompts) + gen.max_new_tokens
+        length = cache_length(max(prompt.length for prompt in prompts), gen.max_new_tokens)  # bucketed: reused
         answers, self.stats = self._runner(len(prompts), length).run(prompts, sampling)
         tokens = torch.full((len(answers), max(map(len, answers))), self.pad_token_id, dtype=torch.long)
         for row, answer in enumerate(answers):
@@ -73,7 +74,7 @@ class EngineCaptioner:
         held = self.runner.config if self.runner is not None else EngineConfig(1, 2)
         if self.runner is None or held.slots < slots or held.max_length < length:
             self.runner = None  # the old cache goes before the new one is allocated
-            wanted = EngineConfig(max(slots, held.slots), bucketed(max(length, held.max_length)), self.cuda_graphs)
+            wanted = EngineConfig(max(slots, held.slots), max(length, held.max_length), self.cuda_graphs)
             self.runner = Runner(self.language, wanted)
         return self.runner
 

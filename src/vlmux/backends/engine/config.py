@@ -7,7 +7,6 @@ from typing import Any
 
 # Decode batch sizes with a captured CUDA graph; a batch between two runs in the larger one's graph.
 GRAPH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
-LENGTH_BUCKET = 64  # cache tokens per slot are rounded up to this, so slightly longer prompts reuse the cache
 
 
 @dataclass(frozen=True)
@@ -41,7 +40,3 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.slots < 1 or self.max_length < 2:
             raise ValueError(f"an engine needs at least one slot and two tokens per slot, not {self}")
-
-
-def bucketed(length: int, bucket: int = LENGTH_BUCKET) -> int:
-    return -(-length // bucket) * bucket
