@@ -5,12 +5,19 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import faulthandler  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from vlmux.pool import vram  # noqa: E402
+from vlmux.testing.processes import descendants  # noqa: E402
 from vlmux.tiny import ARCHITECTURES, FAMILIES, build_tiny, draw_sample_images  # noqa: E402
+
+EXIT_WATCH = 180  # seconds Python may take to exit after the session before the suite says what holds it
 
 
 def pytest_collection_modifyitems(config, items):
@@ -20,6 +27,35 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    session.config.stash[_STATUS] = int(exitstatus)
+
+
+_STATUS = pytest.StashKey[int]()
+
+
+def pytest_unconfigure(config):
+    """A thread or pool left by a test can hold the interpreter's exit (thread joins, atexit) after every test
+    passed: then print every thread's stack and the processes still under this one, and exit with the session's
+    status, instead of leaving CI to its time limit with nothing to show."""
+    status = config.stash.get(_STATUS, 1)
+
+    def watch() -> None:
+        time.sleep(EXIT_WATCH)
+        out = sys.__stderr__
+        print(f"\ntests: Python has not exited {EXIT_WATCH} s after the session; its threads:", file=out, flush=True)
+        faulthandler.dump_traceback(file=out, all_threads=True)
+        for pid in descendants(os.getpid()):
+            try:
+                print("still running:", pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(),
+                      file=out, flush=True)
+            except OSError:
+                pass
+        os._exit(status)
+
+    threading.Thread(target=watch, name="tests-exit-watch", daemon=True).start()
 
 
 @pytest.fixture(scope="session")

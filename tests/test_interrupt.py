@@ -32,8 +32,10 @@ def written(out: Path) -> Path:
 def start_busy(images: Path, out: Path) -> subprocess.Popen:
     """The job in a process group of its own (a terminal's foreground group), once it has written a record."""
     # shapes_job has preparing processes: they (and their fork server) are in the group too
+    # SIGINT as a terminal leaves it: a shell's background job (`cmd &`, nohup) would pass it on ignored
     job = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *shapes_job(images, out), "--no-progress"],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (written(out).exists() and written(out).read_text().count("\n")):
         assert job.poll() is None and time.monotonic() < deadline, job.communicate()

@@ -115,6 +115,28 @@ def test_a_killed_fork_server_leaves_its_workers_running_and_is_started_again(ti
     assert process_gone(worker.pid) and process_gone(fresh.pid)
 
 
+STOPPED_WORKER = """
+import time
+from vlmux.pool.process import WorkerProcess
+print(WorkerProcess().pid, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_stopped_worker_goes_when_its_pools_process_is_killed():
+    """A worker watches for its parent's end itself, which a stopped one never does: its fork server kills it."""
+    parent = subprocess.Popen([sys.executable, "-c", STOPPED_WORKER], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        os.kill(worker, signal.SIGSTOP)
+        parent.kill()
+        parent.wait()
+        assert process_gone(worker, within=10), "a stopped worker outlived its pool's process"
+    finally:
+        if not process_gone(worker, within=0):
+            os.kill(worker, signal.SIGKILL)
+
+
 def long_request(folder: Path) -> Caption:
     """Some seconds of work for the tiny model on 2 cores (1.6 s for 48 images with torch 2.14 here: 96 to be sure)."""
     draw_sample_images(folder, count=96, seed=5)

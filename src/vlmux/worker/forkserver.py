@@ -12,7 +12,7 @@ PID_BYTES = 8
 
 
 def main(control_fd: int, parent_pid: int) -> None:
-    """Serve fork requests on `control_fd` until it closes or the parent dies.
+    """Serve fork requests on `control_fd` until it closes or the parent dies, then kill the workers still running.
 
     A request is one byte with one end of a socketpair attached; the answer is the worker's pid, with the read end
     of a pipe that gets the worker's wait status (as text) once this server reaps it."""
@@ -31,33 +31,36 @@ def main(control_fd: int, parent_pid: int) -> None:
     signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # the wakeup fd gets a byte only for handled signals
     statuses: dict[int, int] = {}  # pid -> write end of its status pipe
     watched = [control, wakeup_r] + ([parent] if parent is not None else [])
-    while True:
-        ready = wait(watched, None if parent is not None else 1.0)  # without a pidfd: check the parent each second
-        if parent in ready or os.getppid() != parent_pid:
-            return
-        if wakeup_r in ready:
-            _drain(wakeup_r)
-            _reap(statuses)
-        if control in ready:
-            try:
-                message, fds, _, _ = socket.recv_fds(control, 1, 1)
-            except OSError:
+    try:
+        while True:
+            ready = wait(watched, None if parent is not None else 1.0)  # without a pidfd: check the parent each second
+            if parent in ready or os.getppid() != parent_pid:
                 return
-            if not message or not fds:
-                return
-            status_r, status_w = os.pipe()
-            pid = os.fork()
-            if pid == 0:
-                _run_worker(fds[0], parent_pid, handlers, control,
-                            [wakeup_r, wakeup_w, status_r, status_w, *statuses.values(), *watched[2:]])
-            statuses[pid] = status_w
-            try:
-                socket.send_fds(control, [pid.to_bytes(PID_BYTES, "little")], [status_r])
-            except OSError:  # the parent is gone
-                return
-            finally:
-                os.close(status_r)
-                os.close(fds[0])
+            if wakeup_r in ready:
+                _drain(wakeup_r)
+                _reap(statuses)
+            if control in ready:
+                try:
+                    message, fds, _, _ = socket.recv_fds(control, 1, 1)
+                except OSError:
+                    return
+                if not message or not fds:
+                    return
+                status_r, status_w = os.pipe()
+                pid = os.fork()
+                if pid == 0:
+                    _run_worker(fds[0], parent_pid, handlers, control,
+                                [wakeup_r, wakeup_w, status_r, status_w, *statuses.values(), *watched[2:]])
+                statuses[pid] = status_w
+                try:
+                    socket.send_fds(control, [pid.to_bytes(PID_BYTES, "little")], [status_r])
+                except OSError:  # the parent is gone
+                    return
+                finally:
+                    os.close(status_r)
+                    os.close(fds[0])
+    finally:
+        _kill_workers(statuses)  # a stopped worker never runs its own watch for the parent's end
 
 
 def _run_worker(fd: int, parent_pid: int, handlers: dict, control: socket.socket, server_fds: list[int]) -> None:
@@ -78,6 +81,16 @@ def _run_worker(fd: int, parent_pid: int, handlers: dict, control: socket.socket
         traceback.print_exc()
     finally:
         os._exit(code)
+
+
+def _kill_workers(statuses: dict[int, int]) -> None:
+    """The workers not yet reaped. A stopped one (SIGSTOP, a debugger) would keep its device memory and the parent's
+    stderr for good."""
+    for pid in statuses:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def _reap(statuses: dict[int, int]) -> None:
