@@ -5,16 +5,12 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import faulthandler  # noqa: E402
-import sys  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
 from vlmux.pool import vram  # noqa: E402
-from vlmux.testing.processes import descendants  # noqa: E402
+from vlmux.testing.exit_watch import watch_interpreter_exit  # noqa: E402
 from vlmux.tiny import ARCHITECTURES, FAMILIES, build_tiny, draw_sample_images  # noqa: E402
 
 EXIT_WATCH = 180  # seconds Python may take to exit after the session before the suite says what holds it
@@ -37,25 +33,8 @@ _STATUS = pytest.StashKey[int]()
 
 
 def pytest_unconfigure(config):
-    """A thread or pool left by a test can hold the interpreter's exit (thread joins, atexit) after every test
-    passed: then print every thread's stack and the processes still under this one, and exit with the session's
-    status, instead of leaving CI to its time limit with nothing to show."""
-    status = config.stash.get(_STATUS, 1)
-
-    def watch() -> None:
-        time.sleep(EXIT_WATCH)
-        out = sys.__stderr__
-        print(f"\ntests: Python has not exited {EXIT_WATCH} s after the session; its threads:", file=out, flush=True)
-        faulthandler.dump_traceback(file=out, all_threads=True)
-        for pid in descendants(os.getpid()):
-            try:
-                print("still running:", pid, Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(),
-                      file=out, flush=True)
-            except OSError:
-                pass
-        os._exit(status)
-
-    threading.Thread(target=watch, name="tests-exit-watch", daemon=True).start()
+    """What a test left behind must not keep CI waiting after every test passed (see vlmux.testing.exit_watch)."""
+    watch_interpreter_exit(config.stash.get(_STATUS, 1), EXIT_WATCH)
 
 
 @pytest.fixture(scope="session")
