@@ -26,6 +26,8 @@ def watch_interpreter_exit(status: int, seconds: float) -> None:
         os._exit(status)
 
     threading.Thread(target=watch, name="tests-exit-watch", daemon=True).start()
+    # A hang that holds the GIL stops the thread above too; faulthandler's own thread needs no GIL (its exit is 1).
+    faulthandler.dump_traceback_later(seconds + 60, exit=True, file=sys.__stderr__)
 
 
 def _command(pid: int) -> str:
