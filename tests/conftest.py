@@ -14,6 +14,7 @@ from vlmux.testing.exit_watch import watch_interpreter_exit  # noqa: E402
 from vlmux.tiny import ARCHITECTURES, FAMILIES, build_tiny, draw_sample_images  # noqa: E402
 
 EXIT_WATCH = 180  # seconds Python may take to exit after the session before the suite says what holds it
+_STATUS = pytest.StashKey[int]()  # the session's exit status, for the exit watch
 
 
 def pytest_collection_modifyitems(config, items):
@@ -27,9 +28,6 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_sessionfinish(session, exitstatus):
     session.config.stash[_STATUS] = int(exitstatus)
-
-
-_STATUS = pytest.StashKey[int]()
 
 
 def pytest_unconfigure(config):

@@ -60,7 +60,7 @@ def main(control_fd: int, parent_pid: int) -> None:
                     os.close(status_r)
                     os.close(fds[0])
     finally:
-        _kill_workers(statuses)  # a stopped worker never runs its own watch for the parent's end
+        _kill_workers(statuses)
 
 
 def _run_worker(fd: int, parent_pid: int, handlers: dict, control: socket.socket, server_fds: list[int]) -> None:
@@ -84,8 +84,8 @@ def _run_worker(fd: int, parent_pid: int, handlers: dict, control: socket.socket
 
 
 def _kill_workers(statuses: dict[int, int]) -> None:
-    """The workers not yet reaped. A stopped one (SIGSTOP, a debugger) would keep its device memory and the parent's
-    stderr for good."""
+    """SIGKILL the workers not yet reaped: a stopped one (SIGSTOP, a debugger) never runs its own watch for the
+    parent's end, and would keep its device memory and the parent's stderr for good."""
     for pid in statuses:
         try:
             os.kill(pid, signal.SIGKILL)
