@@ -2,7 +2,8 @@
 pictures, no pixel limit, a batch size far past the worker's estimate). The worker must split the batch on OOM down
 to what fits, answer every image (a caption, or an "out of device memory even alone" error), stay up for the next
 request, and give its memory back at unload, verified by NVML. Writes JSON: captions and errors, batch sizes used,
-the answer after the OOM, and the release.
+the answer after the OOM, and the release. The benchmark shapes pin their processors to 448x448, so the model is read
+through a copy of its folder (weights linked) whose processor takes the pictures whole.
 
 Usage: python3 bench/oom.py [--models /tmp/vlmux-bench] [--images 256] [--side 2048] [--out FILE]
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import Counter
@@ -34,8 +36,9 @@ def main() -> None:
     pictures = [Image.effect_noise((args.side, args.side), 64).convert("RGB") for _ in range(4)]
     items = [pictures[i % 4] for i in range(args.images)]
     gen = GenerationSpec(max_new_tokens=16, max_pixels=None)
+    model = whole_pictures(args.models / args.model, args.side * args.side)
     with ModelPool(PoolConfig(spare_worker=False)) as pool:
-        name = pool.load(ModelSpec(str(args.models / args.model), device="cuda"))
+        name = pool.load(ModelSpec(str(model), device="cuda"))
         started = time.perf_counter()
         captions = pool.submit_caption(name, items, ["Describe."] * len(items), gen, batch_size=args.images).result()
         seconds = time.perf_counter() - started
@@ -52,6 +55,27 @@ def main() -> None:
     path = write_result("oom", data, args.out)
     print(json.dumps({k: v for k, v in data.items() if k != "environment"}, indent=1, default=str))
     print(f"written to {path}")
+
+
+def whole_pictures(model: Path, pixels: int) -> Path:
+    """A folder beside `model` with its weights linked and its processor's pixel limit raised to `pixels`."""
+    out = model.with_name(f"{model.name}-whole-pictures")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    for file in model.iterdir():
+        if file.name.endswith(".safetensors") or file.name.endswith(".index.json"):
+            (out / file.name).symlink_to(file.resolve())
+        elif file.name.endswith("processor_config.json"):
+            data = json.loads(file.read_text())
+            for holder in [data, *[v for v in data.values() if isinstance(v, dict)]]:
+                if "max_pixels" in holder:
+                    holder["max_pixels"] = pixels
+                if isinstance(holder.get("size"), dict) and "longest_edge" in holder["size"]:
+                    holder["size"]["longest_edge"] = pixels
+            (out / file.name).write_text(json.dumps(data, indent=2))
+        elif file.is_file():
+            shutil.copy(file, out / file.name)
+    return out
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ RSS, threads, file descriptors and /dev/shm segments are read at the start, ever
 workers seen are all checked gone. On the CPU (--tiny) it runs with two tiny models.
 
 Usage: python3 bench/soak.py --tiny [--cycles 200] [--out FILE]                       (CPU)
+       python3 bench/soak.py --tiny --device cuda [--cycles 200] [--out FILE]         (a GPU: two tiny models)
        python3 bench/soak.py --models /tmp/vlmux-bench [--cycles 200] [--out FILE]     (a GPU: the 2B and 7B shapes)
 """
 from __future__ import annotations
@@ -31,7 +32,8 @@ GEN = GenerationSpec(max_new_tokens=4)
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cycles", type=int, default=200, help="load/unload cycles of each of the two models")
-    parser.add_argument("--tiny", action="store_true", help="two tiny models on the CPU")
+    parser.add_argument("--tiny", action="store_true", help="two tiny models (on the CPU unless --device cuda)")
+    parser.add_argument("--device", help="cpu or cuda (default: cpu with --tiny, else cuda)")
     parser.add_argument("--models", type=Path, default=Path("/tmp/vlmux-bench"), help="holds qwen2-vl-2b and -7b")
     parser.add_argument("--minutes", type=float, help="stop after the cycle that passes this (a device call's limit)")
     parser.add_argument("--out", type=Path)
@@ -39,9 +41,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         if args.tiny:
             paths = [build_tiny(Path(scratch) / arch, arch, seed=0) for arch in ("llava", "qwen2_vl")]
-            device = "cpu"
         else:
-            paths, device = [args.models / "qwen2-vl-2b", args.models / "qwen2-vl-7b"], "cuda"
+            paths = [args.models / "qwen2-vl-2b", args.models / "qwen2-vl-7b"]
+        device = args.device or ("cpu" if args.tiny else "cuda")
         data = soak(paths, device, args.cycles, args.minutes)
     path = write_result("soak", {"environment": environment(), **data}, args.out)
     print(json.dumps({k: v for k, v in data.items() if k != "releases"}, indent=1))

@@ -178,19 +178,23 @@ class WorkerProcess:
         """Ask the worker to exit, kill it if it has not within `grace` seconds, and report what its exit gave back
         once it is gone."""
         check.before_exit(self.pid)
-        host_bytes = self.private_bytes()
-        if self.alive:
-            try:
-                self._conn.send(Exit())
-            except OSError:
-                pass
-            wait([self.sentinel], grace)
-        self.kill()
-        alive = self.alive
-        self._exit_status()  # kept for exit_reason(), before the pipe closes
-        with self._lock:  # a call still waiting on the worker has seen it end
-            self._close()
-        return check.after_exit(self.pid, alive, host_bytes)
+        host_bytes, alive = None, True
+        try:
+            host_bytes = self.private_bytes()
+            if self.alive:
+                try:
+                    self._conn.send(Exit())
+                except OSError:
+                    pass
+                wait([self.sentinel], grace)
+            self.kill()
+            alive = self.alive
+            self._exit_status()  # kept for exit_reason(), before the pipe closes
+            with self._lock:  # a call still waiting on the worker has seen it end
+                self._close()
+        finally:  # every before_exit has its after_exit: the check holds the GPU's books until then
+            release = check.after_exit(self.pid, alive, host_bytes)
+        return release
 
     def kill(self) -> None:
         """Kill the worker if it still runs; return once it is gone."""

@@ -19,7 +19,7 @@ from vlmux.pool import vram
 from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
-from vlmux.pool.release import VerifiedRelease
+from vlmux.pool.release import UnattributedLock, VerifiedRelease
 from vlmux.pool.room import GpuRoom, MustWait, Needs, make_room
 from vlmux.pool.runner import SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
@@ -44,7 +44,8 @@ class Scheduler:
         self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
         self._awaited: Counter[str] = Counter()  # per model, the loads waiting for it to go idle
         self._exits = ExitWatch(self._on_exit)
-        self.spare = WarmSpare(config, workers, self)
+        self._unattributed = UnattributedLock()
+        self.spare = WarmSpare(config, workers, self, self._unattributed)
 
     # -- loading ----------------------------------------------------------------------------------------------
 
@@ -131,11 +132,13 @@ class Scheduler:
             with self._lock:
                 if runner.state is State.STOPPING:
                     break
+            cold = self.workers.warm_for() != placement.env
             worker = self.workers.take(placement.env)
             with self._lock:
                 runner.worker = worker
             try:
-                reply, release = worker.call(request), None
+                with self._unattributed.held(placement.gpus if cold else ()):  # a new context's share
+                    reply, release = worker.call(request), None
                 break
             except WorkerDied as e:
                 reply, release = Failed("load", str(e)), worker.stop(0, self._check(runner))
@@ -286,7 +289,7 @@ class Scheduler:
 
     def _check(self, runner: Runner, timeout: float | None = None) -> VerifiedRelease:
         return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines,
-                               self.config.release_timeout if timeout is None else timeout)
+                               self.config.release_timeout if timeout is None else timeout, self._unattributed)
 
     # -- events from runners, timers and exits ----------------------------------------------------------------
 
@@ -356,10 +359,6 @@ class Scheduler:
     def booked(self) -> dict[int, int]:
         with self._lock:
             return self._booked()
-
-    def releases_in_flight(self) -> list[Future]:
-        with self._lock:
-            return [r.stopped for r in self._stopping if not r.stopped.done()]
 
     def holds_gpu(self) -> bool:
         """A model on a GPU, or one loading: a warm spare stays warm."""

@@ -4,13 +4,13 @@ goes cold again. The warming itself is the worker factory's (`Spawner.warm`)."""
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, wait
 from dataclasses import replace
 from typing import Protocol
 
 from vlmux.config import ModelSpec, PoolConfig
 from vlmux.hub import resolve_model
 from vlmux.pool.placement import WorkerPlacement
+from vlmux.pool.release import UnattributedLock
 from vlmux.pool.runner import Runner, State
 from vlmux.pool.workers import WorkerFactory
 from vlmux.protocol import Warm
@@ -25,16 +25,15 @@ class PoolView(Protocol):
     @property
     def closed(self) -> bool: ...
 
-    def releases_in_flight(self) -> list[Future]: ...
-
     def holds_gpu(self) -> bool: ...
 
 
 class WarmSpare:
-    def __init__(self, config: PoolConfig, workers: WorkerFactory, pool: PoolView) -> None:
+    def __init__(self, config: PoolConfig, workers: WorkerFactory, pool: PoolView, unattributed: UnattributedLock) -> None:
         self.config = config
         self.workers = workers
         self._pool = pool
+        self._unattributed = unattributed
         self._lock = threading.Lock()
         self._recent: list[Warm] = []  # what a warm spare gets ready for, most recently loaded first
         self._warming: threading.Thread | None = None
@@ -64,13 +63,14 @@ class WarmSpare:
             return
 
         def warm_when_quiet() -> None:
-            # Not while a release is being verified (a context being created is booked to no process), and not
-            # before the new model has answered and gone idle: two contexts time-share the GPU, so warming at
-            # once would slow the very first answer the switch is waiting for.
-            wait(self._pool.releases_in_flight())
+            # Not before the new model has answered and gone idle: two contexts time-share the GPU, so warming at
+            # once would slow the very first answer the switch is waiting for. Not while a release is verified
+            # either: the spare's context and pinned pages are booked to no process, like a residue.
             loaded.answered.wait(WARM_AFTER_AT_MOST)
             if not self._pool.closed and loaded.state is not State.DEAD:
-                self.workers.warm(requests)
+                with self._unattributed.held(loaded.placement.gpus):
+                    self.workers.warm(requests)
+                    self.workers.wait_ready()
 
         self._warming = threading.Thread(target=warm_when_quiet, name="vlmux-warm-when-quiet", daemon=True)
         self._warming.start()

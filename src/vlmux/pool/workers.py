@@ -11,7 +11,8 @@ from vlmux.protocol import ChatText, Reply, Request, Warm
 
 
 class ReleaseCheck(Protocol):
-    """How a stopping worker's memory is verified: read what must come back before it exits, wait for it after."""
+    """How a stopping worker's memory is verified: read what must come back before it exits, wait for it after.
+    A worker's `stop` calls `after_exit` after every `before_exit`, also when stopping failed."""
 
     def before_exit(self, pid: int) -> None: ...
 
