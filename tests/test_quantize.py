@@ -66,11 +66,11 @@ def test_unknown_quantisation_is_refused_with_the_choices():
         ModelSpec("m", quantize="3bit")
 
 
-def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(family_models):
+def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(tiny_models):
     pytest.importorskip("torchao")
     from vlmux.backends.transformers import TransformersBackend
 
-    path = family_models["qwen2_vl"]
+    path = tiny_models["qwen2_vl"]
     backend = TransformersBackend(ModelSpec(str(path), device="cpu", quantize="torchao-int8"), str(path))
     try:
         assert backend.loader.startswith("from_pretrained (quantised on load")
@@ -85,9 +85,9 @@ def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(fa
         backend.close()
 
 
-def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(family_models):
+def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(tiny_models):
     pytest.importorskip("bitsandbytes")
-    with pipeline(str(family_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
+    with pipeline(str(tiny_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
                   ignore_eos=True) as pipe:
         pid = pipe.status[0].pid
         captions = pipe([_picture(), _picture((40, 80, 220))])
@@ -98,12 +98,12 @@ def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(famil
 HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # import fails, find_spec says absent\n"
 
 
-def test_a_missing_package_names_itself_and_the_extra(family_models, tmp_path):
+def test_a_missing_package_names_itself_and_the_extra(tiny_models, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(HIDE.format(names=["bitsandbytes", "torchao"]))
     code = textwrap.dedent(f"""
         import vlmux
         try:
-            vlmux.pipeline({str(family_models["llava"])!r}, device="cpu", quantize="8bit")
+            vlmux.pipeline({str(tiny_models["llava"])!r}, device="cpu", quantize="8bit")
         except vlmux.ModelLoadError as e:
             print("ERROR", e)
     """)
