@@ -120,6 +120,24 @@ def test_require_method_names_the_extra_in_this_process(monkeypatch):
     assert require_method("fp8") is METHODS["fp8"]  # transformers' own: nothing to install
 
 
+def test_a_failed_weight_conversion_says_which_weights_and_why():
+    core = pytest.importorskip("transformers.core_model_loading")
+    report = pytest.importorskip("transformers.utils.loading_report")
+    from transformers.utils import logging as hf_logging
+
+    from vlmux.backends.quantize import load_report
+
+    info = report.LoadStateDictInfo(set(), set(), set(), [], {}, set())
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(core.SkipParameters):  # how transformers records a conversion's error, traceback and all
+        with core.log_conversion_errors(name, info, (1, name)):
+            raise ImportError("Requires mslk >= 1.0.0")
+    with pytest.raises(RuntimeError, match=rf"could not convert {name} on load: ImportError: Requires mslk >= 1.0.0$"):
+        with load_report():
+            report.log_state_dict_report(torch.nn.Linear(1, 1), "tiny", False, info,
+                                         hf_logging.get_logger("transformers.modeling_utils"))
+
+
 def _picture(color=(220, 40, 40)):
     from PIL import Image
 

@@ -1,7 +1,12 @@
 """from_pretrained's quantisation arguments for `ModelSpec.quantize`, through transformers' own integrations, and the
-package check for a pre-quantised checkpoint: both fail with the package and the extra to install, before loading."""
+package check for a pre-quantised checkpoint: both fail with the package and the extra to install, before loading.
+`load_report` puts the cause of a weight conversion that failed into from_pretrained's error."""
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,3 +56,51 @@ def _config(quantize: str, dtype: torch.dtype) -> Any:
 
     method = Int4WeightOnlyConfig(group_size=128) if quantize == "torchao-int4" else Int8WeightOnlyConfig()
     return TorchAoConfig(method, modules_to_not_convert=skip)
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_FAILED_KEY = re.compile(r"^(\S.*?)\s*\|\s*CONVERSION\s*\|", re.M)
+_EXCEPTION_LINE = re.compile(r"[A-Za-z_][\w.]*: \S")  # "ImportError: ...", not a traceback's frames
+
+
+class _Report(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.text = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if "LOAD REPORT" in message:
+            self.text = _ANSI.sub("", message)
+
+
+def _causes(report: str) -> list[str]:
+    """Each entry's exception: the last "Type: message" line before the "Error ... destined for" line that ends it
+    (earlier ones are exceptions it was raised while handling)."""
+    causes, last = [], None
+    for line in report.splitlines():
+        if line.startswith("Error") and last:
+            causes.append(last)
+        elif _EXCEPTION_LINE.match(line):
+            last = line
+    return list(dict.fromkeys(causes or ([last] if last else [])))
+
+
+@contextlib.contextmanager
+def load_report() -> Iterator[None]:
+    """transformers 5.x logs a failed weight conversion's traceback in a report and raises "look at the CONVERSION
+    entries of the above report", which a worker's caller never sees: the error says which weights and why."""
+    report, logger = _Report(), logging.getLogger("transformers")
+    logger.addHandler(report)
+    try:
+        yield
+    except RuntimeError as e:
+        keys = _FAILED_KEY.findall(report.text)
+        if "CONVERSION" not in str(e) or not keys:
+            raise
+        causes = _causes(report.text)[:3]
+        more = f" and {len(keys) - 1} more" if len(keys) > 1 else ""
+        raise RuntimeError(f"transformers could not convert {keys[0]}{more} on load: "
+                           f"{'; '.join(causes) or report.text[-500:]}") from e
+    finally:
+        logger.removeHandler(report)
