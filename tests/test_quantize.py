@@ -120,6 +120,15 @@ def test_require_method_names_the_extra_in_this_process(monkeypatch):
     assert require_method("fp8") is METHODS["fp8"]  # transformers' own: nothing to install
 
 
+def test_torchao_int4_packs_for_torchs_own_kernels(shaped):
+    pytest.importorskip("torchao")
+    from vlmux.backends.quantize import quantization_options
+
+    method = quantization_options("torchao-int4", shaped, torch.bfloat16)["quantization_config"].quant_type
+    # torchao 0.18's default "plain" packing needs the mslk package, which the device lacked ("Requires mslk")
+    assert method.group_size == 128 and getattr(method, "int4_packing_format", "tile_packed_to_4d") == "tile_packed_to_4d"
+
+
 def test_a_failed_weight_conversion_says_which_weights_and_why():
     core = pytest.importorskip("transformers.core_model_loading")
     report = pytest.importorskip("transformers.utils.loading_report")

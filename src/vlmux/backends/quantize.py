@@ -4,6 +4,7 @@ package check for a pre-quantised checkpoint: both fail with the package and the
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import re
 from collections.abc import Iterator
@@ -51,11 +52,20 @@ def _config(quantize: str, dtype: torch.dtype) -> Any:
         from transformers import FineGrainedFP8Config
 
         return FineGrainedFP8Config(modules_to_not_convert=skip)
-    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+    from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
-    method = Int4WeightOnlyConfig(group_size=128) if quantize == "torchao-int4" else Int8WeightOnlyConfig()
-    return TorchAoConfig(method, modules_to_not_convert=skip)
+    return TorchAoConfig(_int4() if quantize == "torchao-int4" else Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+
+
+def _int4() -> Any:
+    from torchao.quantization import Int4WeightOnlyConfig
+
+    # Recent torchao (0.18) packs "plain" by default, whose kernels are in the separate mslk package ("Requires mslk");
+    # tinygemm's tile-packed layout runs on torch's own CUDA kernels, as older torchao's default layout did.
+    if "int4_packing_format" in inspect.signature(Int4WeightOnlyConfig).parameters:
+        return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
+    return Int4WeightOnlyConfig(group_size=128)
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
