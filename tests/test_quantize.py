@@ -117,7 +117,7 @@ def test_require_method_names_the_extra_in_this_process(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(QuantizationUnavailable, match=r"pip install 'vlmux\[torchao\]'"):
         require_method("torchao-int4")
-    assert require_method("fp8") is METHODS["fp8"]  # transformers' own: nothing to install
+    assert require_method("fp8") is METHODS["fp8"]  # no package to find: its kernel is checked on a CUDA load
 
 
 def test_torchao_int4_packs_for_torchs_own_kernels(shaped):
@@ -127,6 +127,18 @@ def test_torchao_int4_packs_for_torchs_own_kernels(shaped):
     method = quantization_options("torchao-int4", shaped, torch.bfloat16)["quantization_config"].quant_type
     # torchao 0.18's default "plain" packing needs the mslk package, which the device lacked ("Requires mslk")
     assert method.group_size == 128 and getattr(method, "int4_packing_format", "tile_packed_to_4d") == "tile_packed_to_4d"
+
+
+def test_fp8_without_its_kernel_fails_the_load_and_says_what_to_install(shaped, monkeypatch):
+    finegrained = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from vlmux.backends.quantize import quantization_options
+
+    def missing():
+        raise ImportError("finegrained-fp8 kernel unavailable: `kernels` is not installed")
+
+    monkeypatch.setattr(finegrained, "load_finegrained_fp8_kernel", missing, raising=False)
+    with pytest.raises(QuantizationUnavailable, match="kernels.*not installed.*Install `kernels`"):
+        quantization_options("fp8", shaped, torch.bfloat16, "cuda")
 
 
 def test_a_failed_weight_conversion_says_which_weights_and_why():

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from vlmux.estimate import read_json
-from vlmux.quantization import KEEP_16BIT, require_method, require_prequantized
+from vlmux.quantization import KEEP_16BIT, QuantizationUnavailable, require_method, require_prequantized
 
 
 def prequantized(path: str | Path) -> dict | None:
@@ -22,7 +22,8 @@ def prequantized(path: str | Path) -> dict | None:
     return read_json(Path(path) / "config.json").get("quantization_config")
 
 
-def quantization_options(quantize: str | None, path: str | Path, dtype: torch.dtype) -> dict[str, Any]:
+def quantization_options(quantize: str | None, path: str | Path, dtype: torch.dtype,
+                         device: str = "cuda") -> dict[str, Any]:
     """{"quantization_config": ...} for from_pretrained, or {} for a checkpoint loaded as it is."""
     stored = prequantized(path)
     if stored is not None:
@@ -30,10 +31,12 @@ def quantization_options(quantize: str | None, path: str | Path, dtype: torch.dt
         if quantize is not None:
             raise ValueError(f"--quantize {quantize}: this checkpoint is quantised already "
                              f"({stored.get('quant_method', 'unknown')}); load it without --quantize")
+        _require_kernel(stored.get("quant_method"), device)
         return {}
     if quantize is None:
         return {}
     require_method(quantize)
+    _require_kernel(quantize, device)
     return {"quantization_config": _config(quantize, dtype)}
 
 
@@ -66,6 +69,25 @@ def _int4() -> Any:
     if "int4_packing_format" in inspect.signature(Int4WeightOnlyConfig).parameters:
         return Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d")
     return Int4WeightOnlyConfig(group_size=128)
+
+
+def _require_kernel(method: str | None, device: str) -> None:
+    """transformers 5.x's fp8 layers multiply through a kernel fetched from the Hugging Face Hub by the `kernels`
+    package, at the first forward: without it a model loads and then fails every caption. (On the CPU
+    transformers refuses fp8, or dequantises a pre-quantised checkpoint on load.)"""
+    if method != "fp8" or not device.startswith("cuda"):
+        return
+    try:
+        from transformers.integrations.finegrained_fp8 import load_finegrained_fp8_kernel
+    except ImportError:  # a transformers whose fp8 kernels are its own
+        return
+    try:
+        load_finegrained_fp8_kernel()
+    except Exception as e:  # noqa: BLE001 - no `kernels`, a wrong version, or offline with nothing cached
+        raise QuantizationUnavailable(
+            f"fp8 needs transformers' FP8 matmul kernel (kernels-community/finegrained-fp8, fetched from the Hugging "
+            f"Face Hub by the `kernels` package and cached), which did not load here: {e}. Install `kernels` and "
+            f"load once with the Hub reachable, or use --quantize 4bit or torchao-int8") from e
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")

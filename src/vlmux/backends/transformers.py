@@ -148,7 +148,8 @@ class TransformersBackend(Resident):
         except Unsupported as e:
             if shallow:
                 raise
-            quantization = quantization_options(spec.quantize, path, self.torch_dtype)  # names a missing package
+            # names a missing package or kernel before any weight is read
+            quantization = quantization_options(spec.quantize, path, self.torch_dtype, self.device)
             with load_report():
                 self.model = AutoModelForImageTextToText.from_pretrained(
                     path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **quantization, **common
