@@ -55,7 +55,10 @@ def row(model: Path, method: str | None, device: str, files: list[str], gen: Gen
             begin = time.perf_counter()
             results = pool.caption(name, files, [PROMPT] * len(files), gen)
             seconds = time.perf_counter() - begin
-        result["errors"] = sum(r.error is not None for r in results)
+        errors = [r.error for r in results if r.error is not None]
+        result["errors"] = len(errors)
+        if errors:  # what a method that loads but cannot caption ran into, not just how often
+            result["first_error"] = errors[0]
         result["peak_bytes"] = watcher.peak if on_gpu else None
         if on_gpu and watcher.peak:
             result["estimate_over_peak"] = round(need.total / watcher.peak, 3)

@@ -66,11 +66,11 @@ def test_unknown_quantisation_is_refused_with_the_choices():
         ModelSpec("m", quantize="3bit")
 
 
-def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(family_models):
+def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(tiny_models):
     pytest.importorskip("torchao")
     from vlmux.backends.transformers import TransformersBackend
 
-    path = family_models["qwen2_vl"]
+    path = tiny_models["qwen2_vl"]
     backend = TransformersBackend(ModelSpec(str(path), device="cpu", quantize="torchao-int8"), str(path))
     try:
         assert backend.loader.startswith("from_pretrained (quantised on load")
@@ -85,9 +85,9 @@ def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(fa
         backend.close()
 
 
-def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(family_models):
+def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(tiny_models):
     pytest.importorskip("bitsandbytes")
-    with pipeline(str(family_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
+    with pipeline(str(tiny_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
                   ignore_eos=True) as pipe:
         pid = pipe.status[0].pid
         captions = pipe([_picture(), _picture((40, 80, 220))])
@@ -98,12 +98,12 @@ def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(famil
 HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # import fails, find_spec says absent\n"
 
 
-def test_a_missing_package_names_itself_and_the_extra(family_models, tmp_path):
+def test_a_missing_package_names_itself_and_the_extra(tiny_models, tmp_path):
     (tmp_path / "sitecustomize.py").write_text(HIDE.format(names=["bitsandbytes", "torchao"]))
     code = textwrap.dedent(f"""
         import vlmux
         try:
-            vlmux.pipeline({str(family_models["llava"])!r}, device="cpu", quantize="8bit")
+            vlmux.pipeline({str(tiny_models["llava"])!r}, device="cpu", quantize="8bit")
         except vlmux.ModelLoadError as e:
             print("ERROR", e)
     """)
@@ -117,7 +117,46 @@ def test_require_method_names_the_extra_in_this_process(monkeypatch):
     monkeypatch.setitem(sys.modules, "torchao", None)
     with pytest.raises(QuantizationUnavailable, match=r"pip install 'vlmux\[torchao\]'"):
         require_method("torchao-int4")
-    assert require_method("fp8") is METHODS["fp8"]  # transformers' own: nothing to install
+    assert require_method("fp8") is METHODS["fp8"]  # no package to find: its kernel is checked on a CUDA load
+
+
+def test_torchao_int4_packs_for_torchs_own_kernels(shaped):
+    pytest.importorskip("torchao")
+    from vlmux.backends.quantize import quantization_options
+
+    method = quantization_options("torchao-int4", shaped, torch.bfloat16)["quantization_config"].quant_type
+    # torchao 0.18's default "plain" packing needs the mslk package, which the device lacked ("Requires mslk")
+    assert method.group_size == 128 and getattr(method, "int4_packing_format", "tile_packed_to_4d") == "tile_packed_to_4d"
+
+
+def test_fp8_without_its_kernel_fails_the_load_and_says_what_to_install(shaped, monkeypatch):
+    finegrained = pytest.importorskip("transformers.integrations.finegrained_fp8")
+    from vlmux.backends.quantize import quantization_options
+
+    def missing():
+        raise ImportError("finegrained-fp8 kernel unavailable: `kernels` is not installed")
+
+    monkeypatch.setattr(finegrained, "load_finegrained_fp8_kernel", missing, raising=False)
+    with pytest.raises(QuantizationUnavailable, match="kernels.*not installed.*Install `kernels`"):
+        quantization_options("fp8", shaped, torch.bfloat16, "cuda")
+
+
+def test_a_failed_weight_conversion_says_which_weights_and_why():
+    core = pytest.importorskip("transformers.core_model_loading")
+    report = pytest.importorskip("transformers.utils.loading_report")
+    from transformers.utils import logging as hf_logging
+
+    from vlmux.backends.quantize import load_report
+
+    info = report.LoadStateDictInfo(set(), set(), set(), [], {}, set())
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(core.SkipParameters):  # how transformers records a conversion's error, traceback and all
+        with core.log_conversion_errors(name, info, (1, name)):
+            raise ImportError("Requires mslk >= 1.0.0")
+    with pytest.raises(RuntimeError, match=rf"could not convert {name} on load: ImportError: Requires mslk >= 1.0.0$"):
+        with load_report():
+            report.log_state_dict_report(torch.nn.Linear(1, 1), "tiny", False, info,
+                                         hf_logging.get_logger("transformers.modeling_utils"))
 
 
 def _picture(color=(220, 40, 40)):

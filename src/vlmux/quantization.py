@@ -26,7 +26,8 @@ class Method:
 METHODS: dict[str, Method] = {
     "4bit": Method("bitsandbytes", "bnb", 4, 64, 4, "bitsandbytes NF4, bf16 compute"),
     "8bit": Method("bitsandbytes", "bnb", 8, 0, 4, "bitsandbytes LLM.int8"),
-    "fp8": Method(None, None, 8, 128 * 128, 4, "transformers' fine-grained FP8 (a CUDA GPU of compute capability 8.9+)"),
+    "fp8": Method(None, None, 8, 128 * 128, 4,
+                  "transformers' fine-grained FP8 (CUDA, compute capability 8.9+, its Hub kernel through `kernels`)"),
     "torchao-int4": Method("torchao", "torchao", 4, 128, 4, "torchao int4 weight-only (CUDA)"),
     "torchao-int8": Method("torchao", "torchao", 8, 0, 2, "torchao int8 weight-only (CPU and CUDA)"),
 }

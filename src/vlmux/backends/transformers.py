@@ -25,7 +25,7 @@ from vlmux.backends.inert import control_strings, inert, inert_messages
 from vlmux.backends.loader import Unsupported, empty_model, release_staging, stream_weights
 from vlmux.backends.pinned import unpin_all
 from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
-from vlmux.backends.quantize import quantization_options
+from vlmux.backends.quantize import load_report, quantization_options
 from vlmux.backends.streaming import RowPieces, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
@@ -148,10 +148,12 @@ class TransformersBackend(Resident):
         except Unsupported as e:
             if shallow:
                 raise
-            quantization = quantization_options(spec.quantize, path, self.torch_dtype)  # names a missing package
-            self.model = AutoModelForImageTextToText.from_pretrained(
-                path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **quantization, **common
-            ).eval()
+            # names a missing package or kernel before any weight is read
+            quantization = quantization_options(spec.quantize, path, self.torch_dtype, self.device)
+            with load_report():
+                self.model = AutoModelForImageTextToText.from_pretrained(
+                    path, dtype=self.torch_dtype, **device_map_options(spec, self.device), **quantization, **common
+                ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
         self.attention = use_fast_attention(self.model, packed_vision=self.fast.compile)
