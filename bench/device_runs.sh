@@ -54,10 +54,10 @@ switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, pre
     timeout 150 python3 bench/switch.py --methods pool_switch_pinned --rounds 10 --out "$OUT/switch-pinned.json" 2>&1 \
         | tail -4
     ;;
-quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4, fp8; images/s on the 2B workload, residue after unload
+quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4 and fp8; images/s on the 2B workload, residue after unload
     shapes
     timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_quantize.py 2>&1 | tail -3
-    timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,fp8 --images 512 --out "$OUT/quant.json" \
+    timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --images 512 --out "$OUT/quant.json" \
         2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
 stress)  # issue 22: a batch that cannot fit (OOM), then the load test with the 2B / 7B shapes (2000 at 64)

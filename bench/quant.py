@@ -4,7 +4,7 @@ against the peak while captioning one batch, images/s on the 2B shape's caption 
 and the residue NVML shows after the unload (the goal: 0 MiB for every method).
 
 Device command (~8 minutes):
-  PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 python3 bench/quant.py --methods none,4bit,torchao-int4,fp8 --out $OUT/quant.json
+  PYTHONPATH=$PWD/src HF_HUB_OFFLINE=1 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --out $OUT/quant.json
 CPU check with a tiny model (no NVML: memory columns are empty):
   PYTHONPATH=$PWD/src python3 bench/quant.py --tiny --methods none,torchao-int8 --images 4
 """
@@ -82,7 +82,7 @@ class _Nothing:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="none,4bit,torchao-int4,fp8", help="none or --quantize names")
+    parser.add_argument("--methods", default="none,4bit,torchao-int4,torchao-fp8", help="none or --quantize names")
     parser.add_argument("--images", type=int, default=1024, help="images of the throughput workload")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--tiny", action="store_true", help="a tiny qwen2_vl on the CPU: checks the script runs")

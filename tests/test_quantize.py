@@ -40,6 +40,7 @@ def test_weights_in_16_bits_without_quantisation(shaped):
     ("fp8", 256 * 128 + 2 * 4),  # fp8 and a float32 scale per 128x128 block
     ("torchao-int4", 256 * 128 // 2 + 256 * 128 // 128 * 4),  # bf16 scale and zero point per 128
     ("torchao-int8", 256 * 128 + 256 * 2),
+    ("torchao-fp8", 256 * 128 + 256 * 4),  # fp8 and a float32 scale per row
 ])
 def test_quantise_on_load_counts_bits_scales_and_the_layers_kept_in_16_bits(shaped, method, quantised):
     kept = 3 * 256 * 128 * 2 + 128 * 2
@@ -83,6 +84,27 @@ def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(ti
         assert len(captions) == 1 and captions[0]
     finally:
         backend.close()
+
+
+def test_torchao_fp8_keeps_fp8_weights_on_the_cpu_and_captions_through_a_worker(tiny_models):
+    pytest.importorskip("torchao")
+    from vlmux.backends.transformers import TransformersBackend
+
+    path = tiny_models["qwen2_vl"]
+    backend = TransformersBackend(ModelSpec(str(path), device="cpu", quantize="torchao-fp8"), str(path))
+    try:
+        model = backend.model
+        assert "Float8" in type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__
+        assert model.model.language_model.layers[0].mlp.up_proj.weight.qdata.dtype == torch.float8_e4m3fn
+        assert type(model.model.visual.blocks[0].attn.qkv.weight) is torch.nn.Parameter
+        assert type(model.lm_head.weight) is torch.nn.Parameter
+    finally:
+        backend.close()
+    with pipeline(str(path), device="cpu", quantize="torchao-fp8", max_new_tokens=6, ignore_eos=True) as pipe:
+        pid = pipe.status[0].pid
+        captions = pipe([_picture(), _picture((40, 80, 220))])
+        assert len(captions) == 2 and all(captions)
+    assert process_gone(pid)
 
 
 def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(tiny_models):

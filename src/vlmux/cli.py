@@ -90,7 +90,7 @@ def _parser() -> argparse.ArgumentParser:
                               "engine (vlmux's own runner, Qwen2-VL family)")
     caption.add_argument("--quantize", action=_PerModel, choices=QUANTIZE_METHODS,
                          help="quantise a 16-bit checkpoint on load: 4bit | 8bit (bitsandbytes), fp8 (fine-grained, a "
-                              "Hopper GPU), torchao-int4 | torchao-int8 (pip install 'vlmux[bnb]' or 'vlmux[torchao]'); "
+                              "Hopper GPU), torchao-int4 | torchao-int8 | torchao-fp8 (pip install 'vlmux[bnb]' or 'vlmux[torchao]'); "
                               "pre-quantised checkpoints (AWQ, GPTQ, ...) need none")
     caption.add_argument("--trust-remote-code", action="store_true",
                          help="run the model folder's own Python code (InternVL2, Florence-2 hub checkpoints, ...)")

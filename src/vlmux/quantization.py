@@ -30,6 +30,8 @@ METHODS: dict[str, Method] = {
                   "transformers' fine-grained FP8 (CUDA, compute capability 8.9+, its Hub kernel through `kernels`)"),
     "torchao-int4": Method("torchao", "torchao", 4, 128, 4, "torchao int4 weight-only (CUDA)"),
     "torchao-int8": Method("torchao", "torchao", 8, 0, 2, "torchao int8 weight-only (CPU and CUDA)"),
+    "torchao-fp8": Method("torchao", "torchao", 8, 0, 4, "torchao float8, a float32 scale per row: weights and "
+                          "activations on CUDA (compute capability 8.9+), weights only on the CPU"),
 }
 # A pre-quantised checkpoint's quantization_config.quant_method -> (the import name it needs, the extra).
 PREQUANTIZED: dict[str, tuple[str | None, str | None]] = {

@@ -37,10 +37,10 @@ def quantization_options(quantize: str | None, path: str | Path, dtype: torch.dt
         return {}
     require_method(quantize)
     _require_kernel(quantize, device)
-    return {"quantization_config": _config(quantize, dtype)}
+    return {"quantization_config": _config(quantize, dtype, device)}
 
 
-def _config(quantize: str, dtype: torch.dtype) -> Any:
+def _config(quantize: str, dtype: torch.dtype, device: str) -> Any:
     # transformers 5.x matches these from the start of a module's name, as regexes or suffixes (older ones as
     # substrings): each name as it is, and as a regex for a module of that name anywhere in the model.
     skip = [*KEEP_16BIT, *(rf"(?:.*\.)?{name}" for name in KEEP_16BIT)]
@@ -58,7 +58,22 @@ def _config(quantize: str, dtype: torch.dtype) -> Any:
     from torchao.quantization import Int8WeightOnlyConfig
     from transformers import TorchAoConfig
 
+    if quantize == "torchao-fp8":
+        return TorchAoConfig(_float8(device), modules_to_not_convert=skip)
     return TorchAoConfig(_int4() if quantize == "torchao-int4" else Int8WeightOnlyConfig(), modules_to_not_convert=skip)
+
+
+def _float8(device: str) -> Any:
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
+
+    # torch's scaled fp8 matmul needs CUDA 8.9+ (Ada, Hopper); elsewhere the weights stay fp8 and are widened per matmul.
+    if device.startswith("cuda") and torch.cuda.get_device_capability(_index(device)) >= (8, 9):
+        return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+    return Float8WeightOnlyConfig()
+
+
+def _index(device: str) -> int:
+    return int(device.partition(":")[2] or 0)
 
 
 def _int4() -> Any:
