@@ -38,7 +38,8 @@ def test_weights_in_16_bits_without_quantisation(shaped):
     ("4bit", 256 * 128 // 2 + 256 * 128 // 64 * 4),  # NF4 and a float32 absmax per 64
     ("8bit", 256 * 128 + 256 * 4),  # int8 and a float32 scale per row
     ("fp8", 256 * 128 + 2 * 4),  # fp8 and a float32 scale per 128x128 block
-    ("torchao-int4", 256 * 128 // 2 + 256 * 128 // 128 * 4),  # bf16 scale and zero point per 128
+    # bf16 scale and zero point per 128; tinygemm pads the 128 input columns to 1024
+    ("torchao-int4", 256 * 1024 // 2 + 256 * 1024 // 128 * 4),
     ("torchao-int8", 256 * 128 + 256 * 2),
     ("torchao-fp8", 256 * 128 + 256 * 4),  # fp8 and a float32 scale per row
 ])
@@ -46,6 +47,15 @@ def test_quantise_on_load_counts_bits_scales_and_the_layers_kept_in_16_bits(shap
     kept = 3 * 256 * 128 * 2 + 128 * 2
     assert estimate(shaped, "bfloat16", 1, 8, quantize=method).weights == quantised + kept
     assert not kept_in_16bit(MLP) and all(kept_in_16bit(name) for name in KEPT)
+
+
+def test_on_a_gpu_the_estimate_counts_the_quantised_matmuls_copies_of_their_input(shaped):
+    plain = estimate(shaped, "bfloat16", 4, 8).activations
+    fp8, int4 = (estimate(shaped, "bfloat16", 4, 8, quantize=m).activations - plain for m in ("torchao-fp8", "torchao-int4"))
+    assert fp8 > 0 and int4 > 0
+    assert fp8 * 2 * 1024 == int4 * 13 * 512  # 13 bytes per input element; 2 per element of the input padded to 1024
+    assert estimate(shaped, "bfloat16", 4, 8, on_gpu=False, quantize="torchao-fp8").activations == plain
+    assert estimate(shaped, "bfloat16", 4, 8, quantize="4bit").activations == plain
 
 
 def test_a_prequantised_checkpoint_counts_its_packed_tensors_as_stored(tmp_path):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmux.checkpoint import read_index
-from vlmux.quantization import METHODS, weight_bytes
+from vlmux.quantization import METHODS, Method, weight_bytes
 
 TARGET_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
 CONTEXT_BYTES = 620 * 1024 * 1024  # a CUDA context with torch's kernels loaded, as measured (docs/BENCHMARKS.md)
@@ -49,15 +49,19 @@ def estimate(model_dir: Path, dtype: str, batch_size: int, max_new_tokens: int, 
     """quantize: a `--quantize` method (vlmux.quantization.METHODS) applied on load; a pre-quantised checkpoint's
     packed weights count as stored without it."""
     element = TARGET_BYTES.get(dtype, 2)
-    weights = weight_bytes(read_index(model_dir), element, METHODS[quantize] if quantize else None)
+    method = METHODS[quantize] if quantize else None
+    weights = weight_bytes(read_index(model_dir), element, method)
     config = read_json(Path(model_dir) / "config.json")
-    kv_cache, activations = image_bytes(config, image_budget(model_dir, config), max_new_tokens, element)
+    kv_cache, activations = image_bytes(config, image_budget(model_dir, config), max_new_tokens, element,
+                                        method if on_gpu else None)
     return Estimate(weights, kv_cache * batch_size, activations * batch_size, CONTEXT_BYTES if on_gpu else 0)
 
 
-def image_bytes(config: dict, budget: ImageBudget, max_new_tokens: int, element: int) -> tuple[int, int]:
+def image_bytes(config: dict, budget: ImageBudget, max_new_tokens: int, element: int,
+                quantized: Method | None = None) -> tuple[int, int]:
     """(KV cache, activations) one more image in a batch costs. Activations: the prefill's hidden- and MLP-sized
-    tensors per token, and the vision encoder's per position (its rotary and attention scratch in float32)."""
+    tensors per token, and the vision encoder's per position (its rotary and attention scratch in float32); with a
+    quantisation on a GPU, its copies of the widest matmul input (the MLP's down projection)."""
     text = text_config(config)
     # BART-style names (Florence-2's decoder) where the Llama-style ones are missing.
     layers = text.get("num_hidden_layers") or text.get("decoder_layers", 0)
@@ -69,6 +73,8 @@ def image_bytes(config: dict, budget: ImageBudget, max_new_tokens: int, element:
     kv_cache = 2 * layers * kv_heads * head_dim * (prompt + max_new_tokens) * element
     intermediate = text.get("intermediate_size") or text.get("decoder_ffn_dim") or 4 * hidden
     prefill = prompt * (4 * hidden + 3 * intermediate) * element
+    if quantized is not None:
+        prefill += prompt * quantized.padded(intermediate) * quantized.input_bytes
     vision = config.get("vision_config") or {}
     embed = _last(vision.get("embed_dim") or vision.get("hidden_size", 0))  # DaViT (Florence-2): per stage
     mlp = vision.get("intermediate_size") or int(embed * vision.get("mlp_ratio", 4))

@@ -18,6 +18,11 @@ class Method:
     group: int  # weights per scale (0: one scale per output row)
     scale_bytes: int  # per scale, zero point included
     summary: str
+    columns_multiple: int = 1  # a weight's input columns are padded to a multiple of this (a kernel's tile)
+    input_bytes: int = 0  # on a GPU: transient bytes per element of a matmul's input (its quantised or padded copies)
+
+    def padded(self, columns: int) -> int:
+        return -(-columns // self.columns_multiple) * self.columns_multiple
 
 
 # --quantize NAME -> how. Group sizes and scale widths as the integrations store them (docs: bnb absmax per 64 in
@@ -28,10 +33,12 @@ METHODS: dict[str, Method] = {
     "8bit": Method("bitsandbytes", "bnb", 8, 0, 4, "bitsandbytes LLM.int8"),
     "fp8": Method(None, None, 8, 128 * 128, 4,
                   "transformers' fine-grained FP8 (CUDA, compute capability 8.9+, its Hub kernel through `kernels`)"),
-    "torchao-int4": Method("torchao", "torchao", 4, 128, 4, "torchao int4 weight-only (CUDA)"),
+    # tinygemm pads the input columns to 1024 and multiplies a padded bf16 copy of each input.
+    "torchao-int4": Method("torchao", "torchao", 4, 128, 4, "torchao int4 weight-only (CUDA)", 1024, 2),
     "torchao-int8": Method("torchao", "torchao", 8, 0, 2, "torchao int8 weight-only (CPU and CUDA)"),
+    # Its eager dynamic quantisation holds each input three times in float32 (widened, scaled, clamped) and once in fp8.
     "torchao-fp8": Method("torchao", "torchao", 8, 0, 4, "torchao float8, a float32 scale per row: weights and "
-                          "activations on CUDA (compute capability 8.9+), weights only on the CPU"),
+                          "activations on CUDA (compute capability 8.9+), weights only on the CPU", 1, 13),
 }
 # A pre-quantised checkpoint's quantization_config.quant_method -> (the import name it needs, the extra).
 PREQUANTIZED: dict[str, tuple[str | None, str | None]] = {
@@ -85,8 +92,9 @@ def weight_bytes(index: dict[str, TensorEntry], element: int, method: Method | N
             total += entry.end - entry.start
         elif method is not None and len(entry.shape) == 2 and name.endswith(".weight") and not kept_in_16bit(name):
             rows, columns = entry.shape
-            scales = rows if method.group == 0 else -(-entry.numel // method.group)
-            total += entry.numel * method.bits // 8 + scales * method.scale_bytes
+            numel = rows * method.padded(columns)
+            scales = rows if method.group == 0 else -(-numel // method.group)
+            total += numel * method.bits // 8 + scales * method.scale_bytes
         else:
             total += entry.numel * element
     return total

@@ -30,6 +30,7 @@ from vlmux.backends.streaming import RowPieces, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
+from vlmux.quantization import METHODS
 
 WARM_UP = GenerationSpec(max_new_tokens=4, ignore_eos=True)
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -115,6 +116,7 @@ class TransformersBackend(Resident):
         """shallow: a one-layer copy with uninitialised weights, only to run the model's code once (`warm_up`)."""
         self.device = resolve_device(spec.device)
         self.torch_dtype = resolve_dtype(spec.dtype, self.device)
+        self._quantized = METHODS[spec.quantize] if spec.quantize else None  # its matmuls' scratch sizes a batch
         self.dtype = str(self.torch_dtype).removeprefix("torch.")
         # The parent resolved `path` to a local folder already: nothing here reaches the network.
         common = {"trust_remote_code": spec.trust_remote_code, "local_files_only": True}
@@ -265,7 +267,8 @@ class TransformersBackend(Resident):
         """The most images a batch of `max_new_tokens` fits in the budget and free device memory; None on the CPU."""
         if not self.device.startswith("cuda"):
             return None
-        kv_cache, activations = image_bytes(self._config, self._image_budget, max_new_tokens, self.torch_dtype.itemsize)
+        kv_cache, activations = image_bytes(self._config, self._image_budget, max_new_tokens, self.torch_dtype.itemsize,
+                                            self._quantized)
         return fitting_batch(kv_cache + activations, free_for_batches(self.device), memory_budget)
 
     @property
