@@ -60,11 +60,16 @@ quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4 and fp8; image
     timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --images 512 --out "$OUT/quant.json" \
         2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
-stress)  # issue 22: a batch that cannot fit (OOM), then the load test with the 2B / 7B shapes (2000 at 64)
+stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 load / unload cycles of two tiny models
     shapes
-    timeout 150 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -12
-    timeout 200 python3 bench/serve_load.py --requests 2000 --concurrency 64 --out "$OUT/serve-load-2000.json" 2>&1 \
-        | tail -4
+    timeout 240 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -12
+    timeout 250 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes 3.5 --out "$OUT/soak-tiny.json" 2>&1 \
+        | grep -v "^W1" | tail -14
+    ;;
+load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 2000 requests at 64 (cut at 6 minutes)
+    shapes
+    timeout 480 python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes 6 \
+        --out "$OUT/serve-load-2000.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
 soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process (cut at 8 minutes if slower)
     shapes
@@ -100,7 +105,7 @@ engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2
         --files 4096 --minutes 6 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -6
     ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|soak|engine" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|load|soak|engine" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;
