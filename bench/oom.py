@@ -19,6 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import environment, write_result  # noqa: E402
+from shapes import limit_pixels  # noqa: E402
 
 from PIL import Image  # noqa: E402
 
@@ -65,16 +66,9 @@ def whole_pictures(model: Path, pixels: int) -> Path:
     for file in model.iterdir():
         if file.name.endswith(".safetensors") or file.name.endswith(".index.json"):
             (out / file.name).symlink_to(file.resolve())
-        elif file.name.endswith("processor_config.json"):
-            data = json.loads(file.read_text())
-            for holder in [data, *[v for v in data.values() if isinstance(v, dict)]]:
-                if "max_pixels" in holder:
-                    holder["max_pixels"] = pixels
-                if isinstance(holder.get("size"), dict) and "longest_edge" in holder["size"]:
-                    holder["size"]["longest_edge"] = pixels
-            (out / file.name).write_text(json.dumps(data, indent=2))
         elif file.is_file():
             shutil.copy(file, out / file.name)
+    limit_pixels(out, pixels)
     return out
 
 

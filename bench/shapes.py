@@ -53,8 +53,7 @@ def build_shape(out_dir: Path, shape: str, seed: int = 0) -> Path:
     config["vision_config"].update(VISION, hidden_size=SHAPES[shape]["vision_out"], initializer_range=0.02)
     config.pop("dtype", None)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
-        _open_pixels(out_dir / name)
+    limit_pixels(out_dir, MAX_PIXELS)
     torch.manual_seed(seed)
     with torch.device("cuda"):
         model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(out_dir), dtype=torch.bfloat16)
@@ -64,16 +63,19 @@ def build_shape(out_dir: Path, shape: str, seed: int = 0) -> Path:
     return out_dir
 
 
-def _open_pixels(path: Path) -> None:
-    if not path.exists():
-        return
-    data = json.loads(path.read_text())
-    for holder in [data, *[v for v in data.values() if isinstance(v, dict)]]:
-        if "max_pixels" in holder:
-            holder["max_pixels"] = MAX_PIXELS
-        if isinstance(holder.get("size"), dict) and "longest_edge" in holder["size"]:
-            holder["size"]["longest_edge"] = MAX_PIXELS
-    path.write_text(json.dumps(data, indent=2))
+def limit_pixels(model_dir: Path, pixels: int) -> None:
+    """Set the pixel limit of the processor configs in `model_dir` (where they have one) to `pixels`."""
+    for name in ("preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json"):
+        path = model_dir / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        for holder in [data, *[v for v in data.values() if isinstance(v, dict)]]:
+            if "max_pixels" in holder:
+                holder["max_pixels"] = pixels
+            if isinstance(holder.get("size"), dict) and "longest_edge" in holder["size"]:
+                holder["size"]["longest_edge"] = pixels
+        path.write_text(json.dumps(data, indent=2))
 
 
 def write_jpegs(out_dir: Path, count: int, seed: int = 0) -> list[Path]:
