@@ -67,13 +67,9 @@ def _float8(device: str) -> Any:
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, Float8WeightOnlyConfig, PerRow
 
     # torch's scaled fp8 matmul needs CUDA 8.9+ (Ada, Hopper); elsewhere the weights stay fp8 and are widened per matmul.
-    if device.startswith("cuda") and torch.cuda.get_device_capability(_index(device)) >= (8, 9):
+    if device.startswith("cuda") and torch.cuda.get_device_capability(device) >= (8, 9):
         return Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
     return Float8WeightOnlyConfig()
-
-
-def _index(device: str) -> int:
-    return int(device.partition(":")[2] or 0)
 
 
 def _int4() -> Any:
