@@ -98,7 +98,8 @@ def _require_kernel(method: str | None, device: str) -> None:
         raise QuantizationUnavailable(
             f"fp8 needs transformers' FP8 matmul kernel (kernels-community/finegrained-fp8, fetched from the Hugging "
             f"Face Hub by the `kernels` package and cached), which did not load here: {e}. Install `kernels` and "
-            f"load once with the Hub reachable, or use --quantize 4bit or torchao-int8") from e
+            f"load once with the Hub reachable, or use --quantize torchao-fp8 (fp8 with nothing fetched), 4bit or "
+            f"torchao-int8") from e
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
