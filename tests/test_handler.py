@@ -1,10 +1,14 @@
 """The worker's handler in this process, on the CPU with a tiny model: the batch size it reports at the load is the
-one its captions run in, and items that can never be images fail alone."""
+one its captions run in, items that can never be images fail alone, and a batch that runs out of device memory is
+halved only once the failed attempt's memory is free."""
 from __future__ import annotations
 
+import functools
+import weakref
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from vlmux.backends.base import Backend
@@ -78,3 +82,33 @@ def test_the_backend_has_every_member_the_handler_is_declared_to_use(handler_of_
     declared = set(Backend.__annotations__) | {name for name in vars(Backend) if not name.startswith("_")}
     assert {"largest_batch", "pad_token_id", "pads_batches", "prepare", "from_host", "generated_tokens"} <= declared
     assert [name for name in sorted(declared) if not hasattr(handler_of_3.backend, name)] == []
+
+
+def test_a_batch_out_of_memory_is_halved_after_its_memory_is_free(tiny_qwen, image_dir, monkeypatch):
+    """Fault injection: the model's forward runs out of memory above 2 rows, as a full GPU would, after allocating
+    its activations. The halves must run once those activations are gone (on the H200 a retry beside them ran out
+    of memory even for one image); every image is captioned, as it is without the fault."""
+    handler, _ = load(tiny_qwen, batch_size=8)
+    items = files(image_dir, 5)
+    expected = [result.caption for result in caption(handler, items).results]
+    model = handler.backend.model
+    forward, failed, alive_at_retry = model.forward, [], []
+
+    @functools.wraps(forward)  # generate reads forward's signature
+    def forward_with_a_memory_limit(*args, **kwargs):
+        rows = next(kwargs[key].shape[0] for key in ("input_ids", "inputs_embeds") if kwargs.get(key) is not None)
+        alive_at_retry.extend(ref() is not None for ref in failed)
+        if rows > 2:
+            activations = torch.zeros(rows, 1024)
+            failed.append(weakref.ref(activations))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", forward_with_a_memory_limit)
+    try:
+        reply = caption(handler, items)
+    finally:
+        handler.close()
+    assert [result.caption for result in reply.results] == expected, [r.error for r in reply.results]
+    assert sorted(result.batch for result in reply.results) == [1, 2, 2, 2, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
+    assert failed and alive_at_retry and not any(alive_at_retry)

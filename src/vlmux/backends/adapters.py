@@ -183,8 +183,7 @@ def out_of_memory() -> Iterator[None]:
     try:
         yield
     except torch.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
-        raise OutOfMemory(str(e).splitlines()[0]) from None
+        raise OutOfMemory(str(e).splitlines()[0]) from None  # the handler retries only once this error is gone
 
 
 # model_type -> how its remote code is asked; GENERIC for any other.

@@ -339,14 +339,17 @@ class TransformersBackend(Resident):
                 else:
                     new_tokens = self.form.answer(self.model.generate(**inputs, **options, **fast), prompt_length)
         except torch.OutOfMemoryError as e:
-            del inputs  # free the batch before the caller retries a smaller one
-            if self.engine is not None:
-                self.engine.release()  # and the engine's cache, sized for the batch that did not fit
-            torch.cuda.empty_cache()
-            raise OutOfMemory(str(e).splitlines()[0]) from None
-        new_tokens = new_tokens[:rows]  # the padding rows are dropped here
-        self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
-        return new_tokens
+            message = str(e).splitlines()[0]
+        else:
+            new_tokens = new_tokens[:rows]  # the padding rows are dropped here
+            self.generated_tokens += int((new_tokens != self.tokenizer.pad_token_id).sum())
+            return new_tokens
+        # Raised past the except block, so that the error keeps no link to the failed call's frames and activations.
+        del inputs
+        if self.engine is not None:
+            self.engine.release()  # the engine's cache, sized for the batch that did not fit
+        torch.cuda.empty_cache()
+        raise OutOfMemory(message)
 
     def after_reply(self) -> None:
         if self._unpin_after_answer:

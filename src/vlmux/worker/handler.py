@@ -140,11 +140,14 @@ class Handler:
                 ahead = self._preparer.submit(self._prepare, chunks[number + 1], request, size)
             waited = time.perf_counter()
             images, bad, prepared = current.result()
+            current = None  # the future holds the batch too: it must not outlive a batch that did not fit
             input_wait += time.perf_counter() - waited
             for index, reason in bad.items():
                 results[index] = ItemResult(None, reason, bad_image=True)
             generated += len(images)
-            self._generate_chunk(images, prepared, request, results)
+            if images and not self._generate_prepared(images, prepared, request, results):
+                prepared = None  # the batch that did not fit leaves the device before its halves are tried
+                self._caption_decoded(images, request, results)
         tokens = self.backend.generated_tokens - tokens_before
         results = [replace(r, note=self._notes[i]) if r and r.error is None and i in self._notes else r
                    for i, r in enumerate(results)]
@@ -202,18 +205,21 @@ class Handler:
         self._prepared_apart += 1
         return images, bad, (self.backend.from_host(done.inputs, done.rows) if done.inputs is not None else None)
 
-    def _generate_chunk(self, images: dict[int, Image.Image | None], prepared: PreparedBatch | None, request: Caption, results: list) -> None:
-        if not images:
-            return
-        if prepared is not None:
-            try:
-                captions = self.backend.generate(prepared, request.gen)
-            except Exception:  # noqa: BLE001 - out of memory or a model error: split as below
-                captions = None
-            if captions is not None:
-                for index, caption in zip(images, captions):
-                    results[index] = ItemResult(caption, batch=len(images))
-                return
+    def _generate_prepared(self, images: dict[int, Image.Image | None], prepared: PreparedBatch | None, request: Caption,
+                           results: list) -> bool:
+        """The prepared batch in one call; False when there is none or it failed (out of memory, a model error)."""
+        if prepared is None:
+            return False
+        try:
+            captions = self.backend.generate(prepared, request.gen)
+        except Exception:  # noqa: BLE001 - split by the caller, once this exception and its frames are gone
+            return False
+        for index, caption in zip(images, captions):
+            results[index] = ItemResult(caption, batch=len(images))
+        return True
+
+    def _caption_decoded(self, images: dict[int, Image.Image | None], request: Caption, results: list) -> None:
+        """A chunk whose prepared batch failed, captioned again from its images, halving on failure."""
         missing = [index for index, image in images.items() if image is None]  # decoded in a preparing process
         for index, image in zip(missing, self._decoder.map(_decode, [request.items[i] for i in missing], repeat(request.gen.max_pixels))):
             if isinstance(image, str):
@@ -230,18 +236,21 @@ class Handler:
                 [decoded[i] for i in chunk], [request.prompts[i] for i in chunk], request.gen
             )
         except Exception as e:  # noqa: BLE001 - one bad batch must not end the worker
-            if len(chunk) == 1:
-                reason = f"out of device memory even alone: {e}" if isinstance(e, OutOfMemory) else f"{type(e).__name__}: {e}"
-                results[chunk[0]] = ItemResult(None, reason)
-                return
-            # Halve it: a smaller batch may fit where this one ran out of memory, and an image the processor
-            # rejects (too small, odd shape) then fails alone instead of taking its batch with it.
-            half = len(chunk) // 2
-            self._caption_chunk(chunk[:half], decoded, request, results)
-            self._caption_chunk(chunk[half:], decoded, request, results)
+            reason = f"out of device memory even alone: {e}" if isinstance(e, OutOfMemory) else f"{type(e).__name__}: {e}"
+        else:
+            for i, caption in zip(chunk, captions):
+                results[i] = ItemResult(caption, batch=len(chunk))
             return
-        for i, caption in zip(chunk, captions):
-            results[i] = ItemResult(caption, batch=len(chunk))
+        # Past the except block: the exception's traceback held the failed call's frames, and with them the device
+        # memory of its activations, which the halves below need.
+        if len(chunk) == 1:
+            results[chunk[0]] = ItemResult(None, reason)
+            return
+        # Halve it: a smaller batch may fit where this one ran out of memory, and an image the processor
+        # rejects (too small, odd shape) then fails alone instead of taking its batch with it.
+        half = len(chunk) // 2
+        self._caption_chunk(chunk[:half], decoded, request, results)
+        self._caption_chunk(chunk[half:], decoded, request, results)
 
     def _chat(self, request: Chat, send: Callable[[ChatText], None] | None) -> Reply:
         try:
@@ -276,11 +285,13 @@ class Handler:
                                                   on_text if streaming and send is not None else None)
                 for index, answer in zip(rows, answers):
                     replies[index] = answer
+            return ChatsAnswered(replies)
         except OutOfMemory:
-            for index in rows:
-                streamed = request.chats[index].stream and send is not None
-                replies[index] = self._chat(request.chats[index], (lambda piece, i=index: send(ChatText(piece.text, i)))
-                                            if streamed else None)
+            pass  # answered one at a time below, once the failed batch's frames are gone with the exception
+        for index in rows:
+            streamed = request.chats[index].stream and send is not None
+            replies[index] = self._chat(request.chats[index], (lambda piece, i=index: send(ChatText(piece.text, i)))
+                                        if streamed else None)
         return ChatsAnswered(replies)
 
     def _conversation(self, request: Chat) -> tuple[list[dict], list[Image.Image]]:

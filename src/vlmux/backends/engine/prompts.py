@@ -53,7 +53,9 @@ def prompts_from_inputs(model: torch.nn.Module, inputs: Mapping[str, torch.Tenso
         features = base.get_image_features(inputs["pixel_values"], grid, return_dict=True)
         image_embeds = torch.cat(features.pooler_output).to(embeds.dtype)
         embeds = embeds.masked_scatter(visual.unsqueeze(-1), image_embeds)
-        deepstack = [torch.cat(layer) for layer in getattr(features, "deepstack_features", None) or ()]
+        # per layer: all images' tokens in one tensor (transformers 5.17) or split per image (later 5.x)
+        deepstack = [layer if isinstance(layer, torch.Tensor) else torch.cat(layer)
+                     for layer in getattr(features, "deepstack_features", None) or ()]
         types = inputs.get("mm_token_type_ids")
         types = visual.int() * IMAGE if types is None else types
         positions, deltas = base.get_rope_index(ids, mm_token_type_ids=types, image_grid_thw=grid, attention_mask=mask)
