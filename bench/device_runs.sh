@@ -56,19 +56,19 @@ switch-floor)  # issue 20: pool.switch + chat as a user writes it: defaults, pre
     ;;
 quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4 and fp8; images/s on the 2B workload, residue after unload
     shapes
-    timeout 100 python3 -m pytest -q -x -p no:cacheprovider tests/test_quantize.py 2>&1 | tail -3
-    timeout 420 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --images 512 --out "$OUT/quant.json" \
+    timeout 120 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tail -15  # engine's first check
+    timeout 360 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --images 256 --out "$OUT/quant.json" \
         2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
 stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 load / unload cycles of two tiny models
     shapes
-    timeout 240 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -12
+    timeout 200 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
     timeout 250 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes 3.5 --out "$OUT/soak-tiny.json" 2>&1 \
         | grep -v "^W1" | tail -14
     ;;
 load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 2000 requests at 64 (cut at 6 minutes)
     shapes
-    timeout 480 python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes 6 \
+    timeout 420 python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes ${MINUTES:-5.5} \
         --out "$OUT/serve-load-2000.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
 soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process (cut at 8 minutes if slower)
@@ -98,11 +98,10 @@ serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one
     timeout 330 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 --minutes ${MINUTES:-5} \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
-engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side with HF's best
-    shapes
-    timeout 150 python3 -m pytest -m gpu -q -x -p no:cacheprovider tests/test_engine.py 2>&1 | tail -3
-    timeout 400 python3 bench/throughput.py --rows hf_static_compile,vlmux_gpu:compiled,vlmux_gpu:engine,vlmux_cli:engine \
-        --files 4096 --minutes 6 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -6
+engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side with HF's (builds the 2B itself)
+    timeout 60 python3 -m pytest -m gpu -q -x -p no:cacheprovider --tb=short tests/test_engine.py 2>&1 | tail -12
+    timeout 460 python3 bench/throughput.py --rows hf_dynamic,hf_static_compile,vlmux_gpu:engine,vlmux_cli:engine \
+        --sweep 128 --files 4096 --minutes 7 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
 *)
     echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|load|soak|engine" \
