@@ -129,16 +129,36 @@ def test_a_saved_dataset_with_an_image_column_is_a_source(tmp_path, image_dir, t
     assert sidecar.returncode == 2 and "use -o" not in sidecar.stderr and "-o" in sidecar.stderr
 
 
-def test_a_long_job_on_a_gpu_compiles_its_decode_unless_the_user_chose():
+def test_a_long_job_on_a_gpu_compiles_its_decode_unless_the_user_chose(tiny_llava):
     from vlmux.caption.plan import COMPILE_MIN_IMAGES, job_decode
     from vlmux.config import ModelSpec
 
     auto = ModelSpec("m")
     assert job_decode(auto, COMPILE_MIN_IMAGES, gpu_present=True).decode == "compiled"
+    assert job_decode(auto, COMPILE_MIN_IMAGES, gpu_present=True, folder=tiny_llava).decode == "compiled"  # no engine
     assert job_decode(auto, COMPILE_MIN_IMAGES - 1, gpu_present=True).decode == "auto"  # the compile would not pay
     assert job_decode(auto, COMPILE_MIN_IMAGES, gpu_present=False).decode == "auto"
     assert job_decode(ModelSpec("m", device="cpu"), COMPILE_MIN_IMAGES, gpu_present=True).decode == "auto"
     assert job_decode(ModelSpec("m", decode="dynamic"), 10**6, gpu_present=True).decode == "dynamic"
+
+
+def test_a_job_on_a_gpu_runs_the_engine_where_it_runs_the_model(tmp_path, tiny_qwen):
+    from vlmux.caption.plan import COMPILE_MIN_IMAGES, ENGINE_MIN_IMAGES, job_decode
+    from vlmux.config import ModelSpec
+
+    auto = ModelSpec(str(tiny_qwen))
+    assert job_decode(auto, ENGINE_MIN_IMAGES, gpu_present=True, folder=tiny_qwen).decode == "engine"
+    assert job_decode(auto, ENGINE_MIN_IMAGES - 1, gpu_present=True, folder=tiny_qwen).decode == "auto"
+    assert job_decode(auto, ENGINE_MIN_IMAGES, gpu_present=False, folder=tiny_qwen).decode == "auto"
+    quantised = ModelSpec(str(tiny_qwen), quantize="4bit")
+    assert job_decode(quantised, COMPILE_MIN_IMAGES, gpu_present=True, folder=tiny_qwen).decode == "compiled"
+    beams = tmp_path / "beams"
+    beams.mkdir()
+    for file in tiny_qwen.iterdir():
+        (beams / file.name).symlink_to(file)
+    (beams / "generation_config.json").unlink()
+    (beams / "generation_config.json").write_text(json.dumps({"num_beams": 4, "no_repeat_ngram_size": 3}))
+    assert job_decode(ModelSpec(str(beams)), ENGINE_MIN_IMAGES, gpu_present=True, folder=beams).decode == "auto"
 
 
 def test_decode_is_a_per_model_option_and_a_bad_one_is_a_usage_error(image_dir, tiny_llava):

@@ -7,8 +7,8 @@ from vlmux.quantization import METHODS
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
-# How captions are decoded: auto (dynamic, except caption jobs long enough to pay for a compile on a GPU:
-# caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
+# How captions are decoded: auto (dynamic, except caption jobs on a GPU: engine where it runs the model, else
+# compiled for jobs long enough to pay for the compile; caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
 # torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks), engine (vlmux's own runner for
 # the Qwen2-VL family: backends/engine/).
 DECODE_MODES = ("auto", "dynamic", "static", "compiled", "engine")

@@ -34,9 +34,9 @@ class FastConfig:
     @classmethod
     def for_device(cls, mode: str, device: str) -> "FastConfig":
         if mode == "auto":
-            # A compile stalls a worker's first batch far longer than an answer takes: a model switch's first answer
-            # must not pay it. Caption jobs long enough to pay for it ask for "compiled" (caption.plan.job_decode).
-            mode = "dynamic"  # not "engine" until GPU measurements show it pays (issue 17)
+            # A compile or a graph capture stalls a worker's first batch far longer than an answer takes: a model
+            # switch's first answer must not pay it. Caption jobs ask for "engine" or "compiled" (caption.plan.job_decode).
+            mode = "dynamic"
         return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled", engine=mode == "engine")
 
     @property

@@ -5,6 +5,7 @@ import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 from tqdm import tqdm
@@ -16,6 +17,7 @@ from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
 from vlmux.errors import WorkerDied
+from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.protocol import Caption, Captions, ItemResult
 
 IN_FLIGHT = 2  # requests queued at the worker, so it never waits for the parent between requests
@@ -170,7 +172,9 @@ class _PoolSteps:
 
     def prepare(self, plan: ModelPlan, todo: list[ImageRef]) -> ModelPlan:
         gpu_present = vram.available()
-        return replace(plan, spec=job_prep(job_decode(plan.spec, len(todo), gpu_present), len(todo), gpu_present))
+        folder = _folder(plan.spec) if gpu_present else None
+        spec = job_decode(plan.spec, len(todo), gpu_present, folder)
+        return replace(plan, spec=job_prep(spec, len(todo), gpu_present))
 
     def load(self, plan: ModelPlan, todo: list[ImageRef]) -> int:
         self.names = _load_replicas(self.job, plan, self.pool)
@@ -352,3 +356,11 @@ def summary_line(report: ModelReport) -> str:
 
 def _count(number: int, one: str, many: str) -> str:
     return f"{number} {one if number == 1 else many}"
+
+
+def _folder(spec: ModelSpec) -> Path | None:
+    """The model's local folder, read for its decode mode; None when it cannot be had (the load then says why)."""
+    try:
+        return resolve_model(spec.model, spec.revision)
+    except (ModelNotFound, OSError):
+        return None

@@ -6,8 +6,10 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from vlmux.backends.engine.config import refusal
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import MAX_PIXELS, GenerationSpec, ModelSpec
+from vlmux.estimate import read_json
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -17,6 +19,9 @@ else:  # pragma: no cover - Python 3.10
 PER_MODEL = ("prompt", "max_new_tokens", "batch_size", "dtype", "decode", "quantize")
 # Decode auto becomes "compiled" on a GPU from this many images per model: enough to win back even a cold compile.
 COMPILE_MIN_IMAGES = 5000
+# ... and "engine", where it runs the model, from this many: its CUDA graphs' capture takes seconds, not a compile's
+# minute, and pays back within a few hundred images (docs/BENCHMARKS.md, issue 17).
+ENGINE_MIN_IMAGES = 512
 
 
 @dataclass(frozen=True)
@@ -83,12 +88,23 @@ def _plan(options: dict, device: str, base: Path | None = None) -> ModelPlan:
     return ModelPlan(spec, generation, batch_size(options.get("batch_size", "auto")))
 
 
-def job_decode(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:
-    """The decode mode a caption job of `images` images runs `spec` with: auto becomes compiled on a GPU for a job
-    long enough to pay for the compile (COMPILE_MIN_IMAGES); anything the user chose stays."""
-    if spec.decode != "auto" or not gpu_present or spec.device == "cpu" or images < COMPILE_MIN_IMAGES:
+def job_decode(spec: ModelSpec, images: int, gpu_present: bool, folder: Path | None = None) -> ModelSpec:
+    """The decode mode a caption job of `images` images runs `spec` with, on a GPU: auto becomes engine for a model
+    folder the engine runs (from ENGINE_MIN_IMAGES), else compiled for a job long enough to pay for the compile
+    (COMPILE_MIN_IMAGES); anything the user chose stays."""
+    if spec.decode != "auto" or not gpu_present or spec.device == "cpu":
         return spec
-    return replace(spec, decode="compiled")
+    if images >= ENGINE_MIN_IMAGES and folder is not None and engine_runs(spec, folder):
+        return replace(spec, decode="engine")
+    return replace(spec, decode="compiled") if images >= COMPILE_MIN_IMAGES else spec
+
+
+def engine_runs(spec: ModelSpec, folder: Path) -> bool:
+    """Whether decode `engine` runs this model folder as `spec` loads it."""
+    config = read_json(folder / "config.json")
+    if spec.quantize or spec.max_memory or (spec.trust_remote_code and config.get("auto_map")):
+        return False
+    return refusal(config, read_json(folder / "generation_config.json")) is None
 
 
 def job_prep(spec: ModelSpec, images: int, gpu_present: bool) -> ModelSpec:

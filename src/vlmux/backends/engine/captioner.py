@@ -6,16 +6,13 @@ from collections.abc import Mapping
 
 import torch
 
-from vlmux.backends.engine.config import EngineConfig
+from vlmux.backends.engine.config import SUPPORTED, EngineConfig, refusal
 from vlmux.backends.engine.layers import LanguageModel
 from vlmux.backends.engine.prompts import prompts_from_inputs
 from vlmux.backends.engine.runner import Runner, RunStats
-from vlmux.backends.engine.sampling import Sampling, unsupported_settings
+from vlmux.backends.engine.sampling import Sampling
 from vlmux.backends.fast import cache_length
 from vlmux.config import GenerationSpec
-
-# transformers model_types the engine runs: their language models share one layout.
-SUPPORTED = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 class EngineUnsupported(ValueError):
@@ -29,18 +26,12 @@ def check_family(model_type: str) -> None:
 
 
 def check_model(model: torch.nn.Module) -> None:
-    config = model.config
-    check_family(config.model_type)
-    if getattr(config, "quantization_config", None) is not None:
-        raise EngineUnsupported("decode 'engine' runs 16- and 32-bit weights only, not a quantised model")
+    check_family(model.config.model_type)
+    reason = refusal(model.config.to_dict(), model.generation_config.to_dict())
+    if reason:
+        raise EngineUnsupported(reason)
     if len(set(getattr(model, "hf_device_map", {"": 0}).values())) > 1:
         raise EngineUnsupported("decode 'engine' runs a model on one device, not one split across several")
-    text = config.get_text_config()
-    if getattr(text, "use_sliding_window", False):
-        raise EngineUnsupported("decode 'engine' has no sliding-window attention")
-    settings = unsupported_settings(model.generation_config)
-    if settings:
-        raise EngineUnsupported(f"decode 'engine' cannot honour the model's generation settings {settings}")
 
 
 class EngineCaptioner:

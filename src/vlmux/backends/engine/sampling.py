@@ -10,13 +10,6 @@ import torch
 
 from vlmux.config import GenerationSpec
 
-# Logits processors `generate` would apply from a checkpoint's generation config that the engine does not: a model
-# setting one is refused rather than answered differently.
-UNSUPPORTED = ("no_repeat_ngram_size", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens", "sequence_bias",
-               "forced_bos_token_id", "forced_eos_token_id", "min_length", "min_new_tokens",
-               "exponential_decay_length_penalty")
-
-
 @dataclass(frozen=True)
 class Sampling:
     max_new_tokens: int
@@ -44,14 +37,6 @@ class Sampling:
     def finished(self, token: int, count: int) -> bool:
         """Whether a row ends with `token`, its `count`th answer token."""
         return count >= self.max_new_tokens or (not self.ignore_eos and token in self.eos)
-
-
-def unsupported_settings(config: Any) -> list[str]:
-    """The generation config's settings the engine cannot honour; [] when it can run the model."""
-    found = [name for name in UNSUPPORTED if getattr(config, name, None) not in (None, 0, [], ())]
-    if (getattr(config, "num_beams", 1) or 1) > 1:
-        found.append("num_beams")
-    return found
 
 
 def next_tokens(logits: torch.Tensor, sampling: Sampling, seen: torch.Tensor | None = None,
