@@ -1,7 +1,7 @@
 """CUDA graphs of the decode step, one per batch size in the config's list (captured on first use): a step of a
 small model is mostly kernel launches, which a replay does at once. A batch between two sizes runs in the larger
 graph; its spare rows write into free slots past the active ones. CUDA only: on the CPU the step runs eagerly.
-Nothing here has run yet (no GPU where it was written): tests/test_engine.py's GPU test is the first check."""
+tests/test_engine.py's GPU test checks the replayed steps against `generate`."""
 from __future__ import annotations
 
 from collections.abc import Callable
