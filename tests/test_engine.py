@@ -16,7 +16,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
 import vlmux
-from vlmux.backends.engine.captioner import SUPPORTED, EngineCaptioner, EngineUnsupported
+from vlmux.backends.engine.captioner import EngineCaptioner, EngineUnsupported
+from vlmux.backends.engine.config import SUPPORTED
 from vlmux.backends.transformers import TransformersBackend, caption_text
 from vlmux.config import DECODE_MODES, GenerationSpec, ModelSpec
 from vlmux.shapes import write_dataset
