@@ -4,7 +4,8 @@ steps with the dynamic and the static + compiled cache), and a torch.profiler ta
 
 Steps (--steps): host, vision (per-image against packed attention), vision_compiled, prefill, dynamic, overlap
 (generate alone against generate while the next batch is decoded and prepared in threads, as the worker does),
-compiled, profile (torch.profiler table of a dynamic generate), text_compiled (last: the language model's layers
+compiled, engine (decode mode `engine`'s batch in parts: vision and positions, prefill, decode steps, each against
+its floor), profile (torch.profiler table of a dynamic generate), text_compiled (last: the language model's layers
 compiled too, prefill before and after).
 
 Device command (one H200, ~5 minutes, builds the 2B shape like bench/throughput.py):
@@ -33,7 +34,10 @@ def main() -> None:
     parser.add_argument("--workload", choices=WORKLOADS, default="caption")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--new-tokens", type=int)
-    parser.add_argument("--steps", default="host,vision,vision_compiled,prefill,dynamic,overlap,compiled,profile,text_compiled")
+    parser.add_argument("--steps", default="host,vision,vision_compiled,prefill,dynamic,overlap,compiled,engine,profile,"
+                                           "text_compiled")
+    parser.add_argument("--tflops", type=float, default=790.0, help="the floors' bf16 compute (DESIGN.md: H200)")
+    parser.add_argument("--hbm-tbs", type=float, default=4.8, help="the floors' memory bandwidth, TB/s (H200)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/vlmux-bench"))
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -187,6 +191,10 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
         out["overlap"] = {"generate_alone_s": round(alone, 3), "generate_while_preparing_s": round(together, 3)}
         print("overlap", out["overlap"], flush=True)
 
+    if "engine" in steps:
+        out["engine"] = engine_parts(model, backend.tokenizer.pad_token_id, inputs, gen, device, args)
+        print("engine", out["engine"], flush=True)
+
     if "profile" in steps:
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
@@ -212,6 +220,46 @@ def profile(args, model_path: Path, files: list[Path], new_tokens: int, steps: l
             seconds, _ = timed(lambda: model(**inputs, use_cache=True, logits_to_keep=1), device)
         out["prefill_text_compiled_s"] = round(seconds, 4)
         print("prefill, text layers compiled", seconds, flush=True)
+
+
+def engine_parts(model, pad_token_id: int, inputs, gen, device: str, args) -> dict:
+    """One batch through decode mode `engine`, whole and in parts, each part beside its floor: compute at --tflops for
+    the vision tower and the prefill, the weights and the cache read once per decode step at --hbm-tbs."""
+    from dataclasses import replace
+
+    from vlmux.backends.engine.captioner import EngineCaptioner
+    from vlmux.backends.engine.prompts import prompts_from_inputs
+    from vlmux.backends.engine.sampling import Sampling
+
+    captioner = EngineCaptioner(model, pad_token_id)
+    whole, _ = timed(lambda: captioner.generate(inputs, gen), device, repeat=2)  # grows the runner, captures graphs
+    stats = captioner.stats
+    embed, prompts = timed(lambda: prompts_from_inputs(model, inputs), device)
+    sampling = Sampling.of(gen, model.generation_config)
+    first_token = replace(sampling, max_new_tokens=1)  # prefill and its first token: no decode step
+    prefill, _ = timed(lambda: captioner.runner.run(list(prompts), first_token), device)
+    answer, _ = timed(lambda: captioner.runner.run(list(prompts), sampling), device)
+    steps = max(stats.decode_steps, 1)
+    language = model.model.language_model
+    lm_params = sum(p.numel() for p in language.parameters()) + model.lm_head.weight.numel()
+    lm_bytes = lm_params * model.lm_head.weight.element_size()
+    vision_params = sum(p.numel() for p in model.model.visual.parameters())
+    patches = inputs["pixel_values"].shape[0]
+    prompt_tokens = int(inputs["attention_mask"].sum())
+    text = model.config.get_text_config()
+    kv_heads, layers = text.num_key_value_heads, text.num_hidden_layers
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    rows = inputs["input_ids"].shape[0]
+    mean_length = prompt_tokens / rows + gen.max_new_tokens / 2
+    kv_bytes = rows * mean_length * layers * 2 * kv_heads * head_dim * model.lm_head.weight.element_size()
+    flops = args.tflops * 1e12
+    decode_s = answer - prefill
+    return {"rows": rows, "whole_s": round(whole, 3), "images_per_s": round(rows / whole, 1),
+            "vision_and_positions_s": round(embed, 3), "vision_floor_s": round(2 * vision_params * patches / flops, 3),
+            "prefill_s": round(prefill, 3), "prefill_floor_s": round(2 * lm_params * prompt_tokens / flops, 3),
+            "decode_s": round(decode_s, 3), "decode_steps": steps, "decode_step_ms": round(1000 * decode_s / steps, 2),
+            "decode_step_floor_ms": round(1000 * (lm_bytes + kv_bytes) / (args.hbm_tbs * 1e12), 2),
+            "widest_step": stats.widest_step, "prefills": stats.prefills}
 
 
 if __name__ == "__main__":

@@ -62,8 +62,8 @@ quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4 and fp8; image
     ;;
 stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 load / unload cycles of two tiny models
     shapes
-    timeout 200 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
-    timeout 250 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes 3.5 --out "$OUT/soak-tiny.json" 2>&1 \
+    timeout 280 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
+    timeout 180 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes 2.5 --out "$OUT/soak-tiny.json" 2>&1 \
         | grep -v "^W1" | tail -14
     ;;
 load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 2000 requests at 64 (cut at 6 minutes)
@@ -98,13 +98,21 @@ serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one
     timeout 330 python3 bench/serve_load.py --requests 500 --concurrency 32 --share 0.8 --max-tokens 8 --minutes ${MINUTES:-5} \
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
-engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side with HF's (builds the 2B itself)
+engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side (builds the 2B itself)
     timeout 60 python3 -m pytest -m gpu -q -x -p no:cacheprovider --tb=short tests/test_engine.py 2>&1 | tail -12
-    timeout 460 python3 bench/throughput.py --rows hf_dynamic,hf_static_compile,vlmux_gpu:engine,vlmux_cli:engine \
-        --sweep 128 --files 4096 --minutes 7 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -8
+    timeout 500 python3 bench/throughput.py --rows hf_script,hf_static_compile,vlmux_gpu:engine,vlmux_cli:engine \
+        --files 8192 --minutes 8 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -8
+    ;;
+engine-profile)  # issue 17: one engine batch in parts against its floors; the detailed workload; the 7B command
+    timeout 150 python3 bench/caption_profile.py --steps host,engine --out "$OUT/caption-profile-engine.json" 2>&1 \
+        | grep -v "Warning\|^W1" | tail -3
+    timeout 200 python3 bench/throughput.py --workload detailed --batch 64 --rows vlmux_gpu:engine,vlmux_cli:engine \
+        --files 1024 --minutes 3 --out "$OUT/throughput-engine-detailed.json" 2>&1 | grep -v "Warning\|^W1" | tail -3
+    timeout 200 python3 bench/throughput.py --shape 7b --batch 128 --rows vlmux_cli:engine --files 2048 --minutes 3 \
+        --out "$OUT/throughput-engine-7b.json" 2>&1 | grep -v "Warning\|^W1" | tail -2
     ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|load|soak|engine" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|load|soak|engine|engine-profile" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;

@@ -8,6 +8,7 @@ Device command (one H200, ~8 minutes; the 7B shape and the detailed workload are
 
 Rows, each in its own process (the bench's own process never imports torch):
   hf_batch1          from_pretrained + processor + generate, one image at a time, files in (what most scripts do)
+  hf_script          the same in batches of 128, files in (issue 17's plain-script anchor)
   hf_dynamic         generate with the default dynamic cache at each --sweep batch size, inputs on the GPU; best kept
   hf_static_compile  generate with cache_implementation="static" + torch.compile, batch --batch, inputs on the GPU
   vlmux_gpu          vlmux's backend (ModelSpec.decode: --decode, or a row named vlmux_gpu:compiled), prepared inputs, generate only
@@ -33,7 +34,7 @@ from common import environment, write_result  # noqa: E402
 PROMPT = ("Describe this photograph in one sentence for an image caption dataset, naming the main objects, "
           "their colours and where they are.")
 WORKLOADS = {"caption": (448 * 448, 64), "detailed": (896 * 896, 256)}  # max pixels, new tokens
-ROWS = ("hf_batch1", "hf_dynamic", "hf_static_compile", "vlmux_gpu", "vlmux_api", "vlmux_cli")
+ROWS = ("hf_batch1", "hf_script", "hf_dynamic", "hf_static_compile", "vlmux_gpu", "vlmux_api", "vlmux_cli")
 
 
 def main() -> None:
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> None:
         result["rows"][row] = data
         print(f"{row:<18} {summary(data)}", file=sys.stderr, flush=True)
         write_result("throughput", result, args.out)  # after each row: a run cut short keeps what it measured
-    best_hf = max([result["rows"].get(r, {}).get("images_per_s") or 0 for r in ("hf_batch1", "hf_dynamic", "hf_static_compile")])
+    best_hf = max([result["rows"].get(r, {}).get("images_per_s") or 0 for r in ("hf_batch1", "hf_script", "hf_dynamic", "hf_static_compile")])
     if best_hf:
         for row, data in result["rows"].items():
             if row.startswith("vlmux") and data.get("images_per_s"):
