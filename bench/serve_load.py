@@ -50,6 +50,8 @@ def main() -> None:
             result = asyncio.run(_run(url, list(models), args))
     result.update(environment=environment(), models={k: str(v) for k, v in models.items()}, server_options=options,
                   requests=args.requests, concurrency=args.concurrency, share=args.share, max_tokens=args.max_tokens)
+    if args.out:
+        result["loads"] = _loads_from_log(args.out.with_suffix(".log"))
     print(_summary(result))
     write_result("serve_load", result, args.out)
 
@@ -183,6 +185,16 @@ def _count(values) -> dict:
 def _metric(text: str, series: str) -> float:
     found = re.search(re.escape(series) + r" (\S+)", text)
     return float(found.group(1)) if found else 0.0
+
+
+def _loads_from_log(log: Path) -> dict:
+    """Each load's seconds from the server's log: from asked for to ready (room, spare, load), and in the worker."""
+    found = re.findall(r"ready ([\d.]+) s after its load was asked for; the worker's load took ([\d.]+) s",
+                       log.read_text() if log.exists() else "")
+    asked, worker = [float(a) for a, _ in found], [float(w) for _, w in found]
+    return {"count": len(found), "asked_to_ready": asked, "worker": worker,
+            "asked_to_ready_median": statistics.median(asked) if asked else None,
+            "worker_median": statistics.median(worker) if worker else None}
 
 
 def _summary(result: dict) -> str:
