@@ -1,6 +1,6 @@
-"""CUDA out of memory on purpose (issue 22, device only): the 7B shape captions a batch that cannot fit (large
-pictures, no pixel limit, a batch size far past the worker's estimate). The worker must split the batch on OOM down
-to what fits, answer every image (a caption, or an "out of device memory even alone" error), stay up for the next
+"""CUDA out of memory on purpose (issue 22, device only): the 7B shape is asked for one batch of 256 large pictures
+(no pixel limit). The worker caps a batch at what its estimate says fits (`worker_batch` in the JSON); where that
+still runs out of memory (on the H200 it did, 2026-12-01), the worker must split the batch on OOM down to what fits, answer every image (a caption, or an "out of device memory even alone" error), stay up for the next
 request, and give its memory back at unload, verified by NVML. Writes JSON: captions and errors, batch sizes used,
 the answer after the OOM, and the release. The benchmark shapes pin their processors to 448x448, so the model is read
 through a copy of its folder (weights linked) whose processor takes the pictures whole.
@@ -40,6 +40,7 @@ def main() -> None:
     model = whole_pictures(args.models / args.model, args.side * args.side)
     with ModelPool(PoolConfig(spare_worker=False)) as pool:
         name = pool.load(ModelSpec(str(model), device="cuda"))
+        worker_batch = pool.batch_size(name)  # what the worker's estimate lets a batch hold: chunks of the 256
         started = time.perf_counter()
         captions = pool.submit_caption(name, items, ["Describe."] * len(items), gen, batch_size=args.images).result()
         seconds = time.perf_counter() - started
@@ -47,7 +48,7 @@ def main() -> None:
         release = pool.unload(name)
     results = captions.results
     data = {"environment": environment(), "model": args.model, "images": args.images, "side": args.side,
-            "asked_batch": args.images, "captioned": sum(r.error is None for r in results),
+            "asked_batch": args.images, "worker_batch": worker_batch, "captioned": sum(r.error is None for r in results),
             "errors": Counter(r.error.split(":")[0] for r in results if r.error),
             "batches_used": Counter(r.batch for r in results), "seconds": seconds,
             "answer_after": after[0].caption, "release": {"verified": release.verified,
