@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from vlmux import __version__
+from vlmux.caption.plan import COMPILE_MIN_IMAGES, ENGINE_MIN_IMAGES
 from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
 from vlmux.quantization import METHODS as QUANTIZE_METHODS
 from vlmux.serve.cli import add_commands as add_serve_commands
@@ -86,8 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                          help="weight precision (default auto: bfloat16 where the GPU has it, float16 on older GPUs, "
                               "float32 on the CPU)")
     caption.add_argument("--decode", action=_PerModel, choices=DECODE_MODES,
-                         help="auto | dynamic | static | compiled (static KV cache and CUDA graphs; compiles once per worker) | "
-                              "engine (vlmux's own runner, Qwen2-VL family)")
+                         help=f"auto (on a GPU: engine where it runs the model, from {ENGINE_MIN_IMAGES} images; else "
+                              f"compiled from {COMPILE_MIN_IMAGES}; else dynamic) | dynamic | static | compiled (static KV cache and CUDA graphs; "
+                              "compiles once per worker) | engine (vlmux's own runner, Qwen2-VL family)")
     caption.add_argument("--quantize", action=_PerModel, choices=QUANTIZE_METHODS,
                          help="quantise a 16-bit checkpoint on load: 4bit | 8bit (bitsandbytes), fp8 (fine-grained, a "
                               "Hopper GPU), torchao-int4 | torchao-int8 | torchao-fp8 (pip install 'vlmux[bnb]' or 'vlmux[torchao]'); "
