@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from vlmux.backends.engine.config import SUPPORTED, EngineConfig, refusal
+from vlmux.backends.engine.config import EngineConfig, family_refusal, refusal
 from vlmux.backends.engine.layers import LanguageModel
 from vlmux.backends.engine.prompts import prompts_from_inputs
 from vlmux.backends.engine.runner import Runner, RunStats
@@ -20,9 +20,9 @@ class EngineUnsupported(ValueError):
 
 
 def check_family(model_type: str) -> None:
-    if model_type not in SUPPORTED:
-        raise EngineUnsupported(f"decode 'engine' runs {', '.join(SUPPORTED)}, not {model_type!r}; "
-                                "use decode 'auto', 'dynamic', 'static' or 'compiled' for it")
+    reason = family_refusal(model_type)
+    if reason:
+        raise EngineUnsupported(f"{reason}; use decode 'auto', 'dynamic', 'static' or 'compiled' for it")
 
 
 def check_model(model: torch.nn.Module) -> None:

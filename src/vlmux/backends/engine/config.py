@@ -60,11 +60,16 @@ def unsupported_settings(generation: Mapping[str, Any]) -> list[str]:
     return found
 
 
+def family_refusal(model_type: str) -> str | None:
+    """Why decode `engine` cannot run a model of this transformers model_type; None if it can."""
+    return None if model_type in SUPPORTED else f"decode 'engine' runs {', '.join(SUPPORTED)}, not {model_type!r}"
+
+
 def refusal(config: Mapping[str, Any], generation: Mapping[str, Any]) -> str | None:
     """Why decode `engine` cannot run a checkpoint, from its config.json and generation_config.json; None if it can."""
-    model_type = config.get("model_type", "")
-    if model_type not in SUPPORTED:
-        return f"decode 'engine' runs {', '.join(SUPPORTED)}, not {model_type!r}"
+    family = family_refusal(config.get("model_type", ""))
+    if family:
+        return family
     if config.get("quantization_config"):
         return "decode 'engine' runs 16- and 32-bit weights only, not a quantised model"
     if (config.get("text_config") or config).get("use_sliding_window"):
