@@ -228,6 +228,7 @@ def engine_parts(model, pad_token_id: int, inputs, gen, device: str, args) -> di
     from dataclasses import replace
 
     from vlmux.backends.engine.captioner import EngineCaptioner
+    from vlmux.backends.engine.config import TextShape
     from vlmux.backends.engine.prompts import prompts_from_inputs
     from vlmux.backends.engine.sampling import Sampling
 
@@ -246,12 +247,10 @@ def engine_parts(model, pad_token_id: int, inputs, gen, device: str, args) -> di
     vision_params = sum(p.numel() for p in model.model.visual.parameters())
     patches = inputs["pixel_values"].shape[0]
     prompt_tokens = int(inputs["attention_mask"].sum())
-    text = model.config.get_text_config()
-    kv_heads, layers = text.num_key_value_heads, text.num_hidden_layers
-    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    shape = TextShape.from_config(model.config.get_text_config())
     rows = inputs["input_ids"].shape[0]
     mean_length = prompt_tokens / rows + gen.max_new_tokens / 2
-    kv_bytes = rows * mean_length * layers * 2 * kv_heads * head_dim * model.lm_head.weight.element_size()
+    kv_bytes = rows * mean_length * shape.layers * 2 * shape.kv_heads * shape.head_dim * model.lm_head.weight.element_size()
     flops = args.tflops * 1e12
     decode_s = answer - prefill
     return {"rows": rows, "whole_s": round(whole, 3), "images_per_s": round(rows / whole, 1),
