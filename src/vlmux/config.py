@@ -8,9 +8,9 @@ from vlmux.quantization import METHODS
 DEFAULT_PROMPT = "Describe this image in one sentence."
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 # How captions are decoded: auto (dynamic, except caption jobs on a GPU: engine where it runs the model, else
-# compiled for jobs long enough to pay for the compile; caption.plan.job_decode), dynamic (HF's default cache), static (a static KV cache, eager), compiled (static cache +
-# torch.compile of the decode step, CUDA graphs on CUDA, and compiled vision blocks), engine (vlmux's own runner for
-# the Qwen2-VL family: backends/engine/).
+# compiled for jobs long enough to pay for the compile; caption.plan.job_decode), dynamic (HF's default cache),
+# static (a static KV cache, eager), compiled (static cache + torch.compile of the decode step, CUDA graphs on CUDA,
+# and compiled vision blocks), engine (vlmux's own runner for the Qwen2-VL family: backends/engine/).
 DECODE_MODES = ("auto", "dynamic", "static", "compiled", "engine")
 # Images decoding to more pixels are refused as possible decompression bombs: Pillow's 89.5 MP would refuse real
 # 100-200 MP photos. JPEGs count at their draft size (images.load_image).

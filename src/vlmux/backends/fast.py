@@ -35,7 +35,8 @@ class FastConfig:
     def for_device(cls, mode: str, device: str) -> "FastConfig":
         if mode == "auto":
             # A compile or a graph capture stalls a worker's first batch far longer than an answer takes: a model
-            # switch's first answer must not pay it. Caption jobs ask for "engine" or "compiled" (caption.plan.job_decode).
+            # switch's first answer must not pay it. Caption jobs ask for "engine" or "compiled"
+            # (caption.plan.job_decode).
             mode = "dynamic"
         return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled", engine=mode == "engine")
 
