@@ -253,7 +253,8 @@ def engine_parts(model, pad_token_id: int, inputs, gen, device: str, args) -> di
     kv_bytes = rows * mean_length * shape.layers * 2 * shape.kv_heads * shape.head_dim * model.lm_head.weight.element_size()
     flops = args.tflops * 1e12
     decode_s = answer - prefill
-    return {"rows": rows, "whole_s": round(whole, 3), "images_per_s": round(rows / whole, 1),
+    return {"rows": rows, "vision_attention": model.config.vision_config._attn_implementation,
+            "whole_s": round(whole, 3), "images_per_s": round(rows / whole, 1),
             "vision_and_positions_s": round(embed, 3), "vision_floor_s": round(2 * vision_params * patches / flops, 3),
             "prefill_s": round(prefill, 3), "prefill_floor_s": round(2 * lm_params * prompt_tokens / flops, 3),
             "decode_s": round(decode_s, 3), "decode_steps": steps, "decode_step_ms": round(1000 * decode_s / steps, 2),

@@ -60,6 +60,10 @@ quant)  # issue 19: the 7B shape in bf16, bnb 4-bit, torchao int4 and fp8; image
     timeout 360 python3 bench/quant.py --methods none,4bit,torchao-int4,torchao-fp8 --images 256 --out "$OUT/quant.json" \
         2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
+oom)  # issue 22: a batch that cannot fit (the 7B shape, 256 pictures of 2048x2048 read whole)
+    shapes
+    timeout 240 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
+    ;;
 stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 load / unload cycles of two tiny models
     shapes
     timeout 280 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
@@ -103,16 +107,18 @@ engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2
     timeout 500 python3 bench/throughput.py --rows hf_script,hf_static_compile,vlmux_gpu:engine,vlmux_cli:engine \
         --files 8192 --minutes 8 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
-engine-profile)  # issue 17: one engine batch in parts against its floors; the detailed workload; the 7B command
-    timeout 150 python3 bench/caption_profile.py --steps host,engine --out "$OUT/caption-profile-engine.json" 2>&1 \
-        | grep -v "Warning\|^W1" | tail -3
+engine-profile)  # issue 17: one engine batch in parts against its floors (vision compiled, as the engine runs it)
+    timeout 200 python3 bench/caption_profile.py --steps host,vision,vision_compiled,engine \
+        --out "$OUT/caption-profile-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -4
+    ;;
+engine-more)  # issue 17: the detailed workload and the 7B command through the engine
     timeout 200 python3 bench/throughput.py --workload detailed --batch 64 --rows vlmux_gpu:engine,vlmux_cli:engine \
         --files 1024 --minutes 3 --out "$OUT/throughput-engine-detailed.json" 2>&1 | grep -v "Warning\|^W1" | tail -3
     timeout 200 python3 bench/throughput.py --shape 7b --batch 128 --rows vlmux_cli:engine --files 2048 --minutes 3 \
         --out "$OUT/throughput-engine-7b.json" 2>&1 | grep -v "Warning\|^W1" | tail -2
     ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|stress|load|soak|engine|engine-profile" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|oom|stress|load|soak|engine|engine-profile|engine-more" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;

@@ -91,7 +91,7 @@ def test_the_worker_pipeline_equals_plain_generate_with_a_bad_image(tiny_qwen, t
     try:
         spec = ModelSpec(str(tiny_qwen), device="cpu", dtype="float32", decode="compiled")
         assert isinstance(handler.handle(Load(spec, str(tiny_qwen), {})), Loaded)
-        assert handler.backend.fast == FastConfig(static_cache=True, compile=True)
+        assert handler.backend.fast == FastConfig(static_cache=True, compile=True, vision_compiled=True)
         reply = handler.handle(Caption(files, prompts, GEN, 2))
     finally:
         handler.close()
@@ -105,7 +105,9 @@ def test_the_worker_pipeline_equals_plain_generate_with_a_bad_image(tiny_qwen, t
 
 def test_decode_modes_by_device():
     assert FastConfig.for_device("auto", "cuda:0") == FastConfig(static_cache=False, compile=False)
-    assert FastConfig.for_device("compiled", "cuda:0") == FastConfig(static_cache=True, compile=True)
+    assert FastConfig.for_device("compiled", "cuda:0") == FastConfig(True, True, vision_compiled=True)
+    assert FastConfig.for_device("engine", "cuda:0") == FastConfig(False, False, engine=True, vision_compiled=True)
+    assert FastConfig.for_device("engine", "cpu") == FastConfig(False, False, engine=True)
     assert FastConfig.for_device("auto", "cpu") == FastConfig(static_cache=False, compile=False)
     assert FastConfig.for_device("static", "cuda:0") == FastConfig(static_cache=True, compile=False)
     assert generate_options(FastConfig(False, False), 70, 64) == {}

@@ -73,7 +73,7 @@ def test_streamed_weights_caption_like_from_pretrained_on_the_gpu(tiny_models, i
         assert backend.loader == "stream", backend.loader
         streamed = backend.caption(images, ["Describe."] * len(images), gen)
         backend.model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.bfloat16, device_map="cuda:0")
-        use_fast_attention(backend.model, packed_vision=backend.fast.compile)  # only the weights' way in differs
+        use_fast_attention(backend.model, packed_vision=backend.fast.vision_compiled)  # only the weights' way in differs
         assert backend.caption(images, ["Describe."] * len(images), gen) == streamed, arch
         backend.close()
 

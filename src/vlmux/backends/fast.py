@@ -30,6 +30,7 @@ class FastConfig:
     static_cache: bool
     compile: bool
     engine: bool = False  # vlmux's own runner (backends/engine/) instead of generate, for captions
+    vision_compiled: bool = False  # the vision tower's blocks compiled, their attention packed (compile_vision_blocks)
 
     @classmethod
     def for_device(cls, mode: str, device: str) -> "FastConfig":
@@ -38,7 +39,11 @@ class FastConfig:
             # switch's first answer must not pay it. Caption jobs ask for "engine" or "compiled"
             # (caption.plan.job_decode).
             mode = "dynamic"
-        return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled", engine=mode == "engine")
+        # The engine compiles the vision tower on a GPU only: on the CPU (the tests) the compile would cost more
+        # than the tower's time it saves.
+        vision = mode == "compiled" or (mode == "engine" and device.startswith("cuda"))
+        return cls(static_cache=mode in ("static", "compiled"), compile=mode == "compiled", engine=mode == "engine",
+                   vision_compiled=vision)
 
     @property
     def pads_batches(self) -> bool:

@@ -123,7 +123,7 @@ class TransformersBackend(Resident):
         self.timings: dict[str, float] = {}
         # A shallow copy only warms kernels up: compiling it would cost seconds and serve nothing.
         self.fast = FastConfig.for_device("dynamic" if shallow else spec.decode, self.device)
-        if self.fast.compile:
+        if self.fast.compile or self.fast.vision_compiled:
             prepare_compile()
         self._compiled_rows = 0  # the largest batch the compiled decode step has run; shorter ones pad up to it
         self._unpin_after_answer = False
@@ -158,8 +158,8 @@ class TransformersBackend(Resident):
                 ).eval()
             self.loader = f"from_pretrained ({e})"
         self.timings["weights"] = time.perf_counter() - start - self.timings["cuda_init"]
-        self.attention = use_fast_attention(self.model, packed_vision=self.fast.compile)
-        self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.compile else 0
+        self.attention = use_fast_attention(self.model, packed_vision=self.fast.vision_compiled)
+        self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.vision_compiled else 0
         self.engine = self._engine()
         self._host_state: dict[str, torch.Tensor] | None = None
         self._image_budget = image_budget(Path(path), self._config)
