@@ -103,7 +103,7 @@ serve)  # issue 18: vlmux serve with the 2B and 7B shapes under a budget for one
         --out "$OUT/serve_load.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
 engine)  # issue 17: the engine's GPU test (CUDA graphs, float32 parity), then 2B rows side by side (builds the 2B itself)
-    timeout 60 python3 -m pytest -m gpu -q -x -p no:cacheprovider --tb=short tests/test_engine.py 2>&1 | tail -12
+    timeout 300 python3 -m pytest -m gpu -q -x -p no:cacheprovider --tb=short tests/test_engine.py 2>&1 | tail -12
     timeout 500 python3 bench/throughput.py --rows hf_script,hf_static_compile,vlmux_gpu:engine,vlmux_cli:engine \
         --files 8192 --minutes 8 --out "$OUT/throughput-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -8
     ;;
