@@ -162,6 +162,22 @@ def test_an_idle_model_is_evicted_for_a_waiting_load_at_once_within_its_minimum_
         assert time.monotonic() - started < 10 and [s.name for s in pool.status()] == [second]
 
 
+def test_within_its_residency_a_model_whose_queue_just_emptied_takes_its_clients_next_request(
+        tiny_models, image, monkeypatch):
+    monkeypatch.setattr("vlmux.pool.runner.IDLE_GRACE", 1.0)  # wide: a busy CI machine must not close it
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, min_residency=60)
+    with pool, ThreadPoolExecutor(1) as loader:
+        first = load(pool, a)
+        time.sleep(1.05)  # past the just-loaded second, which alone would keep it
+        caption(pool, first, image)
+        second = loader.submit(load, pool, b)
+        time.sleep(0.2)  # a closed-loop client's next request, a moment after its answer
+        assert pool.submit_caption(first, [image], ["Describe."], GEN).result(60).results[0].caption
+        assert second.result(60) == str(b)  # then idle for its grace: evicted
+        assert [s.name for s in pool.status()] == [str(b)]
+
+
 def test_a_loads_wait_for_room_counts_from_the_end_of_the_busy_models_residency(tiny_models, image):
     a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
     pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, min_residency=RESIDENCY, wait_for_room=0.3)

@@ -62,8 +62,7 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
     booked = gpu.booked - sum(r.placement.booked().get(gpu.index, 0) for r in chosen)
     free = gpu.free
     now = time.monotonic()
-    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0 and not r.pinned and r.fresh_until <= now),
-                  key=lambda r: r.last_used)
+    idle = sorted((r for r in here if r.evictable(now)), key=lambda r: r.last_used)
     victims: list[Runner] = []
     while booked + need > gpu.budget or need > free:
         if idle:

@@ -34,6 +34,9 @@ class State(enum.Enum):
 
 
 SERVING = (State.READY, State.SLEEPING)
+# Within its minimum residency a model whose queue empties is kept this long: closed-loop clients send their next
+# requests right after their answers, and a queue empty between two of their batches is not a model with no work.
+IDLE_GRACE = 0.25
 
 
 @dataclass
@@ -127,6 +130,12 @@ class Runner:
         if self.residency == 0:
             return 0.0
         return math.inf if self.ready_since is None else self.ready_since + self.residency
+
+    def evictable(self, now: float) -> bool:
+        """Whether a load needing its room may stop it now: idle, not pinned, not just loaded, and past its minimum
+        residency or idle for IDLE_GRACE."""
+        return (self.state in SERVING and self.in_flight == 0 and not self.pinned and self.fresh_until <= now
+                and (self.yields(now) or now - self.last_used >= IDLE_GRACE))
 
     def yields(self, now: float) -> bool:
         """Whether a load waiting for its memory goes before its new requests now."""

@@ -21,7 +21,7 @@ from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import UnattributedLock, VerifiedRelease
 from vlmux.pool.room import GpuRoom, MustWait, Needs, make_room
-from vlmux.pool.runner import SERVING, Request, Runner, State
+from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
 from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
@@ -78,7 +78,7 @@ class Scheduler:
                             if time.monotonic() >= deadline:
                                 raise PoolFull(f"{busy} (waited {self.config.wait_for_room:g} s for one to go idle)"
                                                ) from None
-                            self._room.wait(min(FRESH_SECONDS, deadline - time.monotonic()))  # freshness ends unsaid
+                            self._room.wait(min(IDLE_GRACE, deadline - time.monotonic()))  # graces end unsaid
                             continue
                         if not waiting:
                             break
