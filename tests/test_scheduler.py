@@ -96,6 +96,101 @@ def test_pool_full_names_the_numbers_when_busy_models_stay_busy_or_the_model_nev
         assert time.monotonic() - started < 5  # nothing to wait for
 
 
+RESIDENCY = 0.6  # seconds: long beside a tiny model's load and request, short for a test
+BUSY = GenerationSpec(max_new_tokens=200, ignore_eos=True)  # a request that keeps a tiny model busy for a while
+
+
+def feed(pool, name, image, until) -> float:
+    """Keep `name` busy as the server does (three requests in flight, one sent as one is answered) until `until()`
+    says True; the time it did. Every request sent is answered."""
+    sent = []
+    deadline = time.monotonic() + 60
+    while not until():
+        assert time.monotonic() < deadline, "the wait never ended"
+        while sum(not future.done() for future in sent) < 3:
+            sent.append(pool.submit_caption(name, [image], ["Describe."], BUSY))
+        time.sleep(0.01)
+    ended = time.monotonic()
+    assert all(future.result(60).results[0].caption for future in sent)
+    return ended
+
+
+def yields_after(tiny_models, image, workers_setup=lambda workers, a: None, **config) -> tuple[float, float]:
+    """With a budget for one model, `a` loaded and kept busy, a load of `b` waiting: the seconds from `a`'s load
+    until `pool.awaited(a)` said True, and the seconds `a`'s worker said its load took. `b` is loaded then."""
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, workers = fake_pool(max(charge(a), charge(b)) + 1, **config)
+    workers_setup(workers, a)
+    with pool, ThreadPoolExecutor(1) as loader:
+        first = load(pool, a)
+        ready = time.monotonic()
+        load_seconds = pool.load_info(first)["total"]
+        second = loader.submit(load, pool, b)
+        yielded = feed(pool, first, image, lambda: pool.awaited(first))
+        assert not second.done()  # b's load waited for a the whole time
+        assert second.result(60) == str(b) and [s.name for s in pool.status()] == [str(b)]
+    return yielded - ready, load_seconds
+
+
+def test_a_busy_model_keeps_its_new_requests_for_its_minimum_residency_then_yields_to_a_waiting_load(
+        tiny_models, image):
+    waited, _ = yields_after(tiny_models, image, min_residency=RESIDENCY)
+    assert RESIDENCY - 0.1 <= waited <= RESIDENCY + 0.5
+
+
+def test_with_no_minimum_residency_a_busy_model_yields_to_a_waiting_load_at_once(tiny_models, image):
+    waited, _ = yields_after(tiny_models, image, min_residency=0)
+    assert waited < 0.3
+
+
+def test_the_minimum_residency_is_by_default_as_long_as_the_models_own_load_took(tiny_models, image):
+    def slow_load(workers, a):
+        workers.load_delay[str(a)] = RESIDENCY
+
+    waited, load_seconds = yields_after(tiny_models, image, slow_load)
+    assert load_seconds >= RESIDENCY and load_seconds - 0.1 <= waited <= load_seconds + 0.5
+
+
+def test_an_idle_model_is_evicted_for_a_waiting_load_at_once_within_its_minimum_residency(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, min_residency=60)
+    with pool:
+        first = load(pool, a)
+        caption(pool, first, image)
+        started = time.monotonic()
+        second = load(pool, b)  # a is idle: evicted once its loaders' second passed
+        assert time.monotonic() - started < 10 and [s.name for s in pool.status()] == [second]
+
+
+def test_within_its_residency_a_model_whose_queue_just_emptied_takes_its_clients_next_request(
+        tiny_models, image, monkeypatch):
+    monkeypatch.setattr("vlmux.pool.runner.IDLE_GRACE", 1.0)  # wide: a busy CI machine must not close it
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, min_residency=60)
+    with pool, ThreadPoolExecutor(1) as loader:
+        first = load(pool, a)
+        time.sleep(1.05)  # past the just-loaded second, which alone would keep it
+        caption(pool, first, image)
+        second = loader.submit(load, pool, b)
+        time.sleep(0.2)  # a closed-loop client's next request, a moment after its answer
+        assert pool.submit_caption(first, [image], ["Describe."], GEN).result(60).results[0].caption
+        assert second.result(60) == str(b)  # then idle for its grace: evicted
+        assert [s.name for s in pool.status()] == [str(b)]
+
+
+def test_a_loads_wait_for_room_counts_from_the_end_of_the_busy_models_residency(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    pool, _, _ = fake_pool(max(charge(a), charge(b)) + 1, min_residency=RESIDENCY, wait_for_room=0.3)
+    with pool, ThreadPoolExecutor(1) as loader:
+        first = load(pool, a)
+        ready = time.monotonic()
+        second = loader.submit(load, pool, b)
+        failed = feed(pool, first, image, second.done)  # a never goes idle
+        with pytest.raises(PoolFull, match="waited 0.3 s"):
+            second.result()
+    assert failed - ready >= RESIDENCY + 0.3 - 0.05
+
+
 def test_the_load_carries_the_room_its_batches_may_use(tiny_models):
     model = tiny_models["qwen2_vl"]
     gpus = FakeGpus()

@@ -136,3 +136,46 @@ def test_a_model_waiting_for_a_busy_ones_memory_goes_before_that_models_later_re
         unload_all(url, gpus, workers)
     assert status == 200 and a_finished_later == 8  # the stream to a was still running when b answered
     print(f"\nb answered after {waited:.1f} s while a's stream went on")
+
+
+def test_a_busy_models_new_requests_are_answered_during_its_minimum_residency_while_a_load_waits(tiny_models):
+    """A GPU that holds one model, --min-residency 3: while `a` answers a stream that never pauses, `b` is asked for
+    (its load waits for `a`'s memory) and then `a` again: that request is answered by `a` within its residency,
+    before `b`; `b` follows once the residency is over and `a` has drained."""
+    models = {"a": tiny_models["qwen2_vl"], "b": tiny_models["llava"]}
+    image = picture("red")
+    residency = 3.0
+
+    async def run(url: str) -> tuple[tuple[int, float], tuple[int, float]]:
+        async with httpx.AsyncClient(timeout=300) as client:
+            loop = asyncio.get_running_loop()
+            assert (await _send(client, url, body("a", "Describe it.", image))).status_code == 200
+            ready = loop.time()  # a's residency began a little earlier, when its load finished
+            b_done = asyncio.Event()
+
+            async def answered(request: dict) -> tuple[int, float]:  # its status, and when, from a's load
+                response = await _send(client, url, request)
+                return response.status_code, loop.time() - ready
+
+            async def stream_to_a(delay: float) -> None:  # as in the test above: a never goes idle until b answers
+                await asyncio.sleep(delay)
+                while not b_done.is_set():
+                    assert (await _send(client, url, body("a", "Describe it.", image))).status_code == 200
+
+            streams = [asyncio.create_task(stream_to_a(i * 0.05)) for i in range(8)]
+            await asyncio.sleep(0.3)
+            b = asyncio.create_task(answered(body("b", "Describe it.", image)))
+            await asyncio.sleep(0.3)  # b's load waits for a's memory now
+            probe = await answered(body("a", "Name the shape.", image))
+            b_answer = await asyncio.wait_for(b, 50)
+            b_done.set()
+            await asyncio.gather(*streams)
+            return probe, b_answer
+
+    with fake_gpu_server(models, holds=1, min_residency=residency) as (url, gpus, workers):
+        (probe_status, probed), (b_status, b_answered) = asyncio.run(run(url))
+        unload_all(url, gpus, workers)
+    assert probe_status == 200 and b_status == 200
+    assert probed < b_answered, (probed, b_answered)  # a's request did not wait behind b's load and answer
+    assert probed < residency < b_answered  # a answered in its residency; b's load went after it
+    print(f"\na answered {probed:.1f} s after its load, b {b_answered:.1f} s (residency {residency:g} s)")

@@ -1,15 +1,18 @@
-"""The server's pure parts: which addresses a remote image may come from (no connection is opened), durations, the
-chat request checks, stop strings, and the shared chart's axes (round ticks, never below zero)."""
+"""The server's pure parts: which addresses a remote image may come from (no connection is opened), durations and
+the minimum residency, the chat request checks, stop strings, and the shared chart's axes (round ticks, never below zero)."""
+import argparse
 import re
 
 import pytest
 
+from vlmux import PoolConfig
 from vlmux.chart import Series, line_chart, ticks, value_range
+from vlmux.serve.cli import add_commands, serve_config
 from vlmux.serve.errors import ApiError
 from vlmux.serve.fetch import FetchPolicy, fetch, refusal
 from vlmux.serve.images import ImagePolicy, image_bytes
 from vlmux.serve.schema import UNSET, StopWatch, cut_at_stop, parse_chat
-from vlmux.serve.settings import model_option, parse_duration
+from vlmux.serve.settings import model_option, parse_duration, parse_residency
 
 
 @pytest.mark.parametrize("address, kind", [
@@ -55,6 +58,19 @@ def test_durations_and_model_options():
     with pytest.raises(ValueError):
         parse_duration("soon")
     assert model_option("a=/models/x").name == "a" and model_option("/models/tiny-llava/").name == "tiny-llava"
+
+
+def test_min_residency_is_auto_or_a_duration_and_reaches_the_server_config():
+    assert parse_residency("auto") is None and parse_residency("30s") == 30 and parse_residency("0") == 0
+    for wrong in ("-1", "soon"):
+        with pytest.raises(ValueError, match="--min-residency"):
+            parse_residency(wrong)
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    assert serve_config(parser.parse_args(["serve", "--model", "a=/m", "--min-residency", "2m"])).min_residency == 120
+    assert serve_config(parser.parse_args(["serve", "--model", "a=/m"])).min_residency is None  # auto
+    with pytest.raises(ValueError, match="min_residency"):
+        PoolConfig(min_residency=-1)
 
 
 def test_chat_requests_are_checked_with_the_parameter_named():

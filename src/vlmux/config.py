@@ -80,6 +80,10 @@ class PoolConfig:
     hang_timeout: float = 30.0  # seconds a working worker may send nothing (no heartbeat) before it is killed
     request_timeout: float | None = None  # seconds one worker call may take at most; None: no limit while it works
     wait_for_room: float = 60.0  # seconds a load waits for busy models on its GPU to go idle before PoolFull
+    # Seconds a model keeps taking its own new requests after its load while another model's load waits for its
+    # memory, so each switch buys serving time. None (auto): as long as its own load took; 0: none. An idle model is
+    # evicted at once; a load's wait_for_room counts from the end of the busy models' residency.
+    min_residency: float | None = None
     isolation: str = "process"  # process | none
     spare_worker: bool = True
     # Once a pool has switched models on a GPU, its spare also creates a CUDA context there and runs the recent
@@ -103,6 +107,8 @@ class PoolConfig:
             raise ValueError("isolation must be 'process' or 'none'")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1, or None for auto")
+        if self.min_residency is not None and not 0 <= self.min_residency < float("inf"):
+            raise ValueError("min_residency must be 0 or more seconds, or None for auto")
 
 
 def _is_device(device: str) -> bool:

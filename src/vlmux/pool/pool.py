@@ -138,8 +138,9 @@ class ModelPool:
             return None
 
     def awaited(self, name: str) -> bool:
-        """Whether a load waits for `name` to go idle to take its memory: a caller that holds back new requests for
-        it meanwhile lets that load go first (first come, first served across models on a full GPU)."""
+        """Whether a load waits for `name` to go idle to take its memory, and `name` has been loaded for its
+        `PoolConfig.min_residency`: a caller that holds back new requests for it meanwhile lets that load go first
+        (first come, first served across models on a full GPU, with no model evicted soon after its load)."""
         return self._scheduler.awaited(name)
 
     def close(self, kill: bool = False) -> None:

@@ -1,8 +1,10 @@
 """Making room on one GPU for a load: the idle runners to evict, least recently used first; or the releases under way
-to wait for; or, when only busy runners hold the room, `MustWait`; or, when the model cannot fit at all, PoolFull.
-Called by the scheduler with its lock held."""
+to wait for; or, when only busy runners hold the room, `MustWait` (with when the wait for them starts to count: once
+their minimum residencies ended); or, when the model cannot fit at all, PoolFull. Called by the scheduler with its
+lock held."""
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -20,9 +22,10 @@ GIB = 2**30
 class MustWait(PoolFull):
     """Busy runners hold the room: a load waits for one to go idle, and raises this as PoolFull if none does."""
 
-    def __init__(self, message: str, holders: tuple[str, ...] = ()) -> None:
+    def __init__(self, message: str, holders: tuple[str, ...] = (), counts_from: float = 0.0) -> None:
         super().__init__(message)
         self.holders = holders  # the busy models whose going idle would make the room
+        self.counts_from = counts_from  # when the wait for them starts to count: their minimum residencies' end
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,7 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
     booked = gpu.booked - sum(r.placement.booked().get(gpu.index, 0) for r in chosen)
     free = gpu.free
     now = time.monotonic()
-    idle = sorted((r for r in here if r.state in SERVING and r.in_flight == 0 and not r.pinned and r.fresh_until <= now),
-                  key=lambda r: r.last_used)
+    idle = sorted((r for r in here if r.evictable(now)), key=lambda r: r.last_used)
     victims: list[Runner] = []
     while booked + need > gpu.budget or need > free:
         if idle:
@@ -81,6 +83,7 @@ def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], sto
                    "Raise --vram-budget, lower --batch-size, or unload a model.")
         room_once_idle = sum(r.placement.booked()[gpu.index] for r in busy if not r.pinned)
         if busy and booked - room_once_idle + need <= gpu.budget:
-            raise MustWait(message, tuple(r.name for r in busy if not r.pinned))
+            kept = max((r.kept_until() for r in busy if not r.pinned), default=0.0)  # one still loading: inf
+            raise MustWait(message, tuple(r.name for r in busy if not r.pinned), now if math.isinf(kept) else kept)
         raise PoolFull(message)
     return victims, []

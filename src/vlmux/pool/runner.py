@@ -5,6 +5,7 @@ take or settle work, never across a worker call."""
 from __future__ import annotations
 
 import enum
+import math
 import threading
 import time
 from collections import deque
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmux.config import ModelSpec
+from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelNotLoaded, RequestFailed, WorkerDied
 from vlmux.estimate import Estimate
 from vlmux.images import check_input
@@ -33,6 +34,9 @@ class State(enum.Enum):
 
 
 SERVING = (State.READY, State.SLEEPING)
+# Within its minimum residency a model whose queue empties is kept this long: closed-loop clients send their next
+# requests right after their answers, and a queue empty between two of their batches is not a model with no work.
+IDLE_GRACE = 0.25
 
 
 @dataclass
@@ -81,9 +85,11 @@ class ModelStatus:
 
 class Runner:
     def __init__(self, name: str, spec: ModelSpec, path: Path, placement: WorkerPlacement, estimate: Estimate,
-                 lock: threading.Lock, keep_alive: float | None = None) -> None:
+                 lock: threading.Lock, config: PoolConfig) -> None:
         self.name, self.spec, self.path, self.placement, self.estimate = name, spec, path, placement, estimate
-        self.keep_alive = keep_alive  # seconds it stays once idle (None: until evicted); ModelPool.retain changes it
+        self.keep_alive = config.keep_alive  # seconds it stays once idle (None: until evicted); changed by retain
+        self.residency = config.min_residency  # None (auto) until loaded: then the seconds its load took (`ready`)
+        self.ready_since: float | None = None  # when its load finished
         self.pinned = False  # never chosen as a victim to make room
         self.state = State.LOADING
         self.worker: Worker | None = None
@@ -111,6 +117,29 @@ class Runner:
         return self.loaded.batch_size if self.loaded is not None else 1
 
     # -- with the lock held ---------------------------------------------------------------------------------
+
+    def ready(self, loaded: Loaded, now: float) -> None:
+        """Its load finished: it serves, and its minimum residency starts (auto: the seconds that load took)."""
+        self.loaded, self.state, self.ready_since = loaded, State.READY, now
+        if self.residency is None:
+            self.residency = loaded.seconds
+
+    def kept_until(self) -> float:
+        """When its minimum residency ends: from then on a load waiting for its memory goes before its new requests.
+        Not while it loads, unless it has none. An idle runner is evicted whatever this says."""
+        if self.residency == 0:
+            return 0.0
+        return math.inf if self.ready_since is None else self.ready_since + self.residency
+
+    def evictable(self, now: float) -> bool:
+        """Whether a load needing its room may stop it now: idle, not pinned, not just loaded, and past its minimum
+        residency or idle for IDLE_GRACE."""
+        return (self.state in SERVING and self.in_flight == 0 and not self.pinned and self.fresh_until <= now
+                and (self.yields(now) or now - self.last_used >= IDLE_GRACE))
+
+    def yields(self, now: float) -> bool:
+        """Whether a load waiting for its memory goes before its new requests now."""
+        return now >= self.kept_until()
 
     def accept(self, request: Request) -> None:
         self.in_flight += 1

@@ -21,7 +21,7 @@ from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import UnattributedLock, VerifiedRelease
 from vlmux.pool.room import GpuRoom, MustWait, Needs, make_room
-from vlmux.pool.runner import SERVING, Request, Runner, State
+from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
 from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
@@ -74,10 +74,11 @@ class Scheduler:
                             self._awaited.subtract(holders)
                             holders = busy.holders
                             self._awaited.update(holders)
+                            deadline = max(deadline, busy.counts_from + self.config.wait_for_room)
                             if time.monotonic() >= deadline:
                                 raise PoolFull(f"{busy} (waited {self.config.wait_for_room:g} s for one to go idle)"
                                                ) from None
-                            self._room.wait(min(FRESH_SECONDS, deadline - time.monotonic()))  # freshness ends unsaid
+                            self._room.wait(min(IDLE_GRACE, deadline - time.monotonic()))  # graces end unsaid
                             continue
                         if not waiting:
                             break
@@ -91,9 +92,10 @@ class Scheduler:
         return self._start(runner, tokens)
 
     def awaited(self, name: str) -> bool:
-        """Whether a load waits for `name` to go idle to take its memory."""
+        """Whether a load waits for `name` to go idle to take its memory and `name` has had its minimum residency."""
         with self._lock:
-            return self._awaited[name] > 0
+            runner = self._runners.get(name)
+            return self._awaited[name] > 0 and (runner is None or runner.yields(time.monotonic()))
 
     def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None,
                 needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:
@@ -110,7 +112,7 @@ class Scheduler:
             if releasing:
                 return self._runners.get(name), [], releasing
             victims += found
-        runner = Runner(name, spec, path, placement, needs.smallest, self._lock, self.config.keep_alive)
+        runner = Runner(name, spec, path, placement, needs.smallest, self._lock, self.config)
         dead = self._runners.get(name)
         if dead is not None:  # requests queued for a worker that died go to its successor
             runner.pending, dead.pending = dead.pending, runner.pending
@@ -148,8 +150,8 @@ class Scheduler:
         with self._lock:
             cancelled = runner.state is State.STOPPING
             if isinstance(reply, Loaded) and not cancelled:
-                runner.loaded, runner.state = reply, State.READY
-                runner.fresh_until = time.monotonic() + FRESH_SECONDS
+                runner.ready(reply, time.monotonic())
+                runner.fresh_until = runner.ready_since + FRESH_SECONDS
                 runner.start(self._on_idle, self._on_death, self.config.request_timeout)
                 if runner.worker.sentinel is not None:
                     self._exits.watch(runner.worker.sentinel, runner)

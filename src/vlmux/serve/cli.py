@@ -28,6 +28,11 @@ def add_commands(commands) -> None:
     serve.add_argument("--vram-budget", default="0.8", help="what the models may use of each GPU: 0.8 of it, or 40GiB")
     serve.add_argument("--api-key", default=os.environ.get("VLMUX_API_KEY"), help="every route but /health needs it")
     serve.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded: 300, 5m, 0, -1 (forever)")
+    serve.add_argument("--min-residency", default="auto", metavar="SECONDS|auto",
+                       help="how long a busy model keeps taking its own new requests after its load while another "
+                            "model's load waits for its memory (an idle one is evicted at once): seconds, 0 for none, "
+                            "or auto (default): as long as its own load took, so at most about half of the time goes "
+                            "to switching")
     serve.add_argument("--max-queue", type=int, default=256, help="chat requests held at once; more are answered 429")
     serve.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
     serve.add_argument("--allow-any-model", action="store_true", help="requests may name any hub id or local folder")
@@ -49,7 +54,9 @@ def add_commands(commands) -> None:
 
 
 def serve_config(args: argparse.Namespace):
-    from vlmux.serve.settings import ServeConfig, model_option, models_from_toml, parse_duration, unique
+    from vlmux.serve.settings import (
+        ServeConfig, model_option, models_from_toml, parse_duration, parse_residency, unique,
+    )
 
     entries = tuple(model_option(text) for text in args.model)
     if args.config is not None:
@@ -61,7 +68,8 @@ def serve_config(args: argparse.Namespace):
     budget = float(args.vram_budget) if args.vram_budget.replace(".", "", 1).isdigit() else args.vram_budget
     return ServeConfig(args.host, args.port, args.device, budget, args.api_key or None, parse_duration(args.keep_alive),
                        args.max_queue, unique(entries), args.allow_any_model, args.allow_remote_images,
-                       args.allow_private_images, args.allow_local_images, default_max_tokens=args.max_tokens)
+                       args.allow_private_images, args.allow_local_images, default_max_tokens=args.max_tokens,
+                       min_residency=parse_residency(args.min_residency))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,7 +89,8 @@ def _serve(args: argparse.Namespace) -> int:
               file=sys.stderr)
     # The spare gets warm for the configured models after the first load, so a first switch is as fast as later ones.
     prewarm = [Service.spec_of(config, entry) for entry in config.models]
-    pool = ModelPool(PoolConfig(vram_budget=config.vram_budget, keep_alive=config.keep_alive, prewarm=prewarm))
+    pool = ModelPool(PoolConfig(vram_budget=config.vram_budget, keep_alive=config.keep_alive,
+                                min_residency=config.min_residency, prewarm=prewarm))
     app = create_app(Service(config, pool, vram.NVML))
     family = socket.AF_INET6 if ":" in config.host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

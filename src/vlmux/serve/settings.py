@@ -37,6 +37,20 @@ def parse_duration(value: str | int | float) -> float | None:
     return FOREVER if seconds < 0 else seconds
 
 
+def parse_residency(value: str) -> float | None:
+    """--min-residency: auto (None: each model's own load time) or a duration like 30, 30s, 2m, 0."""
+    wrong = ValueError(f"--min-residency: auto or a duration like 30, 30s, 2m or 0, not {value!r}")
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise wrong from None
+    if seconds is None:  # a negative duration means forever elsewhere; a residency that never ends is no policy
+        raise wrong
+    return seconds
+
+
 @dataclass(frozen=True)
 class ModelEntry:
     """A model the server answers for under `name`."""
@@ -80,6 +94,7 @@ class ServeConfig:
     max_tokens_limit: int = 4096
     request_log: int = 200  # recent requests the dashboard lists
     history_seconds: float = 600.0  # memory over the last minutes, for the dashboard
+    min_residency: float | None = None  # the pool's PoolConfig.min_residency: seconds, or None for auto
 
     def model_keep_alive(self, entry: ModelEntry) -> float | None:
         return self.keep_alive if entry.keep_alive == "default" else entry.keep_alive

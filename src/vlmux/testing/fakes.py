@@ -61,7 +61,8 @@ class Event:
 
 class FakeGpuWorker:
     """A real worker process that loads on the CPU what the scheduler placed on a fake GPU, and books the load's
-    charge there until it exits. `stop_delay`: seconds its exit takes (a slow release)."""
+    charge there until it exits. `stop_delay`: seconds its exit takes (a slow release); `load_delay`: seconds its
+    load takes beyond the real one, counted in the load's reported seconds (a slow load)."""
 
     def __init__(self, inner: WorkerProcess, gpus: FakeGpus, gpu: int | None, factory: FakeGpuWorkers) -> None:
         self.inner, self.gpus, self.gpu, self.factory = inner, gpus, gpu, factory
@@ -82,6 +83,10 @@ class FakeGpuWorker:
             self.factory.record("load_start", self.model, self.pid)
             request = replace(request, spec=replace(request.spec, device="cpu", max_memory=()), env=CPU_ENV)
         reply = self.inner.call(request, timeout, on_text)
+        if isinstance(reply, Loaded):
+            delay = self.factory.load_delay.get(self.model, 0.0)
+            time.sleep(delay)
+            reply = replace(reply, seconds=reply.seconds + delay)
         if isinstance(reply, Loaded) and self.gpu is not None:
             self.gpus.hold(self.gpu, self.pid, self.factory.held_bytes)
             self.factory.record("loaded", self.model, self.pid)
@@ -117,6 +122,7 @@ class FakeGpuWorkers:
         self.gpus = gpus
         self.held_bytes = held_bytes
         self.stop_delay: dict[str, float] = {}  # model path -> seconds its workers take to stop
+        self.load_delay: dict[str, float] = {}  # model path -> seconds its loads take beyond the real ones
         self.loads: list[Load] = []
         self.events: list[Event] = []
         self._spawner = Spawner(keep_spare=True)

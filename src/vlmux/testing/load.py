@@ -88,10 +88,11 @@ def mixed_requests(count: int, models: list[str], image: str, seed: int = 0) -> 
 
 
 @contextlib.contextmanager
-def fake_gpu_server(models: dict[str, Path], max_queue: int = 100, holds: int = 2
+def fake_gpu_server(models: dict[str, Path], max_queue: int = 100, holds: int = 2, min_residency: float | None = None
                     ) -> Iterator[tuple[str, object, object]]:
     """`vlmux serve`'s app in a thread over `models` (name -> tiny model folder) on one fake GPU whose budget holds
-    the `holds` largest together, never one more; yields (url, FakeGpus, FakeGpuWorkers)."""
+    the `holds` largest together, never one more; yields (url, FakeGpus, FakeGpuWorkers). `min_residency`: as
+    `--min-residency` (None: auto)."""
     from vlmux import ModelPool, PoolConfig
     from vlmux.config import GenerationSpec
     from vlmux.estimate import estimate
@@ -105,9 +106,11 @@ def fake_gpu_server(models: dict[str, Path], max_queue: int = 100, holds: int = 
     budget = sum(charges[-holds:]) + 1
     gpus = FakeGpus()
     workers = FakeGpuWorkers(gpus)
-    pool = ModelPool(PoolConfig(vram_budget=budget, max_batch_size=1, keep_alive=300), inventory=gpus, workers=workers)
     config = ServeConfig(device="cuda", vram_budget=budget, max_queue=max_queue, keep_alive=300,
+                         min_residency=min_residency,
                          models=tuple(ModelEntry(name, str(path)) for name, path in models.items()))
+    pool = ModelPool(PoolConfig(vram_budget=budget, max_batch_size=1, keep_alive=config.keep_alive,
+                                min_residency=config.min_residency), inventory=gpus, workers=workers)
     with in_thread(create_app(Service(config, pool, gpus))) as url:
         yield url, gpus, workers
 
