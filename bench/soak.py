@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -59,13 +60,18 @@ def soak(paths: list[Path], device: str, cycles: int, minutes: float | None = No
         samples.append({"cycle": 0, **host_figures()})
         for cycle in range(1, cycles + 1):
             for path in paths:
+                begun = time.perf_counter()
                 name = pool.load(ModelSpec(str(path), device=device))
+                loaded = time.perf_counter()
                 pids.add(pool.status()[0].pid)
                 assert pool.caption(name, [image], ["Describe."], GEN)[0].caption is not None
+                captioned = time.perf_counter()
                 release = pool.unload(name)
                 releases.append({"cycle": cycle, "model": path.name, "verified": release.verified,
                                  "process_gone": release.process_gone, "residue_mib": release.residue_mib,
-                                 "seconds": round(release.seconds, 3)})
+                                 "seconds": round(release.seconds, 3), "load_s": round(loaded - begun, 3),
+                                 "caption_s": round(captioned - loaded, 3),
+                                 "unload_s": round(time.perf_counter() - captioned, 3)})
             over = minutes is not None and time.perf_counter() - started > minutes * 60
             if cycle == 1 or cycle % 50 == 0 or cycle == cycles or over:  # cycle 1: once lazy threads exist
                 samples.append({"cycle": cycle, **host_figures()})
@@ -73,7 +79,8 @@ def soak(paths: list[Path], device: str, cycles: int, minutes: float | None = No
             if over:
                 break
     residues = [r["residue_mib"] for r in releases if r["residue_mib"] is not None]
-    return {"cycles": samples[-1]["cycle"], "models": [p.name for p in paths], "device": device,
+    phases = {phase: round(statistics.median(r[phase] for r in releases), 3) for phase in ("load_s", "caption_s", "unload_s")}
+    return {"cycles": samples[-1]["cycle"], "median_seconds": phases, "models": [p.name for p in paths], "device": device,
             "wall_s": time.perf_counter() - started, "unloads": len(releases),
             "unverified": sum(1 for r in releases if r["verified"] is False),
             "max_residue_mib": max(residues) if residues else None,
