@@ -72,7 +72,7 @@ stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 loa
     ;;
 load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 2000 requests at 64 (cut at 6 minutes)
     shapes
-    timeout 420 python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes ${MINUTES:-5.5} \
+    timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes ${MINUTES:-5.5} \
         --out "$OUT/serve-load-2000.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
 soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process (cut at 8 minutes if slower)
