@@ -216,6 +216,18 @@ def test_auto_batches_get_room_for_the_largest_batch_when_the_gpu_has_it(tiny_mo
         assert request.batch_size is None and request.memory_budget == largest.kv_cache + largest.activations
 
 
+def test_a_budget_short_of_the_largest_batch_still_gives_the_model_the_batches_it_holds(tiny_models):
+    model = tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    one = estimate(model, "auto", 1, GEN.max_new_tokens, on_gpu=True)
+    twenty = estimate(model, "auto", 20, GEN.max_new_tokens, on_gpu=True)
+    with ModelPool(PoolConfig(vram_budget=twenty.total + one.kv_cache // 2), inventory=gpus, workers=workers) as pool:
+        load(pool, model)
+        [request] = workers.loads
+        assert request.memory_budget == twenty.kv_cache + twenty.activations  # room for 20 images, not for one
+
+
 def test_an_accepted_request_is_never_failed_by_keep_alive_expiry(tiny_llava, image):
     pool, _, _ = fake_pool(64 * 2**30, keep_alive=0.05)
     failures, answers = [], 0

@@ -42,8 +42,15 @@ class Needs:
                    estimate(path, spec.dtype, fixed_batch or MAX_AUTO_BATCH, tokens, on_gpu, spec.quantize))
 
     def charge(self, room: int) -> int:
-        """What a new runner books: room for its largest batch if `room` holds it, else for its smallest."""
-        return self.largest.total if self.largest.total <= room else self.smallest.total
+        """What a new runner books: room for its largest batch if `room` holds it, else for the most images `room`
+        holds (the estimate grows by the same bytes per image), at least its smallest batch. A budget tighter than
+        the largest batch must not leave a model answering one request at a time."""
+        if self.largest.total <= room:
+            return self.largest.total
+        per_image = (self.largest.total - self.smallest.total) // max(1, MAX_AUTO_BATCH - 1)
+        if per_image <= 0 or room <= self.smallest.total:  # a fixed batch size, or no room beyond the smallest
+            return self.smallest.total
+        return self.smallest.total + (room - self.smallest.total) // per_image * per_image
 
 
 @dataclass(frozen=True)
