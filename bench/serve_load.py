@@ -189,10 +189,11 @@ def _metric(text: str, series: str) -> float:
 
 def _loads_from_log(log: Path) -> dict:
     """Each load's seconds from the server's log: from asked for to ready (room, spare, load), and in the worker."""
-    found = re.findall(r"ready ([\d.]+) s after its load was asked for; the worker's load took ([\d.]+) s",
-                       log.read_text() if log.exists() else "")
-    asked, worker = [float(a) for a, _ in found], [float(w) for _, w in found]
+    found = re.findall(r"ready ([\d.]+) s after its load was asked for; the worker's load took ([\d.]+) s"
+                       r"(?:; batches of up to (\d+))?", log.read_text() if log.exists() else "")
+    asked, worker = [float(a) for a, _, _ in found], [float(w) for _, w, _ in found]
     return {"count": len(found), "asked_to_ready": asked, "worker": worker,
+            "batch_size": [int(b) for _, _, b in found if b],
             "asked_to_ready_median": statistics.median(asked) if asked else None,
             "worker_median": statistics.median(worker) if worker else None}
 

@@ -101,11 +101,11 @@ class Service:
         self.pool.load(self.spec(entry), entry.name)
         self.look()
         try:  # what a switch costs in a server (room waited for, the spare, the load itself), for the log
-            worker = self.pool.load_info(entry.name)["total"]
+            worker, batch = self.pool.load_info(entry.name)["total"], self.pool.batch_size(entry.name)
         except ModelNotLoaded:
             return  # evicted or unloaded already
         print(f"vlmux serve: {entry.name} ready {time.monotonic() - started:.2f} s after its load was asked for; "
-              f"the worker's load took {worker:.2f} s", flush=True)
+              f"the worker's load took {worker:.2f} s; batches of up to {batch}", flush=True)
 
     def retain(self, entry: ModelEntry, keep_alive: float | None | str = UNSET) -> None:
         seconds = self.config.model_keep_alive(entry) if keep_alive == UNSET else keep_alive
