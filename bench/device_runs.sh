@@ -111,7 +111,8 @@ engine-profile)  # issue 17: one engine batch in parts against its floors (visio
     timeout 200 python3 bench/caption_profile.py --steps host,vision,vision_compiled,engine \
         --out "$OUT/caption-profile-engine.json" 2>&1 | grep -v "Warning\|^W1" | tail -4
     ;;
-engine-more)  # issue 17: the detailed workload and the 7B command through the engine
+engine-more)  # issue 17: the detailed workload and the 7B command through the engine; refill on real captions
+    timeout 120 python3 bench/refill.py --device cuda --images 2048 --batch 256 --out "$OUT/refill.json" 2>&1 | tail -2
     timeout 200 python3 bench/throughput.py --workload detailed --batch 64 --rows vlmux_gpu:engine,vlmux_cli:engine \
         --files 1024 --minutes 3 --out "$OUT/throughput-engine-detailed.json" 2>&1 | grep -v "Warning\|^W1" | tail -3
     timeout 200 python3 bench/throughput.py --shape 7b --batch 128 --rows vlmux_cli:engine --files 2048 --minutes 3 \
