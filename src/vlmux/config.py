@@ -47,6 +47,10 @@ class ModelSpec:
         if not _is_device(self.device):
             raise ValueError(f"unknown device {self.device!r}; use auto, cpu, cuda or cuda:N")
 
+    def runs_remote_code(self, config: dict) -> bool:
+        """Whether a folder with this config.json loads through the model's own code (its `auto_map`, allowed)."""
+        return bool(config.get("auto_map")) and self.trust_remote_code
+
 
 @dataclass(frozen=True)
 class GenerationSpec:

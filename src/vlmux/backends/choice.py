@@ -18,7 +18,7 @@ class RemoteCodeRefused(ValueError):
 
 def backend_for(spec: ModelSpec, path: str) -> Backend:
     config = read_json(Path(path) / "config.json")
-    if config.get("auto_map") and spec.trust_remote_code:
+    if spec.runs_remote_code(config):
         if spec.decode == "engine":
             check_family(config.get("model_type", ""))
             raise EngineUnsupported("decode 'engine' runs transformers' own classes, not a model's remote code")

@@ -102,7 +102,7 @@ def job_decode(spec: ModelSpec, images: int, gpu_present: bool, folder: Path | N
 def engine_runs(spec: ModelSpec, folder: Path) -> bool:
     """Whether decode `engine` runs this model folder as `spec` loads it."""
     config = read_json(folder / "config.json")
-    if spec.quantize or spec.max_memory or (spec.trust_remote_code and config.get("auto_map")):
+    if spec.quantize or spec.max_memory or spec.runs_remote_code(config):
         return False
     return refusal(config, read_json(folder / "generation_config.json")) is None
 
