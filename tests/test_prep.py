@@ -182,3 +182,24 @@ def test_a_short_chunk_is_padded_to_the_compiled_batch_like_the_worker_pads_it(t
     assert done.inputs.keys() == expected.keys()
     for key in expected:
         assert torch.equal(done.inputs[key], expected[key]), key
+
+
+EXIT_WITH_A_STOPPED_PREPARING_PROCESS = """
+import os, signal, sys
+from vlmux.worker.prep import PrepPool, Source
+pool = PrepPool(2, Source(sys.argv[1], False, "float32"))
+assert pool.wait_ready(120), pool.failed
+os.kill(pool.pids[0], signal.SIGSTOP)  # a stopped process never reads the executor's exit request
+print("stopped", flush=True)
+"""  # and exit without close(), as a process whose owner forgot it does
+
+
+def test_a_process_exits_with_a_preparing_process_stopped_and_its_pool_never_closed(tiny_qwen):
+    import subprocess
+    import sys
+
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", EXIT_WITH_A_STOPPED_PREPARING_PROCESS, str(tiny_qwen)],
+                          capture_output=True, text=True, timeout=150)
+    assert done.returncode == 0 and "stopped" in done.stdout, done.stderr[-2000:]
+    assert time.monotonic() - started < 120  # Python's exit joins the executor's processes: none may hold it

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 import threading
+import weakref
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from concurrent.futures.process import BrokenProcessPool
@@ -97,6 +98,8 @@ class PrepPool:
         self._lock = threading.Lock()  # a close() while the processes start must not miss the executor
         self.failed: str | None = None
         self._pidfds: list[int] = []  # the processes, by pidfd: a signal never reaches a reused pid
+        self.pids: list[int] = []  # the processes, once started
+        _OPEN.add(self)
         threading.Thread(target=self._start, name="vlmux-prep-start", daemon=True).start()
 
     @property
@@ -116,7 +119,16 @@ class PrepPool:
                                                      initargs=(os.getpid(), self.source))
                 # One task per process makes the executor start them all now, not one by one as work arrives.
                 pings = [self._executor.submit(_ping) for _ in range(self.processes)]
-            self._pidfds = [fd for pid in dict.fromkeys(f.result() for f in pings) if (fd := _pidfd(pid)) is not None]
+                # Every process the submits started, read from the executor (its own record: a process's pings may
+                # all land in another, and one never named here could never be killed).
+                started = list(self._executor._processes)
+            pids = list(dict.fromkeys([*started, *(f.result() for f in pings)]))
+            pidfds = [fd for pid in pids if (fd := _pidfd(pid)) is not None]
+            with self._lock:
+                self.pids = pids
+                if self.failed is None:
+                    self._pidfds, pidfds = pidfds, []
+            _kill(pidfds, close=True)  # closed while they started: close() found none of them to kill
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
             if self.failed is None:
                 self.failed = f"{type(e).__name__}: {e}"
@@ -183,18 +195,35 @@ class PrepPool:
     def close(self) -> None:
         with self._lock:
             self.failed = self.failed or "closed"
-            executor = self._executor
+            executor, pidfds, self._pidfds = self._executor, self._pidfds, []
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        self._kill()  # a stopped process never reads the executor's exit request
-        for pidfd in self._pidfds:
-            os.close(pidfd)
-        self._pidfds = []
+        _kill(pidfds, close=True)  # a stopped process never reads the executor's exit request
+        _OPEN.discard(self)
 
     def _kill(self) -> None:
-        for pidfd in self._pidfds:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with self._lock:
+            _kill(self._pidfds)
+
+
+def _kill(pidfds: list[int], close: bool = False) -> None:
+    for pidfd in pidfds:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        if close:
+            os.close(pidfd)
+
+
+def _close_open_pools() -> None:
+    for pool in list(_OPEN):
+        pool.close()
+
+
+_OPEN: weakref.WeakSet[PrepPool] = weakref.WeakSet()
+# At exit, concurrent.futures joins every executor's processes, and one that is stopped or hung never exits: pools
+# left open are closed (their processes killed) first. Hooks registered here run in reverse order, so this one,
+# registered after concurrent.futures.process's own (imported above), runs before it.
+threading._register_atexit(_close_open_pools)
 
 
 def join(parts: list[dict[str, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
