@@ -128,7 +128,7 @@ class PrepPool:
                 self.pids = pids
                 if self.failed is None:
                     self._pidfds, pidfds = pidfds, []
-            _kill(pidfds, close=True)  # closed while they started: close() found none of them to kill
+            _kill_processes(pidfds, close=True)  # closed while they started: close() found none of them to kill
         except Exception as e:  # noqa: BLE001 - the worker prepares its chunks itself then
             if self.failed is None:
                 self.failed = f"{type(e).__name__}: {e}"
@@ -198,15 +198,15 @@ class PrepPool:
             executor, pidfds, self._pidfds = self._executor, self._pidfds, []
         if executor is not None:
             executor.shutdown(wait=False, cancel_futures=True)
-        _kill(pidfds, close=True)  # a stopped process never reads the executor's exit request
+        _kill_processes(pidfds, close=True)  # a stopped process never reads the executor's exit request
         _OPEN.discard(self)
 
     def _kill(self) -> None:
         with self._lock:
-            _kill(self._pidfds)
+            _kill_processes(self._pidfds)
 
 
-def _kill(pidfds: list[int], close: bool = False) -> None:
+def _kill_processes(pidfds: list[int], close: bool = False) -> None:
     for pidfd in pidfds:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(pidfd, signal.SIGKILL)
