@@ -10,6 +10,7 @@ import pytest
 
 from vlmux import GenerationSpec, ModelNotLoaded, ModelPool, ModelSpec, PoolConfig, PoolFull
 from vlmux.estimate import estimate
+from vlmux.pool.scheduler import FRESH_SECONDS
 from vlmux.testing.fakes import GIB, FakeGpus, FakeGpuWorkers
 from vlmux.testing.processes import process_gone
 
@@ -55,6 +56,7 @@ def test_the_least_recently_used_idle_model_is_evicted_and_its_memory_comes_back
     pool, gpus, _ = fake_pool(charge(a) + charge(b) + charge(c) - 1)
     with pool:
         first, second = load(pool, a), load(pool, b)
+        time.sleep(FRESH_SECONDS)  # a model just loaded is kept for its loaders' first requests, whatever its age
         caption(pool, first, image)  # b is now the least recently used
         evicted_pid = next(s.pid for s in pool.status() if s.name == second)
         third = load(pool, c)
@@ -226,6 +228,22 @@ def test_a_budget_short_of_the_largest_batch_still_gives_the_model_the_batches_i
         load(pool, model)
         [request] = workers.loads
         assert request.memory_budget == twenty.kv_cache + twenty.activations  # room for 20 images, not for one
+
+
+def test_a_model_that_evicts_another_fills_the_room_it_leaves(tiny_models):
+    # the serve load of issue 22: a budget that holds one model's batches; each load evicted the other and booked
+    # room for one image, so every model after the first answered one request at a time
+    a, b = tiny_models["qwen2_vl"], tiny_models["llava"]
+    twenty = {m: estimate(m, "auto", 20, GEN.max_new_tokens, on_gpu=True) for m in (a, b)}
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus)
+    budget = max(t.total for t in twenty.values())
+    with ModelPool(PoolConfig(vram_budget=budget), inventory=gpus, workers=workers) as pool:
+        names = [load(pool, model) for model in (a, b, a)]
+        assert [s.name for s in pool.status()] == [names[2]]  # each load evicted the other model
+        for request, model in zip(workers.loads, (a, b, a)):
+            one = estimate(model, "auto", 1, GEN.max_new_tokens, on_gpu=True)
+            assert request.memory_budget >= twenty[model].kv_cache + twenty[model].activations > one.kv_cache + one.activations
 
 
 def test_an_accepted_request_is_never_failed_by_keep_alive_expiry(tiny_llava, image):

@@ -53,6 +53,7 @@ def test_200_cycles_of_two_models_in_one_process(tmp_path):
     result = json.loads(out.read_text())
     first, end = result["samples"][1], result["end"]  # samples[1]: after cycle 1, once lazy threads exist
     assert result["unloads"] == 400 and result["unverified"] == 0 and result["workers_left"] == []
+    assert result["processes_left"] == [] and result["fork_servers"] <= 1
     assert all(r["process_gone"] for r in result["releases"])
     assert end["threads"] <= first["threads"] + 1 and end["fds"] == first["fds"]
     assert end["shm_segments"] == first["shm_segments"]

@@ -61,6 +61,15 @@ class GpuRoom:
     free: int  # what NVML says is free
 
 
+def charge_on(gpu: GpuRoom, needs: Needs, name: str, runners: Sequence[Runner], stopping: Sequence[Runner]) -> int:
+    """What a new runner books on `gpu`: it evicts only what its smallest batch needs, then fills the room that
+    leaves. Filling only the room beside the runners it evicts anyway would book one image (the model resident
+    before it filled the budget) and leave it answering one request at a time."""
+    victims, _ = make_room(gpu, needs.smallest.total, name, runners, stopping, ())
+    freed = sum(victim.placement.booked()[gpu.index] for victim in victims)
+    return needs.charge(min(gpu.budget - gpu.booked, gpu.free) + freed)
+
+
 def make_room(gpu: GpuRoom, need: int, name: str, runners: Sequence[Runner], stopping: Sequence[Runner],
               chosen: Sequence[Runner]) -> tuple[list[Runner], list[Future]]:
     """`runners`: the scheduler's table; `stopping`: runners off it whose release is not verified; `chosen`: victims

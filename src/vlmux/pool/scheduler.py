@@ -20,7 +20,7 @@ from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import UnattributedLock, VerifiedRelease
-from vlmux.pool.room import GpuRoom, MustWait, Needs, make_room
+from vlmux.pool.room import GpuRoom, MustWait, Needs, charge_on, make_room
 from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
@@ -100,15 +100,15 @@ class Scheduler:
     def _decide(self, spec: ModelSpec, path: Path, name: str, placement: WorkerPlacement | None,
                 needs: Needs) -> tuple[Runner | None, list[Runner], list[Future]]:
         """With the lock held: a new runner and the idle runners to evict for it, or the releases to wait for."""
+        runners, stopping = list(self._runners.values()), list(self._stopping)
         if placement is None:
             gpu = self.gpu(spec.device)
-            room = None if gpu is None else min(self._budget(gpu) - self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
-            placement = WorkerPlacement() if gpu is None else WorkerPlacement((gpu,), (), (needs.charge(room),))
+            placement = WorkerPlacement() if gpu is None else WorkerPlacement(
+                (gpu,), (), (charge_on(self._gpu_room(gpu), needs, name, runners, stopping),))
         victims: list[Runner] = []
         for gpu, charge in placement.booked().items():
             self._baselines.setdefault(gpu, vram.unattributed(gpu, self.inventory))
-            room = GpuRoom(gpu, self._budget(gpu), self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
-            found, releasing = make_room(room, charge, name, list(self._runners.values()), list(self._stopping), victims)
+            found, releasing = make_room(self._gpu_room(gpu), charge, name, runners, stopping, victims)
             if releasing:
                 return self._runners.get(name), [], releasing
             victims += found
@@ -377,6 +377,9 @@ class Scheduler:
         for runner in [*self._runners.values(), *self._stopping]:
             booked.update({} if runner.stopped.done() else runner.placement.booked())
         return dict(booked)
+
+    def _gpu_room(self, gpu: int) -> GpuRoom:
+        return GpuRoom(gpu, self._budget(gpu), self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
 
     def _budget(self, gpu: int) -> int:
         total = self.inventory.memory(gpu).total
