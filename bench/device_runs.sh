@@ -13,8 +13,10 @@ OUT=${OUT:-$PWD/device-out}
 mkdir -p "$OUT"
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 MODELS=/tmp/vlmux-bench
-ls .whl/*.whl >/dev/null 2>&1 &&
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+# Once per machine: a second install would rewrite /tmp/site under a run still going in the background (load-start).
+ls .whl/*.whl >/dev/null 2>&1 && [ ! -e /tmp/site/.installed ] &&
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl &&
+    touch /tmp/site/.installed
 shapes() {
     python3 -c "import sys; sys.path.insert(0, 'bench'); from pathlib import Path; from shapes import build_shape
 for s in ('2b', '7b'): build_shape(Path('$MODELS') / f'qwen2-vl-{s}', s)" 2>&1 | grep -v '^Writing' | tail -2
@@ -67,7 +69,7 @@ oom)  # issue 22: a batch that cannot fit (the 7B shape, 256 pictures of 2048x20
 stress)  # issue 22: a batch that cannot fit (OOM, pictures whole), then 200 load / unload cycles of two tiny models
     shapes
     timeout 280 python3 bench/oom.py --out "$OUT/oom.json" 2>&1 | grep -v "Warning\|^W1" | tail -14
-    timeout 180 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes 2.5 --out "$OUT/soak-tiny.json" 2>&1 \
+    timeout 180 python3 bench/soak.py --tiny --device cuda --cold-workers --cycles 200 --minutes 2.5 --out "$OUT/soak-tiny.json" 2>&1 \
         | grep -v "^W1" | tail -14
     ;;
 load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 2000 requests at 64 (cut at 6 minutes)
@@ -75,10 +77,28 @@ load)  # issue 22: the server with the 2B / 7B shapes under a budget for one, 20
     timeout $(( ${MINUTES%.*} * 60 + 120 )) python3 bench/serve_load.py --requests 2000 --concurrency 64 --minutes ${MINUTES:-5.5} \
         --out "$OUT/serve-load-2000.json" 2>&1 | grep -v "^Writing" | tail -4
     ;;
-soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process (cut at 8 minutes if slower)
+soak)  # issue 22: 200 load / unload cycles of the 2B and 7B shapes in one process, the pool's defaults (cut at 6 minutes)
     shapes
-    timeout 540 python3 bench/soak.py --models "$MODELS" --cycles 200 --minutes 7.5 --out "$OUT/soak.json" 2>&1 \
-        | grep -v "^W1" | tail -14
+    timeout 420 python3 bench/soak.py --models "$MODELS" --cycles 200 --minutes ${MINUTES:-6} --out "$OUT/soak.json" 2>&1 \
+        | grep -v "^W1" | tail -24
+    ;;
+soak-tiny)  # issue 22: 200 load / unload cycles of two tiny models on the GPU in one process, the pool's defaults
+    timeout 420 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes ${MINUTES:-5.5} --out "$OUT/soak-tiny.json" \
+        2>&1 | grep -v "^W1" | tail -24
+    ;;
+load-start)  # issue 22: the `load` run in the background (its own session: it outlives this call), for load-wait
+    shapes
+    mkdir -p /tmp/load
+    setsid nohup timeout $(( ${MINUTES%.*} * 60 + 240 )) python3 bench/serve_load.py --requests 2000 --concurrency 64 \
+        --minutes ${MINUTES:-12} --out /tmp/load/serve-load-2000.json >/tmp/load/stdout 2>&1 </dev/null &
+    echo "load-start: the load runs in the background, pid $!"
+    ;;
+load-wait)  # issue 22: wait up to WAIT seconds for the background load, then bring back what it wrote so far
+    end=$(( SECONDS + ${WAIT:-570} ))
+    while pgrep -f bench/serve_load.py >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    pgrep -f bench/serve_load.py >/dev/null && echo "load-wait: still running" || echo "load-wait: finished"
+    cp /tmp/load/* "$OUT"/ 2>/dev/null
+    grep -v "^W1\|^Writing" /tmp/load/stdout | tail -8
     ;;
 switch-pinned)  # issue 20: the GPU tests, then pool.switch + chat with the spare pinning the checkpoints, warm and cold
     shapes
@@ -119,7 +139,7 @@ engine-more)  # issue 17: the detailed workload and the 7B command through the e
         --out "$OUT/throughput-engine-7b.json" 2>&1 | grep -v "Warning\|^W1" | tail -2
     ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|oom|stress|load|soak|engine|engine-profile|engine-more" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|oom|stress|load|soak-tiny|load-start|load-wait|soak|engine|engine-profile|engine-more" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;
