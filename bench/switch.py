@@ -157,7 +157,7 @@ def run_vlmux(models: list[Path], image: Path, rounds: int, warm_spare: bool = T
     when both fit), B's first answer. Between switches the bench waits for the spare to be ready again, as a job
     or a server has seconds between switches."""
     from vlmux.pool import ModelPool
-    from vlmux.pool.process import warm_fork_server
+    from vlmux.pool.forks import warm_fork_server
 
     start = time.perf_counter()
     warm_fork_server()

@@ -12,7 +12,8 @@ import pytest
 
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import WorkerDied
-from vlmux.pool.process import ForkServer, WorkerProcess
+from vlmux.pool.forks import ForkServer
+from vlmux.pool.process import WorkerProcess
 from vlmux.protocol import Caption, Captions, Load, Loaded
 from vlmux.testing.processes import process_gone
 from vlmux.tiny import draw_sample_images
@@ -170,6 +171,24 @@ def test_a_worker_that_stops_answering_is_killed_within_its_hang_timeout(tiny_ll
         assert not worker.alive and "stopped answering" in worker.exit_reason()
     finally:
         worker.stop(0, NoRelease())
+
+
+def test_a_paused_worker_has_every_thread_stopped_and_finishes_its_request_once_resumed(tiny_llava, tmp_path):
+    request = long_request(tmp_path)
+    worker = loaded_worker(tiny_llava)
+    try:
+        paused = threading.Timer(0.5, worker.pause)
+        paused.start()
+        resumed = threading.Timer(2.0, worker.resume)
+        resumed.start()
+        paused.join()
+        states = {task.name: (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                  for task in Path(f"/proc/{worker.pid}/task").iterdir()}
+        assert set(states.values()) <= {"T", "t"}, states
+        reply = worker.call(request)
+        assert isinstance(reply, Captions) and all(r.caption for r in reply.results) and worker.alive
+    finally:
+        worker.stop(5, NoRelease())
 
 
 def test_a_request_that_overruns_its_timeout_is_killed(tiny_llava, tmp_path):

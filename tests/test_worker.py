@@ -46,3 +46,20 @@ def test_a_warm_spare_serves_loads_placed_like_it_and_only_those(tiny_qwen, imag
         assert cold.stop(5, NoRelease()) is False
     finally:
         spawner.close()
+
+
+def test_a_paused_warm_up_sends_the_spare_nothing_until_it_is_resumed(tiny_qwen):
+    spawner = Spawner(keep_spare=True)
+    spec = ModelSpec(str(tiny_qwen), device="cpu")
+    try:
+        assert spawner.wait_ready(120)
+        spawner.pause_warm()  # a release check reads the GPU's books now
+        spawner.warm([Warm(spec, str(tiny_qwen), CPU_ENV)])
+        assert not spawner.wait_ready(0.5)
+        spawner.resume_warm()
+        assert spawner.wait_ready(60)
+        spare = spawner.take(CPU_ENV)
+        assert spare.warmed == {str(tiny_qwen)}
+        spare.stop(5, NoRelease())
+    finally:
+        spawner.close()

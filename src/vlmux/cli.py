@@ -173,7 +173,7 @@ def _caption(args: argparse.Namespace) -> int:
     from vlmux.caption.sinks import SidecarSink
     from vlmux.caption.sources import UsageError, collect_images
     from vlmux.hub import resolve_model
-    from vlmux.pool.process import stop_fork_server, warm_fork_server
+    from vlmux.pool.forks import stop_fork_server, warm_fork_server
 
     defaults = {"sample": args.sample, "temperature": args.temperature, "top_p": args.top_p, "seed": args.seed,
                 "prep_processes": args.prep_processes, "max_pixels": args.max_pixels,

@@ -82,5 +82,11 @@ class InProcessWorkers:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return True
 
+    def pause_warm(self) -> None:
+        return None
+
+    def resume_warm(self) -> None:
+        return None
+
     def close(self) -> None:
         return None

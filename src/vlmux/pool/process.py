@@ -4,103 +4,21 @@ from __future__ import annotations
 
 import os
 import signal
-import site
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from vlmux.errors import WorkerDied
+from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
 from vlmux.pool.workers import ReleaseCheck
 from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
 STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
-START_RETRY = 30.0  # seconds a fork server that failed to start is not started again (each start imports torch)
-PID_BYTES = 8  # as worker/forkserver.py sends them
-PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])  # the folder this vlmux is imported from
-
-
-class ForkServer:
-    """The client of vlmux's fork server (worker/forkserver.py): started on first use, started again if it died."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._process: subprocess.Popen | None = None
-        self._control: socket.socket | None = None
-        self._failed: tuple[float, str] | None = None  # when starting it last failed, and how
-
-    def ensure_running(self) -> None:
-        with self._lock:
-            self._start_if_gone()
-
-    def fork(self) -> tuple[Connection, int, int]:
-        """A new worker: the connection to it, its pid, and the read end of the pipe that gets its wait status."""
-        ours, theirs = socket.socketpair()
-        try:
-            with self._lock:
-                if self._failed is not None and time.monotonic() - self._failed[0] < START_RETRY:
-                    raise RuntimeError(f"{self._failed[1]}; not started again for {START_RETRY:g} s")
-                for _ in range(2):  # a server that died since the last fork gets one replacement
-                    self._start_if_gone()
-                    try:
-                        socket.send_fds(self._control, [b"f"], [theirs.fileno()])
-                        answer, fds, _, _ = socket.recv_fds(self._control, PID_BYTES, 1)
-                    except OSError:
-                        answer, fds = b"", []
-                    if len(answer) == PID_BYTES and len(fds) == 1:
-                        return Connection(ours.detach()), int.from_bytes(answer, "little"), fds[0]
-                    for fd in fds:
-                        os.close(fd)
-                    code = self._stop()
-                self._failed = (time.monotonic(), f"the vlmux fork server exited with code {code} before forking a "
-                                "worker (see its error above)")
-                raise RuntimeError(self._failed[1])
-        finally:
-            theirs.close()
-            ours.close()
-
-    def _start_if_gone(self) -> None:
-        if self._process is not None and self._process.poll() is None:
-            return
-        if self._control is not None:
-            self._control.close()
-        self._control, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [sys.executable, "-m", "vlmux.worker", str(theirs.fileno()), str(os.getpid())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_server_env(),
-        )
-        theirs.close()
-
-    def stop(self) -> None:
-        with self._lock:
-            if self._process is not None and self._process.poll() is None:
-                self._stop()
-
-    def _stop(self) -> int:
-        self._process.kill()
-        code = self._process.wait()
-        self._control.close()
-        self._control = None
-        return code
-
-
-_SERVER = ForkServer()
-
-
-def warm_fork_server() -> None:
-    """Start the fork server (it imports torch and transformers once, in the background) if it is not running."""
-    _SERVER.ensure_running()
-
-
-def stop_fork_server() -> None:
-    """Stop the fork server; its workers run on. For a caller that started it early and then has nothing to run."""
-    _SERVER.stop()
+PAUSE_WAIT = 10.0  # seconds a paused worker's threads may take to stop (one in a driver call stops after it)
 
 
 class WorkerProcess:
@@ -110,7 +28,7 @@ class WorkerProcess:
 
     def __init__(self, hang_timeout: float = HANG_TIMEOUT) -> None:
         self.hang_timeout = hang_timeout
-        self._conn, self._pid, self._status_fd = _SERVER.fork()
+        self._conn, self._pid, self._status_fd = FORK_SERVER.fork()
         self._closed = False
         self._pidfd = _pidfd(self._pid)
         self._lock = threading.Lock()
@@ -200,14 +118,31 @@ class WorkerProcess:
         """Kill the worker if it still runs; return once it is gone."""
         if not self.alive:
             return
+        self._signal(signal.SIGKILL)
+        wait([self.sentinel])
+
+    def pause(self) -> None:
+        """Stop the worker (SIGSTOP) and return once every thread of it has stopped: it then makes no driver call,
+        so what it holds on a GPU stays as it is, until `resume`."""
+        if not self.alive:
+            return
+        self._signal(signal.SIGSTOP)
+        deadline = time.monotonic() + PAUSE_WAIT
+        while self.alive and not _all_threads_stopped(self.pid) and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def resume(self) -> None:
+        if self.alive:
+            self._signal(signal.SIGCONT)
+
+    def _signal(self, signum: int) -> None:
         try:
             if self._pidfd is not None:
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)  # a pidfd cannot hit a recycled pid
+                signal.pidfd_send_signal(self._pidfd, signum)  # a pidfd cannot hit a recycled pid
             else:
-                os.kill(self.pid, signal.SIGKILL)
+                os.kill(self.pid, signum)
         except ProcessLookupError:
             pass
-        wait([self.sentinel])
 
     def exit_reason(self) -> str:
         """Why the worker ended: killed by us for hanging, a signal, or its exit code."""
@@ -252,12 +187,20 @@ class WorkerProcess:
         self._close()
 
 
-def _server_env() -> dict[str, str]:
-    """The parent's environment, with the folder this vlmux came from on PYTHONPATH where that is a checkout put on
-    sys.path by hand; never a site folder, which PYTHONPATH would put ahead of the standard library."""
-    if PACKAGE_ROOT in (*site.getsitepackages(), site.getusersitepackages()):
-        return dict(os.environ)
-    return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [PACKAGE_ROOT, os.environ.get("PYTHONPATH")]))}
+def _all_threads_stopped(pid: int) -> bool:
+    """Whether every thread of `pid` is stopped (or gone): /proc/PID/task/TID/stat's state after the name."""
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return True
+    for task in tasks:
+        try:
+            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
 
 
 def _pidfd(pid: int) -> int | None:
@@ -284,6 +227,10 @@ class Spawner:
         self._refill: threading.Thread | None = None
         self._warming: threading.Thread | None = None
         self._warm_lock = threading.Lock()
+        self._warm_gate = threading.Event()  # cleared while a release check has the warm-up paused
+        self._warm_gate.set()
+        self._warming_worker: WorkerProcess | None = None  # the worker a Warm request may be running in
+        self._paused: WorkerProcess | None = None
         if keep_spare:
             self._start_refill()
 
@@ -359,15 +306,38 @@ class Spawner:
             self.warm(None)
             return self._warm_spare(requests)
         spare.warm_env = requests[0].env  # before the context exists: take() must not place it elsewhere meanwhile
-        for request in requests:
-            if request.path in spare.warmed:
-                continue
-            try:
-                # a worker that loaded since skips it
-                spare.call(Warm(request.spec, request.path, requests[0].env, request.pin_weights))
-            except WorkerDied:
-                return
-            spare.warmed.add(request.path)
+        try:
+            for request in requests:
+                if request.path in spare.warmed:
+                    continue
+                with self._lock:  # before the gate: a pause that clears the gate after this finds the worker
+                    self._warming_worker = spare
+                self._warm_gate.wait()
+                try:
+                    # a worker that loaded since skips it
+                    spare.call(Warm(request.spec, request.path, requests[0].env, request.pin_weights))
+                except WorkerDied:
+                    return
+                spare.warmed.add(request.path)
+        finally:
+            with self._lock:
+                self._warming_worker = None
+
+    def pause_warm(self) -> None:
+        """Freeze the spare's warm-up where it is (its process stopped) until `resume_warm`: a release check reads
+        the GPU's books meanwhile."""
+        self._warm_gate.clear()
+        with self._lock:
+            worker = self._warming_worker
+        if worker is not None:
+            worker.pause()
+            self._paused = worker
+
+    def resume_warm(self) -> None:
+        paused, self._paused = self._paused, None
+        if paused is not None:
+            paused.resume()
+        self._warm_gate.set()
 
     def _start_refill(self) -> None:
         def refill() -> None:

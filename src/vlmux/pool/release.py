@@ -4,37 +4,82 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Protocol
 
 from vlmux.pool import vram
 from vlmux.pool.workers import GpuInventory
 
 
+class Pausable(Protocol):
+    """A holder of the lock whose changes can be frozen: a spare's warm-up (`WorkerFactory.pause_warm`)."""
+
+    def pause_warm(self) -> None: ...
+
+    def resume_warm(self) -> None: ...
+
+
+class Turn:
+    """One holding of the `UnattributedLock`: its GPUs, and the holders it paused to get them."""
+
+    def __init__(self, gpus: Sequence[int]) -> None:
+        self.gpus = tuple(sorted(set(gpus)))
+        self.paused: list[Pausable] = []
+
+
 class UnattributedLock:
     """Per GPU, one change at a time to the memory NVML books to no process. A release check holds its GPUs from
-    before the worker exits until its memory is back; a spare's warm-up (a context, pinned pages) and a load into a
-    cold worker (a context) hold them too, so that what they add is never read as the exiting worker's residue."""
+    before the worker exits until its memory is back; a load into a cold worker (a context) holds them too, and so
+    does a spare's warm-up (a context, pinned pages), as a `Pausable`: a release check pauses it instead of waiting
+    for it to end, so that an unload right after a model's first answer does not wait out the warm-up (seconds)."""
 
     def __init__(self) -> None:
-        self._guard = threading.Lock()
-        self._locks: dict[int, threading.Lock] = {}
+        self._changed = threading.Condition()
+        self._holders: dict[int, Turn] = {}
+        self._pausable: dict[int, Pausable] = {}  # GPU -> its holder, when that can be paused
+        self._pausers: dict[int, Turn] = {}  # GPU -> the release check that paused its holder
 
-    def acquire(self, gpus: Sequence[int]) -> None:
-        with self._guard:
-            locks = [self._locks.setdefault(gpu, threading.Lock()) for gpu in sorted(set(gpus))]
-        for lock in locks:  # in index order: two holders of several GPUs cannot wait for each other
-            lock.acquire()
+    def acquire(self, gpus: Sequence[int], pausable: Pausable | None = None, preempt: bool = False) -> Turn:
+        """All of `gpus` at once (no order to deadlock on). `preempt`: a holder that can be paused is paused."""
+        turn = Turn(gpus)
+        with self._changed:
+            self._changed.wait_for(lambda: all(self._free(gpu, preempt) for gpu in turn.gpus))
+            for gpu in turn.gpus:
+                if gpu not in self._holders:
+                    self._holders[gpu] = turn
+                    if pausable is not None:
+                        self._pausable[gpu] = pausable
+                else:
+                    self._pausers[gpu] = turn
+                    if not any(self._pausable[gpu] is other for other in turn.paused):
+                        turn.paused.append(self._pausable[gpu])
+        for holder in turn.paused:
+            holder.pause_warm()
+        return turn
 
-    def release(self, gpus: Sequence[int]) -> None:
-        for gpu in sorted(set(gpus), reverse=True):
-            self._locks[gpu].release()
+    def release(self, turn: Turn) -> None:
+        with self._changed:
+            for gpu in turn.gpus:
+                if self._holders.get(gpu) is turn:
+                    del self._holders[gpu]
+                    self._pausable.pop(gpu, None)
+                if self._pausers.get(gpu) is turn:
+                    del self._pausers[gpu]
+            self._changed.notify_all()
+        for holder in turn.paused:
+            holder.resume_warm()
 
     @contextmanager
-    def held(self, gpus: Sequence[int]) -> Iterator[None]:
-        self.acquire(gpus)
+    def held(self, gpus: Sequence[int], pausable: Pausable | None = None) -> Iterator[None]:
+        turn = self.acquire(gpus, pausable)
         try:
             yield
         finally:
-            self.release(gpus)
+            self.release(turn)
+
+    def _free(self, gpu: int, preempt: bool) -> bool:
+        if gpu in self._pausers:
+            return False
+        return gpu not in self._holders or (preempt and gpu in self._pausable)
 
 
 class VerifiedRelease:
@@ -52,12 +97,11 @@ class VerifiedRelease:
         self.baselines = baselines
         self.timeout = timeout
         self._lock = lock
-        self._held = False
+        self._turn: Turn | None = None
         self._references: dict[int, int] = {}
 
     def before_exit(self, pid: int) -> None:
-        self._lock.acquire(self.gpus)
-        self._held = True
+        self._turn = self._lock.acquire(self.gpus, preempt=True)
         for gpu in self.gpus:
             others = set(self.inventory.process_memory(gpu)) - {pid}
             self._references[gpu] = vram.unattributed(gpu, self.inventory) if others else self.baselines[gpu]
@@ -73,6 +117,6 @@ class VerifiedRelease:
                 for gpu in self.gpus
             ])
         finally:
-            if self._held:
-                self._held = False
-                self._lock.release(self.gpus)
+            if self._turn is not None:
+                turn, self._turn = self._turn, None
+                self._lock.release(turn)

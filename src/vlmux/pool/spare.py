@@ -65,10 +65,10 @@ class WarmSpare:
         def warm_when_quiet() -> None:
             # Not before the new model has answered and gone idle: two contexts time-share the GPU, so warming at
             # once would slow the very first answer the switch is waiting for. Not while a release is verified
-            # either: the spare's context and pinned pages are booked to no process, like a residue.
+            # either (a check pauses it): the spare's context and pinned pages are booked to no process, like a residue.
             loaded.answered.wait(WARM_AFTER_AT_MOST)
             if not self._pool.closed and loaded.state is not State.DEAD:
-                with self._unattributed.held(loaded.placement.gpus):
+                with self._unattributed.held(loaded.placement.gpus, pausable=self.workers):
                     self.workers.warm(requests)
                     self.workers.wait_ready()
 

@@ -145,6 +145,12 @@ class FakeGpuWorkers:
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._spawner.wait_ready(timeout)
 
+    def pause_warm(self) -> None:
+        self._spawner.pause_warm()
+
+    def resume_warm(self) -> None:
+        self._spawner.resume_warm()
+
     def close(self) -> None:
         self._spawner.close()
 
