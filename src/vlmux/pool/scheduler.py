@@ -26,7 +26,6 @@ from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
 from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
 
-
 FRESH_SECONDS = 1.0  # a model just loaded is not evicted for a waiting load before those who loaded it get to ask
 
 
@@ -379,11 +378,9 @@ class Scheduler:
         return dict(booked)
 
     def _gpu_room(self, gpu: int) -> GpuRoom:
-        return GpuRoom(gpu, self._budget(gpu), self._booked().get(gpu, 0), self.inventory.memory(gpu).free)
-
-    def _budget(self, gpu: int) -> int:
-        total = self.inventory.memory(gpu).total
-        return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
+        memory, budget = self.inventory.memory(gpu), self.config.vram_budget
+        return GpuRoom(gpu, memory.total if budget is None else parse_budget(budget, memory.total),
+                       self._booked().get(gpu, 0), memory.free)
 
     def gpu(self, device: str) -> int | None:
         """The NVML index a spec's device names on this host, or None for the CPU."""
