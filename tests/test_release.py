@@ -81,37 +81,43 @@ def test_holders_of_several_gpus_take_them_in_one_order():
 
 
 class PausableWarmUp:
-    """A warm-up that adds memory booked to no process step by step, and stops between steps while paused (as a
-    spare's process does between driver calls when a release check pauses it)."""
+    """A warm-up that adds memory booked to no process step by step and, once paused, takes no step until resumed
+    (as a spare's process makes no driver call once a release check has it stopped)."""
 
     def __init__(self, gpus: BookedGpus, steps: int) -> None:
         self.gpus, self.steps, self.done = gpus, steps, 0
-        self.running = threading.Event()
-        self.running.set()
-        self.at_rest = threading.Event()  # set while it is paused and between steps
+        self._turn = threading.Condition()
+        self._paused = self._resting = self._finished = False
         self.pauses: list[int] = []  # the unbooked bytes at each pause
 
     def pause_warm(self) -> None:
-        self.running.clear()
-        self.at_rest.wait()
-        self.pauses.append(self.gpus.unbooked)
+        with self._turn:
+            self._paused = True
+            self._turn.wait_for(lambda: self._resting or self._finished)
+            self.pauses.append(self.gpus.unbooked)
 
     def resume_warm(self) -> None:
-        self.running.set()
+        with self._turn:
+            self._paused = False
+            self._turn.notify_all()
 
     def run(self, lock: UnattributedLock, started: threading.Event) -> None:
         with lock.held([0], pausable=self):
             self.gpus.hold(0, SPARE, GIB)  # its context exists: the check's reference is then the level before the exit
             started.set()
             while self.done < self.steps:
-                if not self.running.is_set():
-                    self.at_rest.set()
-                    self.running.wait()
-                    self.at_rest.clear()
-                self.gpus.unbooked += MIB  # a page pinned, a part of a context made
-                self.done += 1
+                with self._turn:
+                    while self._paused:
+                        self._resting = True
+                        self._turn.notify_all()
+                        self._turn.wait()
+                    self._resting = False
+                    self.gpus.unbooked += MIB  # a page pinned, a part of a context made
+                    self.done += 1
                 threading.Event().wait(0.01)
-            self.at_rest.set()
+            with self._turn:
+                self._finished = True
+                self._turn.notify_all()
 
 
 def test_a_release_check_pauses_a_warm_up_instead_of_waiting_for_its_end():
@@ -142,7 +148,16 @@ def test_a_second_check_waits_for_the_first_that_paused_the_warm_up():
     warming.start()
     started.wait(5)
     first = lock.acquire([0], preempt=True)
-    second = threading.Thread(target=lambda: lock.release(lock.acquire([0], preempt=True)))
+    steps_while_held = []
+
+    def second_check() -> None:
+        turn = lock.acquire([0], preempt=True)
+        done = warm_up.done
+        threading.Event().wait(0.2)
+        steps_while_held.append(warm_up.done - done)
+        lock.release(turn)
+
+    second = threading.Thread(target=second_check)
     second.start()
     second.join(0.3)
     assert second.is_alive(), "two release checks read one GPU's books at once"
@@ -150,3 +165,4 @@ def test_a_second_check_waits_for_the_first_that_paused_the_warm_up():
     second.join(5)
     warming.join(20)
     assert not second.is_alive() and not warming.is_alive() and len(warm_up.pauses) == 2
+    assert steps_while_held == [0], "the first check's resume let the warm-up run under the second check"

@@ -64,9 +64,9 @@ class UnattributedLock:
                     self._pausable.pop(gpu, None)
                 if self._pausers.get(gpu) is turn:
                     del self._pausers[gpu]
+            for holder in turn.paused:  # before the next check can take the GPU and pause the holder again
+                holder.resume_warm()
             self._changed.notify_all()
-        for holder in turn.paused:
-            holder.resume_warm()
 
     @contextmanager
     def held(self, gpus: Sequence[int], pausable: Pausable | None = None) -> Iterator[None]:
