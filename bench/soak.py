@@ -3,8 +3,8 @@ ModelPool). Every unload's release is recorded (on a GPU: verified by NVML, with
 RSS, threads, file descriptors and /dev/shm segments are read at the start, every 50 cycles and at the end, and the
 workers seen and every process under this one but its fork server (one per process, by design) are checked gone
 once the pool is closed. The pool runs with its defaults (a spare worker started ahead of each load, as a user gets
-it): each load still takes a fresh worker process and each unload ends it. --cold-workers turns the spare off, so each load also waits for its
-worker's start. On the CPU (--tiny) it runs with two tiny models.
+it): each load still takes a fresh worker process and each unload ends it. --cold-workers turns the spare off, so
+each load also waits for its worker's start. On the CPU (--tiny) it runs with two tiny models.
 
 Usage: python3 bench/soak.py --tiny [--cycles 200] [--out FILE]                       (CPU)
        python3 bench/soak.py --tiny --device cuda [--cycles 200] [--out FILE]         (a GPU: two tiny models)

@@ -187,20 +187,23 @@ class WorkerProcess:
         self._close()
 
 
+def stat_fields(stat: Path) -> list[str] | None:
+    """The fields of a /proc/PID/stat (or /proc/PID/task/TID/stat) file after the name: state, parent, group, ...;
+    None once the process or thread is gone."""
+    try:
+        return stat.read_text().rsplit(")", 1)[1].split() or None
+    except (OSError, IndexError):
+        return None
+
+
 def _all_threads_stopped(pid: int) -> bool:
-    """Whether every thread of `pid` is stopped (or gone): /proc/PID/task/TID/stat's state after the name."""
+    """Whether every thread of `pid` is stopped (or gone)."""
     try:
         tasks = list(Path(f"/proc/{pid}/task").iterdir())
     except OSError:
         return True
-    for task in tasks:
-        try:
-            state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state not in ("T", "t", "Z", "X"):
-            return False
-    return True
+    states = [fields[0] for task in tasks if (fields := stat_fields(task / "stat")) is not None]
+    return all(state in ("T", "t", "Z", "X") for state in states)
 
 
 def _pidfd(pid: int) -> int | None:

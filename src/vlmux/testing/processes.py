@@ -5,17 +5,18 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from vlmux.pool.process import stat_fields
+
 
 def process_gone(pid: int, within: float = 10.0) -> bool:
     """True once `pid` no longer runs: its /proc entry is gone, or only a zombie is left waiting for a reaper
     (a zombie holds no memory; whether it is reaped is up to whichever process inherited it)."""
     deadline = time.monotonic() + within
     while True:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
+        fields = stat_fields(Path(f"/proc/{pid}/stat"))
+        if fields is None:
             return True
-        if state in ("Z", "X"):
+        if fields[0] in ("Z", "X"):
             return True
         if time.monotonic() >= deadline:
             return False
@@ -45,10 +46,9 @@ def group_members(pgid: int) -> list[int]:
 def _stats() -> Iterator[tuple[int, list[str]]]:
     """Each process's pid and the fields of /proc/PID/stat after its name (state, parent, group, ...)."""
     for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            yield int(stat.parent.name), stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
+        fields = stat_fields(stat)
+        if fields is not None:
+            yield int(stat.parent.name), fields
 
 
 def fork_servers(parent_pid: int) -> list[int]:
