@@ -86,19 +86,25 @@ soak-tiny)  # issue 22: 200 load / unload cycles of two tiny models on the GPU i
     timeout 420 python3 bench/soak.py --tiny --device cuda --cycles 200 --minutes ${MINUTES:-5.5} --out "$OUT/soak-tiny.json" \
         2>&1 | grep -v "^W1" | tail -24
     ;;
-load-start)  # issue 22: the `load` run in the background (its own session: it outlives this call), for load-wait
+load-start)  # issue 22: the `load` run in the background (its own session: it outlives this call), for `wait`
     shapes
-    mkdir -p /tmp/load
+    mkdir -p /tmp/bg
     setsid nohup timeout $(( ${MINUTES%.*} * 60 + 240 )) python3 bench/serve_load.py --requests 2000 --concurrency 64 \
-        --minutes ${MINUTES:-12} --out /tmp/load/serve-load-2000.json >/tmp/load/stdout 2>&1 </dev/null &
+        --minutes ${MINUTES:-12} --out /tmp/bg/serve-load-2000.json >/tmp/bg/stdout 2>&1 </dev/null &
     echo "load-start: the load runs in the background, pid $!"
     ;;
-load-wait)  # issue 22: wait up to WAIT seconds for the background load, then bring back what it wrote so far
+soak-start)  # issue 22: 200 cycles of two tiny models on the GPU in the background, a cold worker per load, for `wait`
+    mkdir -p /tmp/bg
+    setsid nohup timeout 1200 python3 bench/soak.py --tiny --device cuda --cold-workers --cycles 200 --minutes 19 \
+        --out /tmp/bg/soak-tiny-200.json >/tmp/bg/stdout 2>&1 </dev/null &
+    echo "soak-start: the soak runs in the background, pid $!"
+    ;;
+wait)  # issue 22: wait up to WAIT seconds for the background run (load-start, soak-start), then bring back its files
     end=$(( SECONDS + ${WAIT:-570} ))
-    while pgrep -f bench/serve_load.py >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
-    pgrep -f bench/serve_load.py >/dev/null && echo "load-wait: still running" || echo "load-wait: finished"
-    cp /tmp/load/* "$OUT"/ 2>/dev/null
-    grep -v "^W1\|^Writing" /tmp/load/stdout | tail -8
+    while pgrep -f "bench/serve_load.py|bench/soak.py" >/dev/null && [ $SECONDS -lt $end ]; do sleep 5; done
+    pgrep -f "bench/serve_load.py|bench/soak.py" >/dev/null && echo "wait: still running" || echo "wait: finished"
+    cp /tmp/bg/* "$OUT"/ 2>/dev/null
+    grep -v "^W1\|^Writing" /tmp/bg/stdout | tail -${SHOWN:-8}
     ;;
 switch-pinned)  # issue 20: the GPU tests, then pool.switch + chat with the spare pinning the checkpoints, warm and cold
     shapes
@@ -139,7 +145,7 @@ engine-more)  # issue 17: the detailed workload and the 7B command through the e
         --out "$OUT/throughput-engine-7b.json" 2>&1 | grep -v "Warning\|^W1" | tail -2
     ;;
 *)
-    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|oom|stress|load|soak-tiny|load-start|load-wait|soak|engine|engine-profile|engine-more" \
+    echo "usage: bash bench/device_runs.sh switch|throughput|parent|parent-throughput|first-request|switch-floor|serve|quant|oom|stress|load|soak-tiny|load-start|soak-start|wait|soak|engine|engine-profile|engine-more" \
         "(OLD / BEFORE: checkouts to compare)" >&2
     exit 2
     ;;
