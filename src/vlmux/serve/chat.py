@@ -34,7 +34,7 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
         entry = service.entry(request.model)
         service.admit()
         try:
-            messages = await asyncio.to_thread(worker_messages, request.messages, policy)
+            messages = await asyncio.to_thread(worker_messages, request.messages, policy, request.stream)
         except BaseException:
             service.leave()
             raise

@@ -19,7 +19,7 @@ from vlmux.pool.budget import parse_budget
 from vlmux.pool.runner import ModelStatus
 from vlmux.pool.workers import GpuInventory
 from vlmux.protocol import Chat, Chatted
-from vlmux.serve.errors import ApiError, from_pool
+from vlmux.serve.errors import ApiError, from_pool, shown
 from vlmux.serve.history import History
 from vlmux.serve.metrics import Metrics
 from vlmux.serve.schema import UNSET, ChatRequest
@@ -65,10 +65,10 @@ class Service:
             try:
                 resolve_model(model)
             except ModelNotFound as e:
-                raise ApiError(404, f"model {model!r} not found: {e}", "model_not_found", "model") from None
+                raise ApiError(404, f"model {shown(model)} not found: {str(e)[:200]}", "model_not_found", "model") from None
             return self._entries.setdefault(model, ModelEntry(model, model))
         names = ", ".join(sorted(self._entries)) or "none"
-        raise ApiError(404, f"model {model!r} is not served here; models: {names}", "model_not_found", "model")
+        raise ApiError(404, f"model {shown(model)} is not served here; models: {names}", "model_not_found", "model")
 
     def listed(self) -> list[str]:
         return list(self._entries)
@@ -117,7 +117,7 @@ class Service:
     async def unload(self, name: str | None) -> list[dict]:
         names = [name] if name is not None else [s.name for s in self.pool.status()]
         if name is not None and name not in {s.name for s in self.pool.status()}:
-            raise ApiError(404, f"model {name!r} is not loaded", "model_not_loaded", "model")
+            raise ApiError(404, f"model {shown(name)} is not loaded", "model_not_loaded", "model")
         loop = asyncio.get_running_loop()
         futures = []
         for each in names:
