@@ -23,10 +23,11 @@ KEY = "test-key-1234"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava, tiny_qwen):
+def server(tiny_llava, tiny_qwen, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
     with served("--model", f"llava={tiny_llava}", "--model", f"qwen={tiny_qwen}", "--device", "cpu", "--api-key", KEY,
-                "--allow-remote-images", "--allow-private-images", "--max-tokens", "12") as (process, url):
-        yield process, url
+                "--allow-remote-images", "--allow-private-images", "--max-tokens", "12", log=str(log)) as (process, url):
+        yield process, url, log
 
 
 @pytest.fixture()
@@ -183,7 +184,9 @@ def test_keep_alive_zero_unloads_after_the_answer_and_a_stream_announces_the_loa
 
 def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is_answered(server, client):
     api(server, "POST", "/api/load", {"model": "llava"})
-    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=2)
+    ps = api(server, "GET", "/api/ps").json()["models"]
+    pid, answered = ps[0]["pid"], next(m["requests"] for m in ps if m["name"] == "llava")
     outcome = {}
 
     def long_request():
@@ -202,6 +205,15 @@ def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is
     assert "reloads the model" in outcome["error"].message
     after = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=4)
     assert after.choices[0].message.content and server[0].poll() is None
+    # the exit is in the log, counted by reason, marked on the chart; the new worker's count goes on from the old
+    assert f"llava's worker ended: worker {pid} was killed by SIGKILL" in server[2].read_text()
+    metrics = api(server, "GET", "/metrics").text
+    assert _value(metrics, 'vlmux_worker_exits_total{model="llava",reason="SIGKILL"}') == 1
+    dashboard = api(server, "GET", "/api/dashboard").json()
+    assert any(e["model"] == "llava" and e["event"] == "worker exit" for e in dashboard["events"])
+    assert "llava worker exit" in dashboard["chart"]
+    now = next(m["requests"] for m in dashboard["models"] if m["name"] == "llava")
+    assert now == answered + 1, (answered, now)  # the killed request failed; the one after it answered
 
 
 def _value(metrics: str, series: str) -> float:

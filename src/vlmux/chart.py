@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 COLOURS = ("#15c", "#e80", "#2a7", "#c33", "#85c", "#0aa", "#a70", "#777")
 MARK_COLOURS = {"load_start": "#2a7", "loaded": "#2a7", "load": "#2a7", "unload_start": "#c33", "unloaded": "#c33",
-                "unload": "#c33"}
+                "unload": "#c33", "worker exit": "#90c"}
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,9 @@ class Metrics:
         self.unloads = Counter("vlmux_unloads", "Models unloaded (asked, evicted or expired)", ["model"], registry=r)
         self.switch = Histogram("vlmux_switch_seconds", "Seconds a request waited for its model to load on demand",
                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.worker_exits = Counter("vlmux_worker_exits", "Workers that ended by themselves (killed, crashed, hung), "
+                                    "by model and reason (SIGKILL, exit_N, hang, unknown)", ["model", "reason"],
+                                    registry=r)
         self._seen: set[str] = set()
         self.residue = Gauge("vlmux_release_residue_mib", "Device memory left behind by a model's last unload",
                              ["model"], registry=r)

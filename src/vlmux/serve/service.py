@@ -5,7 +5,9 @@ the pool's scheduler's: this module never chooses what to evict."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +18,7 @@ from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.pool import ModelPool
 from vlmux.pool.budget import parse_budget
-from vlmux.pool.runner import ModelStatus
+from vlmux.pool.runner import ModelStatus, WorkerExit
 from vlmux.pool.workers import GpuInventory
 from vlmux.protocol import Chat, Chatted
 from vlmux.serve.errors import ApiError, from_pool, shown
@@ -42,13 +44,26 @@ class Service:
         self._loader = ThreadPoolExecutor(16, thread_name_prefix="vlmux-serve-load")
         self._reported: dict[str, object] = {}  # per model, the last release already counted
         self._seen: dict[str, str] = {}  # model -> state at the last look
+        self._requests: dict[str, tuple[int, int]] = {}  # model -> (worker pid, requests it answered) at the last look
+        self._counted_pids: set[int] = set()  # workers whose answers an exit already counted
+        self._answered_before: Counter[str] = Counter()  # per model, requests answered by its earlier workers
         self._residue_due: set[str] = set()  # unloaded models whose release is not yet reported
         self._looking = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="vlmux-serve-watch", daemon=True)
 
     def start(self) -> None:
+        self.pool.on_worker_exit(self._worker_exited)
         self._watcher.start()
+
+    def _worker_exited(self, gone: WorkerExit) -> None:
+        """A worker ended by itself: said in the log, counted by reason, marked on the chart; its answers kept."""
+        with self._looking:
+            self._answered_before[gone.name] += gone.requests
+            self._counted_pids.add(gone.pid)
+        self.metrics.worker_exits.labels(gone.name, exit_reason(gone.reason)).inc()
+        self.history.event(gone.name, "worker exit")
+        print(f"vlmux serve: {gone.name}'s worker ended: {gone.reason}; the next request loads it again", flush=True)
 
     def close(self) -> None:
         self._stop.set()
@@ -209,7 +224,8 @@ class Service:
         models = [{"name": s.name, "model": s.model, "state": s.state, "device": s.device, "gpus": list(s.gpus),
                    "pid": s.pid, "vram_bytes": held.get(s.name, 0) if s.gpus else 0,
                    "host_bytes": _rss(s.pid) if s.state == "sleeping" or not s.gpus else 0,
-                   "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight, "requests": s.requests,
+                   "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight,
+                   "requests": s.requests + self._answered_before[s.name],
                    "keep_alive": s.keep_alive, "pinned": s.pinned,
                    "expires_at": None if s.expires_in is None else round(now + s.expires_in, 3)} for s in status]
         gpus = []
@@ -239,7 +255,10 @@ class Service:
                     self.history.event(name, "load")
                     self.metrics.loads.labels(name).inc()
                     print(f"vlmux serve: {name} loaded", flush=True)
-            for name, state in self._seen.items():
+            pids = {s.name: s.pid for s in status}
+            for name, (pid, answered) in self._requests.items():  # a worker gone: its answers stay counted
+                if pids.get(name) != pid and pid not in self._counted_pids:
+                    self._answered_before[name] += answered
                 if state in ("ready", "sleeping") and states.get(name) not in ("ready", "sleeping"):
                     self.history.event(name, "unload")
                     self.metrics.unloads.labels(name).inc()
@@ -252,6 +271,7 @@ class Service:
                     self._residue_due.discard(name)
                     print(f"vlmux serve: {name} unloaded: {release}", flush=True)
             self._seen = states
+            self._requests = {s.name: (s.pid, s.requests) for s in status}
             self.metrics.models(states, held)
             if self.inventory.status() is None:
                 self.history.sample({f"GPU {g.index}": g.used for g in self.inventory.gpus()})
@@ -264,6 +284,15 @@ class Service:
                 self.look()
             except Exception:  # noqa: BLE001 - a failed look must not end the watcher; the next one tries again
                 continue
+
+
+def exit_reason(text: str) -> str:
+    """The `reason` label of vlmux_worker_exits_total from WorkerDied's text: SIGKILL, exit_1, hang or unknown."""
+    if match := re.search(r"killed by (SIG[A-Z0-9]+)", text):
+        return match.group(1)
+    if match := re.search(r"exited with code (-?\d+)", text):
+        return f"exit_{match.group(1)}"
+    return "hang" if "stopped answering" in text or "heartbeat" in text else "unknown"
 
 
 def _rss(pid: int) -> int:
