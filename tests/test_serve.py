@@ -216,5 +216,19 @@ def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is
     assert now == answered + 1, (answered, now)  # the killed request failed; the one after it answered
 
 
+def test_refused_requests_are_counted_by_status_and_listed(server):
+    def count(series: str) -> float:
+        metrics = api(server, "GET", "/metrics").text
+        return _value(metrics, series) if series in metrics else 0.0
+
+    bad, unknown = 'vlmux_requests_total{model="llava",status="400"}', 'vlmux_requests_total{model="-",status="404"}'
+    before = count(bad), count(unknown)
+    assert api(server, "POST", "/v1/chat/completions", {"model": "llava", "messages": ask("x"), "stop": 5}).status_code == 400
+    assert api(server, "POST", "/v1/chat/completions", {"model": "nope" * 50, "messages": ask("x")}).status_code == 404
+    assert (count(bad), count(unknown)) == (before[0] + 1, before[1] + 1)
+    listed = api(server, "GET", "/api/dashboard").json()["requests"]
+    assert [(r["model"], r["status"]) for r in listed[:2]] == [("-", 404), ("llava", 400)]
+
+
 def _value(metrics: str, series: str) -> float:
     return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series))
