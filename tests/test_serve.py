@@ -5,6 +5,7 @@ import base64
 import http.server
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -155,12 +156,19 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     assert model["pid"] > 0 and model["host_bytes"] > 0 and model["expires_at"] > time.time()
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 1.0' in metrics
+    # a CPU worker's one measure is its private host memory: published as such, never as VRAM, and the same
+    # figure its release line reports
+    assert _value(metrics, 'vlmux_model_host_bytes{model="llava"}') > 0
+    assert 'vlmux_model_vram_bytes{model="llava"}' not in metrics
     loads = _value(metrics, 'vlmux_loads_total{model="llava"}')
     listed = subprocess.run([sys.executable, "-m", "vlmux.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
     assert listed.returncode == 0 and "llava" in listed.stdout and "ready" in listed.stdout
+    assert " MiB host" in listed.stdout, listed.stdout
     unloaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "unload", "llava"], capture_output=True, text=True,
                               env=env, timeout=120)
     assert unloaded.returncode == 0 and f"CPU worker {model['pid']} exited" in unloaded.stdout, unloaded.stdout
+    returned = float(re.search(r"its (\d+) MiB of host memory returned", unloaded.stdout).group(1))
+    assert abs(returned - model["host_bytes"] / 2**20) <= max(5, 0.1 * returned), (returned, model["host_bytes"])
     assert process_gone(model["pid"], within=0.1)
     assert api(server, "GET", "/api/ps").json()["models"] == []
     metrics = api(server, "GET", "/metrics").text

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vlmux import hostmem
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
@@ -223,7 +224,7 @@ class Service:
         now = time.time()
         models = [{"name": s.name, "model": s.model, "state": s.state, "device": s.device, "gpus": list(s.gpus),
                    "pid": s.pid, "vram_bytes": held.get(s.name, 0) if s.gpus else 0,
-                   "host_bytes": _rss(s.pid) if s.state == "sleeping" or not s.gpus else 0,
+                   "host_bytes": _host(s.pid) if s.state == "sleeping" or not s.gpus else 0,
                    "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight,
                    "requests": s.requests + self._answered_before[s.name],
                    "keep_alive": s.keep_alive, "pinned": s.pinned,
@@ -241,8 +242,8 @@ class Service:
         return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
 
     def _memory(self, status: list[ModelStatus]) -> dict[str, int]:
-        """Bytes each model's worker holds: device memory on its GPUs, else its host memory."""
-        return {s.name: s.device_bytes if s.gpus else _rss(s.pid) for s in status}
+        """Bytes each model's worker holds: device memory on its GPUs, else its private host memory."""
+        return {s.name: s.device_bytes if s.gpus else _host(s.pid) for s in status}
 
     def look(self) -> None:
         """Compare the pool with the last look: loads and unloads become marks and counts; gauges are set."""
@@ -259,6 +260,7 @@ class Service:
             for name, (pid, answered) in self._requests.items():  # a worker gone: its answers stay counted
                 if pids.get(name) != pid and pid not in self._counted_pids:
                     self._answered_before[name] += answered
+            for name, state in self._seen.items():
                 if state in ("ready", "sleeping") and states.get(name) not in ("ready", "sleeping"):
                     self.history.event(name, "unload")
                     self.metrics.unloads.labels(name).inc()
@@ -272,7 +274,8 @@ class Service:
                     print(f"vlmux serve: {name} unloaded: {release}", flush=True)
             self._seen = states
             self._requests = {s.name: (s.pid, s.requests) for s in status}
-            self.metrics.models(states, held)
+            self.metrics.models(states, {s.name: held[s.name] for s in status if s.gpus},
+                                {s.name: held[s.name] for s in status if not s.gpus})
             if self.inventory.status() is None:
                 self.history.sample({f"GPU {g.index}": g.used for g in self.inventory.gpus()})
             else:
@@ -295,11 +298,6 @@ def exit_reason(text: str) -> str:
     return "hang" if "stopped answering" in text or "heartbeat" in text else "unknown"
 
 
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
+def _host(pid: int) -> int:
+    """A worker's private host memory: the one measure of a CPU worker, as its release line reports it."""
+    return hostmem.private_bytes(pid) or 0
