@@ -240,3 +240,9 @@ def test_refused_requests_are_counted_by_status_and_listed(server):
 
 def _value(metrics: str, series: str) -> float:
     return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series))
+
+
+def test_the_favicon_is_served_without_the_key_and_is_an_icon(server):
+    answer = httpx.get(server[1] + "/favicon.ico", timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(answer.content)).format == "ICO"
