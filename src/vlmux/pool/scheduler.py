@@ -43,7 +43,7 @@ class Scheduler:
         self._closed = False
         self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
         self._awaited: Counter[str] = Counter()  # per model, the loads waiting for it to go idle
-        self._exits = ExitWatch(self._on_exit)
+        self._exits = ExitWatch(lambda runner: self._on_death(runner, WorkerDied(runner.worker.exit_reason())))
         self._unattributed = UnattributedLock()
         self.spare = WarmSpare(config, workers, self, self._unattributed)
 
@@ -325,9 +325,6 @@ class Scheduler:
             del self._runners[runner.name]
             self._retire(runner, ModelNotLoaded(f"{runner.name} expired"))
         self._stop(runner)
-
-    def _on_exit(self, runner: Runner) -> None:
-        self._on_death(runner, WorkerDied(runner.worker.exit_reason()))
 
     def _on_death(self, runner: Runner, error: WorkerDied) -> None:
         """A worker ended by itself: its memory is verified back, and queued requests get a reload at once."""
