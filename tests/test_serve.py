@@ -17,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from vlmux.serve.service import exit_reason
 from vlmux.testing.processes import process_gone
 from vlmux.testing.server import served
 
@@ -246,3 +247,12 @@ def test_the_favicon_is_served_without_the_key_and_is_an_icon(server):
     answer = httpx.get(server[1] + "/favicon.ico", timeout=30)
     assert answer.status_code == 200 and answer.headers["content-type"] == "image/x-icon"
     assert Image.open(io.BytesIO(answer.content)).format == "ICO"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("worker 7 was killed by SIGKILL (the kernel's out-of-memory killer sends SIGKILL: check host RAM)", "SIGKILL"),
+    ("worker 7 exited with code 3", "exit_3"), ("worker 7 stopped answering for 30 s and was killed", "hang"),
+    ("worker 7 took longer than 60 s and was killed", "timeout"),
+    ("worker 7 ended; how is unknown (the fork server that started it is gone)", "unknown")])
+def test_a_worker_exit_is_labelled_by_a_short_reason(text, reason):
+    assert exit_reason(text) == reason

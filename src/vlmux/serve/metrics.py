@@ -31,7 +31,7 @@ class Metrics:
         self.switch = Histogram("vlmux_switch_seconds", "Seconds a request waited for its model to load on demand",
                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.worker_exits = Counter("vlmux_worker_exits", "Workers that ended by themselves (killed, crashed, hung), "
-                                    "by model and reason (SIGKILL, exit_N, hang, unknown)", ["model", "reason"],
+                                    "by model and reason (SIGKILL, exit_N, hang, timeout, unknown)", ["model", "reason"],
                                     registry=r)
         self._seen: set[str] = set()
         self._on_host: set[str] = set()  # models whose worker ran on the CPU: their memory is host memory

@@ -290,12 +290,14 @@ class Service:
 
 
 def exit_reason(text: str) -> str:
-    """The `reason` label of vlmux_worker_exits_total from WorkerDied's text: SIGKILL, exit_1, hang or unknown."""
+    """The `reason` label of vlmux_worker_exits_total from WorkerDied's text: SIGKILL, exit_1, hang, timeout or unknown."""
     if match := re.search(r"killed by (SIG[A-Z0-9]+)", text):
         return match.group(1)
     if match := re.search(r"exited with code (-?\d+)", text):
         return f"exit_{match.group(1)}"
-    return "hang" if "stopped answering" in text or "heartbeat" in text else "unknown"
+    if "took longer than" in text:
+        return "timeout"
+    return "hang" if "stopped answering" in text else "unknown"
 
 
 def _host(pid: int) -> int:
