@@ -169,8 +169,6 @@ def test_demo_runs_two_models_and_reports_release(tmp_path):
     assert len(models) == 2
     assert all(row["caption"] for row in rows)
     assert run.stdout.count("released") + run.stdout.count("release verified") == 2
-    assert "checked against the caption its picture was drawn from (right" in run.stdout  # what "(right)" means
-    assert sorted(p.name for p in (tmp_path / "demo").iterdir()) == ["captions.jsonl", "images", "models"]  # no lock file
 
 
 def test_a_truncated_checkpoint_is_named_with_what_to_do_and_no_traceback(tiny_qwen, image_dir, tmp_path):

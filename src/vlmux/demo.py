@@ -8,7 +8,6 @@ from importlib import resources
 from pathlib import Path
 
 from vlmux.caption.job import CaptionJob, run_job, summary_line
-from vlmux.caption.locks import OutputLock
 from vlmux.caption.sinks import JsonlSink
 from vlmux.caption.sources import collect_images
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
@@ -45,8 +44,7 @@ def run_demo(out: Path, device: str = "auto") -> int:
     print(f"models: {SHAPES} (bundled, trained on the shapes grammar) and {tiny} (random weights: its captions are noise)")
 
     results = out / "captions.jsonl"
-    folder_lock = OutputLock(out, "demo")  # one demo per folder, locked from the temporary folder: no lock file left here
-    sink = JsonlSink(results, lock=False)
+    sink = JsonlSink(results)
     refs = collect_images([str(images)])
     job = CaptionJob(refs, models, GenerationSpec("Describe the image.", max_new_tokens=16), [sink], batch_size=4,
                      overwrite=True)
@@ -54,9 +52,7 @@ def run_demo(out: Path, device: str = "auto") -> int:
         reports = run_job(job, PoolConfig(max_batch_size=4))
     finally:
         sink.close()
-        folder_lock.release()
     records = [json.loads(line) for line in results.read_text().splitlines()]
-    print("shapes' captions, each checked against the caption its picture was drawn from (right, or what was drawn):")
     for record in sorted(records, key=lambda r: (r["model"] != SHAPES, r["file"])):
         if record["model"] == SHAPES:
             want = expected.get(Path(record["file"]).name)
