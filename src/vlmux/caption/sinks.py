@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import re
 import secrets
 import sys
 from dataclasses import asdict, dataclass
@@ -26,23 +25,6 @@ class Record:
     caption: str | None
     error: str | None
     note: str | None = None  # e.g. a strip padded to an aspect ratio processors take; JSONL lines carry it when set
-
-    def __post_init__(self) -> None:  # every sink gets the same caption: no control characters but \t \n \r
-        if self.caption is not None and CONTROL.search(self.caption):
-            object.__setattr__(self, "caption", CONTROL.sub("", self.caption))
-
-
-CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls and DEL, keeping \t \n \r
-
-
-def read_text(path: Path) -> str:
-    """A file's text exactly as written: no newline translation (a \r inside a caption stays a \r)."""
-    return path.read_bytes().decode("utf-8")
-
-
-def json_lines(path: Path) -> list[dict]:
-    """The objects of a JSONL file; lines end at \n only (str.splitlines would also cut at U+2028 and \x85)."""
-    return [json.loads(line) for line in read_text(path).split("\n") if line.strip()]
 
 
 class Sink(Protocol):
@@ -77,7 +59,8 @@ class JsonlSink:
     def records(self) -> list[Record]:
         if not self.path.exists():
             return []
-        return [Record(**fields) for fields in json_lines(self.path)]
+        lines = self.path.read_text(encoding="utf-8").splitlines()
+        return [Record(**json.loads(line)) for line in lines if line.strip()]
 
     def done(self, ref: ImageRef, model: str) -> bool:
         return (ref.key, model) in self._done
@@ -177,7 +160,7 @@ class SidecarSink:
         path = self.path_for(ref, model)
         if not path.exists():
             return None
-        return Record(ref.key, model, read_text(path).removesuffix("\n"), None)
+        return Record(ref.key, model, path.read_text(encoding="utf-8").removesuffix("\n"), None)
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         for ref, record in pairs:

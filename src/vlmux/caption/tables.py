@@ -14,10 +14,10 @@ from pathlib import Path
 
 from vlmux.caption.identity import model_tag, model_tags
 from vlmux.caption.locks import OutputLock
-from vlmux.caption.sinks import JsonlSink, Record, atomic_write, json_lines, read_text
+from vlmux.caption.sinks import JsonlSink, Record, atomic_write
 from vlmux.caption.sources import ImageRef, UsageError
 
-LONG_COLUMNS = ("file", "model", "caption", "error", "note")
+LONG_COLUMNS = ("file", "model", "caption", "error")
 
 
 class TableSink:
@@ -31,10 +31,8 @@ class TableSink:
             for record in self._read():
                 self._rows[(record.file, record.model)] = record
         self._journal = JsonlSink(path.with_name(f".{path.name}.journal.jsonl"), lock=False)
-        journal = self._journal.records()
-        for record in journal:
+        for record in self._journal.records():
             self._rows[(record.file, record.model)] = record
-        self._changed = bool(journal) or not path.exists()  # a rerun with nothing to do leaves the table alone
 
     def key(self, ref: ImageRef) -> str:
         return ref.key
@@ -49,26 +47,20 @@ class TableSink:
         return None  # a row holds any result
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
-        keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error, record.note))
-                 for ref, record in pairs]
+        keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error)) for ref, record in pairs]
         self._journal.write(keyed)
         for _, record in keyed:
             self._rows[(record.file, record.model)] = record
-        self._changed = self._changed or bool(keyed)
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
         self._journal.forget(keys)
         for key in keys:
-            self._changed = self._rows.pop(key, None) is not None or self._changed
+            self._rows.pop(key, None)
 
     def flush(self) -> None:
-        """Rewrite the table atomically from everything held, then drop the journal it now contains; nothing
-        changed: nothing written."""
-        if not self._changed:
-            return
+        """Rewrite the table atomically from everything held, then drop the journal it now contains."""
         atomic_write(self.path, self._encode(list(self._rows.values())))
         self._journal.clear()
-        self._changed = False
 
     def close(self) -> None:
         self.flush()
@@ -84,9 +76,8 @@ class TableSink:
 
             rows = pq.read_table(self.path).to_pylist()
         else:
-            rows = list(csv.DictReader(io.StringIO(read_text(self.path), newline="")))
-        return [Record(row["file"], row["model"], _none(row.get("caption")), _none(row.get("error")),
-                       _none(row.get("note"))) for row in rows]
+            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
+        return [Record(row["file"], row["model"], _none(row.get("caption")), _none(row.get("error"))) for row in rows]
 
     def _encode(self, records: list[Record]) -> bytes:
         rows = [asdict(record) for record in records]
@@ -127,9 +118,9 @@ class MetadataSink(TableSink):
 
     def _read(self) -> list[Record]:
         if self.path.suffix == ".jsonl":
-            rows = json_lines(self.path)
+            rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
         else:
-            rows = list(csv.DictReader(io.StringIO(read_text(self.path), newline="")))
+            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
         # The wide layout keeps only the model's tag; a rerun with the same -m maps back to it by tag.
         return [Record(row["file_name"], column, _none(value), None)
                 for row in rows for column, value in row.items() if column != "file_name"]
