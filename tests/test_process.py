@@ -12,7 +12,6 @@ import pytest
 
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import WorkerDied
-from vlmux.pool.forks import ForkServer
 from vlmux.pool.process import WorkerProcess
 from vlmux.protocol import Caption, Captions, Load, Loaded
 from vlmux.testing.processes import process_gone
@@ -215,15 +214,3 @@ def test_an_unpicklable_request_fails_at_once_and_the_worker_serves_the_next(tin
         assert worker.alive
     finally:
         worker.stop(5, NoRelease())
-
-
-def test_a_fork_server_that_cannot_start_fails_the_next_workers_at_once(monkeypatch):
-    """Each start imports torch (seconds); one that fails (an import error) must not be paid again for every worker
-    of a burst of loads: the next forks fail at once with the same message."""
-    server = ForkServer()
-    monkeypatch.setattr(sys, "executable", "/bin/false")  # a server that exits with code 1 as it starts
-    with pytest.raises(RuntimeError, match="exited with code 1 before forking"):
-        server.fork()
-    monkeypatch.setattr(subprocess, "Popen", lambda *args, **kwargs: pytest.fail("the server was started again"))
-    with pytest.raises(RuntimeError, match="exited with code 1 before forking .* not started again for 30 s"):
-        server.fork()

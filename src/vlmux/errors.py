@@ -5,6 +5,11 @@ class ModelLoadError(RuntimeError):
     """The worker could not load the model; the message carries the worker's reason."""
 
 
+class WorkerStartError(ModelLoadError):
+    """No worker process could start (vlmux's fork server failed as it started, or could not fork); the message
+    quotes the fork server's own error."""
+
+
 class PoolFull(RuntimeError):
     """The model does not fit the VRAM budget even after evicting every idle model."""
 

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
-from vlmux.errors import WorkerDied
+from vlmux.errors import WorkerDied, WorkerStartError
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
 from vlmux.pool.workers import ReleaseCheck
@@ -347,7 +347,10 @@ class Spawner:
             with self._lock:
                 if self._spare is not None or not self._keep_spare:
                     return
-            worker = WorkerProcess(self._hang_timeout)
+            try:
+                worker = WorkerProcess(self._hang_timeout)
+            except WorkerStartError:  # the load that takes no spare starts its own worker and reports why it can't
+                return
             with self._lock:
                 if self._spare is None and self._keep_spare:
                     self._spare, worker = worker, None

@@ -13,7 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmux.config import ModelSpec, PoolConfig
-from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied, WorkerStartError
 from vlmux.hub import resolve_model
 from vlmux.pool import vram
 from vlmux.pool.budget import parse_budget
@@ -42,7 +42,7 @@ class Scheduler:
         self._closed = False
         self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
         self._awaited: Counter[str] = Counter()  # per model, the loads waiting for it to go idle
-        self._exits = ExitWatch(self._on_exit)
+        self._exits = ExitWatch(lambda runner: self._on_death(runner, WorkerDied(runner.worker.exit_reason())))
         self._unattributed = UnattributedLock()
         self.spare = WarmSpare(config, workers, self, self._unattributed)
 
@@ -128,23 +128,23 @@ class Scheduler:
         budget = placement.charges[0] - need.weights - need.context if len(placement.gpus) == 1 else None
         request = Load(replace(runner.spec, device=placement.device, max_memory=placement.max_memory), str(runner.path),
                        placement.env, budget, self.config.max_batch_size, tokens)
-        reply, release = None, None
+        reply, release, failure = None, None, None
         for _ in range(2):
             with self._lock:
                 if runner.state is State.STOPPING:
                     break
             cold = self.workers.warm_for() != placement.env
-            worker = self.workers.take(placement.env)
-            with self._lock:
-                runner.worker = worker
             try:
+                worker = self.workers.take(placement.env)
+                with self._lock:
+                    runner.worker = worker
                 with self._unattributed.held(placement.gpus if cold else ()):  # a new context's share
                     reply, release = worker.call(request), None
                 break
             except WorkerDied as e:
                 reply, release = Failed("load", str(e)), worker.stop(0, self._check(runner))
-            except Exception as e:  # noqa: BLE001 - a request the worker could not take: the load fails cleanly
-                reply, release = Failed("load", f"{type(e).__name__}: {e}"), None
+            except Exception as e:  # noqa: BLE001 - no worker could start, or it could not take the request
+                reply, release, failure = Failed("load", f"{type(e).__name__}: {e}"), None, e
                 break
         with self._lock:
             cancelled = runner.state is State.STOPPING
@@ -159,7 +159,8 @@ class Scheduler:
                 runner.load_error = PoolClosed("the pool was closed") if self._closed else ModelNotLoaded(
                     f"{runner.name} was unloaded while it loaded")
             else:
-                runner.load_error = ModelLoadError(f"could not load {runner.spec.model}: {reply.message}")
+                runner.load_error = failure if isinstance(failure, WorkerStartError) else ModelLoadError(
+                    f"could not load {runner.spec.model}: {reply.message}")  # no worker to load into: a 503
                 if self._runners.get(runner.name) is runner:
                     del self._runners[runner.name]
                 runner.state = State.DEAD
@@ -324,9 +325,6 @@ class Scheduler:
             del self._runners[runner.name]
             self._retire(runner, ModelNotLoaded(f"{runner.name} expired"))
         self._stop(runner)
-
-    def _on_exit(self, runner: Runner) -> None:
-        self._on_death(runner, WorkerDied(runner.worker.exit_reason()))
 
     def _on_death(self, runner: Runner, error: WorkerDied) -> None:
         """A worker ended by itself: its memory is verified back, and queued requests get a reload at once."""

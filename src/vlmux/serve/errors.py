@@ -2,7 +2,8 @@
 the pool's exceptions mapped onto them."""
 from __future__ import annotations
 
-from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed, WorkerDied
+from vlmux.errors import (ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed, WorkerDied,
+                          WorkerStartError)
 from vlmux.hub import ModelNotFound
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
@@ -29,6 +30,8 @@ def from_pool(error: BaseException, model: str) -> ApiError:
         return ApiError(503, f"{model} cannot fit now: {error}", "cannot_fit")
     if isinstance(error, PoolClosed):
         return ApiError(503, "the server is shutting down", "shutting_down")
+    if isinstance(error, WorkerStartError):
+        return ApiError(503, f"{error}; the server's log has the whole error", "worker_start_failed")
     if isinstance(error, ModelLoadError):
         return ApiError(500, str(error), "model_load_failed")
     if isinstance(error, WorkerDied):
