@@ -35,6 +35,7 @@ class ForkServer:
         self._process: subprocess.Popen | None = None
         self._control: socket.socket | None = None
         self._started = False  # whether the running server reported its imports done
+        self._import_span: tuple[float, float] | None = None  # the last start: from Popen to its report (monotonic)
         self._failed: tuple[float, str] | None = None  # when starting it last failed, and how
 
     def ensure_running(self) -> None:
@@ -84,6 +85,7 @@ class ForkServer:
             return f"the vlmux fork server exited with code {self._stop()} as it started (see its error above)"
         if not traceback:
             self._started = True
+            self._import_span = (self._started_at, time.monotonic())
             return None
         self._stop()
         print(f"vlmux: the fork server that starts the workers failed as it started:\n{traceback}", end="",
@@ -96,12 +98,18 @@ class ForkServer:
         if self._control is not None:
             self._control.close()
         self._control, theirs = socket.socketpair()
-        self._started = False
+        self._started, self._started_at = False, time.monotonic()
         self._process = subprocess.Popen(
             [sys.executable, *SERVER_COMMAND, str(theirs.fileno()), str(os.getpid())],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, env=_server_env(),
         )
         theirs.close()
+
+    def import_wait(self, start: float, end: float) -> float:
+        """Seconds of [start, end] (time.monotonic()) during which the server was still importing, for a report that
+        tells a load's wait for the server apart from the load itself."""
+        span = self._import_span
+        return 0.0 if span is None else max(0.0, min(end, span[1]) - max(start, span[0]))
 
     def stop(self) -> None:
         with self._lock:
