@@ -51,11 +51,15 @@ def _review(args: argparse.Namespace) -> int:
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(128)  # connections wait in the backlog from now on, so the printed address answers at once
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if family == socket.AF_INET6 else host}:{port}"
         progress = session.progress()
         print(f"vlmux review: listening on {url} ({progress['total']} images, {len(session.models)} models, "
               f"{progress['reviewed']} reviewed)", flush=True)
+        if session.items and session.image_path(0) is None:
+            print(f"vlmux review: warning: {session.items[0].key} is not under {session.images}; pictures show only "
+                  f"with --images ROOT, the folder `vlmux caption` was given", file=sys.stderr)
         if args.host not in ("127.0.0.1", "::1", "localhost"):
             print(f"vlmux review: warning: listening on {args.host}: anyone who reaches it can change the review",
                   file=sys.stderr)

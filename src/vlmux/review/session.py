@@ -8,6 +8,7 @@ import time
 from collections import OrderedDict
 from pathlib import Path
 
+from vlmux.caption.identity import model_tags
 from vlmux.caption.locks import OutputLock
 from vlmux.images import is_image_path
 from vlmux.review.compare import disagreement, marked
@@ -34,6 +35,7 @@ class ReviewSession:
             raise
         self.images = (images or (output if output.is_dir() else output.parent)).absolute()
         self.models = list(dict.fromkeys(c.model for item in self.items[:1] for c in item.candidates))
+        self.tags = model_tags(self.models)  # short names for the page; the full name is its tooltip
         self._index = {item.key: index for index, item in enumerate(self.items)}
         self._scores: list[float] | None = None  # disagreement per item, computed on first use
         self._views: OrderedDict[tuple, list[int]] = OrderedDict()
@@ -137,7 +139,7 @@ class ReviewSession:
         decision = self.journal.decision(item.key)
         return {
             "index": index, "key": item.key, "disagreement": round(disagreement(item), 3),
-            "candidates": [{"model": c.model, "caption": c.caption, "error": c.error,
+            "candidates": [{"model": c.model, "tag": self.tags.get(c.model, c.model), "caption": c.caption, "error": c.error,
                             "length": None if c.caption is None else len(c.caption), "pieces": pieces}
                            for c, pieces in zip(item.candidates, marked(item))],
             "decision": None if decision is None else {"action": decision.action, "model": decision.model,
