@@ -1,7 +1,8 @@
 """The review page in headless Chromium (Debian's, through Playwright), over a real `vlmux caption` JSONL of two
 tiny models (the bundled shapes captioner and a tiny llava) on the shapes pictures: ten images reviewed by keyboard
-(choose, edit, reject, undo), filters and search, the server killed and restarted with every decision found, and
+(choose, edit, reject, undo, ask a served model for a third column), filters and search, the server killed and restarted with every decision found, and
 the export equal to the decisions. Screenshots are kept as artifacts (VLMUX_REVIEW_PNG copies one for the docs)."""
+import contextlib
 import json
 import os
 import re
@@ -16,13 +17,15 @@ import httpx
 
 from vlmux import shapes
 from vlmux.testing.cli import read_jsonl, run_caption
+from vlmux.testing.server import served
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 LISTENING = re.compile(r"listening on (http://\S+) ")
 
 
-def start_review(output: Path, images: Path, cache: Path) -> tuple[subprocess.Popen, str]:
-    process = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "review", str(output), "--images", str(images), "--port", "0"],
+def start_review(output: Path, images: Path, cache: Path, *more: str) -> tuple[subprocess.Popen, str]:
+    process = subprocess.Popen([sys.executable, "-m", "vlmux.cli", "review", str(output), "--images", str(images),
+                                "--port", "0", *more],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1", "XDG_CACHE_HOME": str(cache)})
     said = []
@@ -47,7 +50,9 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
     models = ["vlmux/shapes", str(tiny_llava)]
     captions = {(r["file"], r["model"]): r["caption"] for r in read_jsonl(output)}
     total = 13
-    server, url = start_review(output, images, tmp_path / "cache")
+    serving = contextlib.ExitStack()
+    _, served_url = serving.enter_context(served("--model", "shapes=vlmux/shapes", "--device", "cpu"))  # to ask
+    server, url = start_review(output, images, tmp_path / "cache", "--server", served_url)
     expected: dict[str, tuple] = {}  # key -> (action, model, text), as the journal must hold it
     try:
         with sync_playwright() as playwright:
@@ -102,7 +107,14 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
                 page.keyboard.press("j")  # image 6 skipped
                 reject(7)
                 choose(8, 1)
-                choose(9, 0)
+                key = at(9)
+                expect(page.locator("#ask-model option")).to_have_count(1)
+                page.keyboard.press("a")  # ask the served shapes model: a third column
+                asked = page.locator('.candidate[data-model="serve:shapes"] .caption')
+                expect(asked).to_have_count(1, timeout=120_000)
+                expected[key] = ("choose", "serve:shapes", asked.inner_text())
+                page.keyboard.press("3")
+                at(10)
                 page.keyboard.press("k")
                 page.keyboard.press("k")
                 assert at(8) in expected
@@ -112,6 +124,10 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
                 edit(10, "another edit")
                 assert len(expected) == 10
                 expect(page.locator("#progress")).to_contain_text(f"10 / {total} reviewed, 2 rejected")
+                page.keyboard.press("k")
+                page.keyboard.press("k")
+                at(9)  # the image with the asked column, its caption chosen: the docs' picture
+                expect(page.locator(".candidate.chosen")).to_have_count(1)
                 page.screenshot(path=str(tmp_path / "review.png"), full_page=True)
                 if os.environ.get("VLMUX_REVIEW_PNG"):  # refresh the docs' picture: VLMUX_REVIEW_PNG=docs/review.png
                     shutil.copy(tmp_path / "review.png", Path(os.environ["VLMUX_REVIEW_PNG"]))
@@ -136,7 +152,7 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
 
                 server.send_signal(signal.SIGKILL)  # no shutdown: only what was synced to disk survives
                 server.wait(30)
-                server, url = start_review(output, images, tmp_path / "cache")
+                server, url = start_review(output, images, tmp_path / "cache")  # without --server: the column stays
                 page.goto(url + "/")
                 expect(position).to_have_text(f"1 of {total}")
                 expect(page.locator("#progress")).to_contain_text(f"10 / {total} reviewed, 2 rejected")
@@ -157,6 +173,7 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
     finally:
         server.kill()
         server.wait(30)
+        serving.close()
     curated = tmp_path / "curated.jsonl"
     exported = subprocess.run([sys.executable, "-m", "vlmux.cli", "review", str(output), "--export", str(curated)],
                               capture_output=True, text=True, timeout=60)

@@ -10,6 +10,8 @@ from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
 
+from vlmux.review.ask import ASKED_PREFIX, AskError, Asker
+from vlmux.review.records import Candidate
 from vlmux.review.session import ReviewSession
 from vlmux.review.thumbs import Thumbnails
 from vlmux.serve.errors import ApiError
@@ -18,7 +20,8 @@ PAGE = files("vlmux.review").joinpath("static/review.html").read_text(encoding="
 MAX_BODY = 1 << 20  # a decision is a caption and a few names
 
 
-def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None) -> FastAPI:
+def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None, asker: Asker | None = None) -> FastAPI:
+    """`asker`: the served models' client for "ask another model" (--server), or None."""
     thumbnails = thumbnails or Thumbnails()
     app = FastAPI(title="vlmux review", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -43,7 +46,7 @@ def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None) -> 
              fresh: bool = False):
         try:
             return {**session.view(filter, order, q, offset, limit, fresh), "models": session.models,
-                    "output": str(session.output)}
+                    "output": str(session.output), "ask": asker is not None}
         except ValueError as e:
             raise ApiError(400, str(e), "invalid_request") from None
 
@@ -66,6 +69,29 @@ def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None) -> 
     def progress():
         return session.progress()
 
+    @app.get("/api/ask")
+    def served_models():
+        try:
+            return {"models": _asking(asker).models()}
+        except AskError as e:
+            raise ApiError(502, str(e), "server_unreachable") from None
+
+    @app.post("/api/ask")
+    def ask(body: dict):
+        key, model = body.get("key"), body.get("model")
+        if not isinstance(key, str) or not isinstance(model, str) or not model:
+            raise ApiError(400, 'the body needs {"key": IMAGE, "model": SERVED_MODEL}', "invalid_request")
+        served = _asking(asker)
+        try:
+            path = _picture(session, session.index_of(key))
+        except KeyError as e:
+            raise ApiError(404, e.args[0], "not_found", "key") from None
+        try:
+            caption = served.caption(path, model)
+        except AskError as e:  # the served model's refusal is the user's to read: passed on with its status
+            raise ApiError(e.status if 400 <= e.status < 600 else 502, str(e), "ask_failed") from None
+        return session.add_candidate(key, Candidate(ASKED_PREFIX + model, caption or None, None if caption else "an empty answer"))
+
     @app.get("/thumb/{index}")
     def thumb(index: int):
         path = _picture(session, index)
@@ -87,6 +113,12 @@ def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None) -> 
         return await call_next(request)
 
     return app
+
+
+def _asking(asker: Asker | None) -> Asker:
+    if asker is None:
+        raise ApiError(404, "no server to ask: start `vlmux review` with --server URL of a running `vlmux serve`", "not_found")
+    return asker
 
 
 def _picture(session: ReviewSession, index: int):

@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import socket
 import sys
 from pathlib import Path
+
+from vlmux.config import DEFAULT_PROMPT
 
 
 def add_command(commands) -> None:
@@ -22,6 +25,11 @@ def add_command(commands) -> None:
     review.add_argument("--export", type=Path, metavar="FILE",
                         help="write the curated set instead of serving: .jsonl, .csv, .parquet, metadata.jsonl or metadata.csv")
     review.add_argument("--sidecar", metavar="EXT", help="write the curated set as IMAGE.EXT beside each image instead of serving")
+    review.add_argument("--server", metavar="URL", help="a running `vlmux serve` (or any OpenAI-compatible server) whose "
+                        "models the page may ask for one more caption of an image")
+    review.add_argument("--api-key", default=os.environ.get("VLMUX_API_KEY"), help="the --server's key")
+    review.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"what the --server's model is asked (default: {DEFAULT_PROMPT!r})")
+    review.add_argument("--max-tokens", type=int, default=64, help="the longest answer asked of the --server, in tokens")
     review.set_defaults(run=_review)
 
 
@@ -45,6 +53,14 @@ def _review(args: argparse.Namespace) -> int:
     from vlmux.review.app import create_app
     from vlmux.review.session import ReviewSession
 
+    asker = None
+    if args.server is not None:
+        from vlmux.review.ask import Asker
+
+        if not args.server.startswith(("http://", "https://")) or args.max_tokens < 1:
+            raise UsageError(f"--server takes an http(s) URL such as http://127.0.0.1:8000 (not {args.server!r}), "
+                             f"--max-tokens a number of at least 1")
+        asker = Asker(args.server, args.api_key, args.prompt, args.max_tokens)
     session = ReviewSession(args.output, args.images)  # OutputBusy (exit 2) when a review or a job holds it
     try:
         family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
@@ -67,7 +83,7 @@ def _review(args: argparse.Namespace) -> int:
             import webbrowser
 
             webbrowser.open(url)
-        uvicorn.Server(uvicorn.Config(create_app(session), log_level="warning")).run(sockets=[sock])
+        uvicorn.Server(uvicorn.Config(create_app(session, asker=asker), log_level="warning")).run(sockets=[sock])
     finally:
         session.close()
     return 0

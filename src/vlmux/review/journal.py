@@ -29,6 +29,11 @@ def journal_path(output: Path) -> Path:
     return output / ".vlmux-review.jsonl" if output.is_dir() else output.with_name(f".{output.name}.review.jsonl")
 
 
+def asked_path(output: Path) -> Path:
+    """Where the answers of "ask another model" are kept (caption's JSONL records), beside the journal."""
+    return output / ".vlmux-review-asked.jsonl" if output.is_dir() else output.with_name(f".{output.name}.review-asked.jsonl")
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = path

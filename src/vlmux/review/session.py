@@ -12,8 +12,10 @@ from vlmux.caption.identity import model_tags
 from vlmux.caption.locks import OutputLock
 from vlmux.images import is_image_path
 from vlmux.review.compare import disagreement, marked
-from vlmux.review.journal import Decision, Journal, journal_path
-from vlmux.review.records import Item, read_output
+from vlmux.caption.sinks import JsonlSink, Record
+from vlmux.caption.sources import ImageRef
+from vlmux.review.journal import Decision, Journal, asked_path, journal_path
+from vlmux.review.records import Candidate, Item, read_output
 
 FILTERS = ("all", "unreviewed", "reviewed", "rejected", "errors")
 ORDERS = ("file", "disagreement")
@@ -40,6 +42,12 @@ class ReviewSession:
         self._scores: list[float] | None = None  # disagreement per item, computed on first use
         self._views: OrderedDict[tuple, list[int]] = OrderedDict()
         self._mutex = threading.Lock()
+        self._asked: JsonlSink | None = None  # answers of "ask another model", opened at the first
+        if asked_path(output).exists():
+            self._asked = JsonlSink(asked_path(output), lock=False)
+            for record in self._asked.records():
+                if record.file in self._index:
+                    self._merge(self._index[record.file], Candidate(record.model, record.caption, record.error))
 
     # -- reading ----------------------------------------------------------------------------------------------
 
@@ -68,6 +76,11 @@ class ReviewSession:
         with self._mutex:
             return self._progress()
 
+    def index_of(self, key: str) -> int:
+        if key not in self._index:
+            raise KeyError(f"no image {key!r} in {self.output}")
+        return self._index[key]
+
     def image_path(self, index: int) -> Path | None:
         """The picture of item `index`, when it is an image file inside the images' folder."""
         if not 0 <= index < len(self.items):
@@ -82,9 +95,7 @@ class ReviewSession:
     def decide(self, key: str, action: str, model: str | None = None, text: str | None = None) -> dict:
         """Record a decision (on disk before this returns); KeyError for an unknown image, ValueError for a bad one."""
         with self._mutex:
-            index = self._index.get(key)
-            if index is None:
-                raise KeyError(f"no image {key!r} in {self.output}")
+            index = self.index_of(key)
             item = self.items[index]
             if action == "choose":
                 found = [c for c in item.candidates if c.model == model and c.caption is not None]
@@ -107,9 +118,33 @@ class ReviewSession:
             index = None if undone is None else self._index.get(undone.key)
             return {"item": None if index is None else self._describe(index), "progress": self._progress()}
 
+    def add_candidate(self, key: str, candidate: Candidate) -> dict:
+        """One more caption for an image (asked of a served model), on disk before this returns; KeyError for an
+        unknown image."""
+        with self._mutex:
+            index = self.index_of(key)
+            if self._asked is None:
+                self._asked = JsonlSink(asked_path(self.output), lock=False)
+            record = Record(key, candidate.model, candidate.caption, candidate.error)
+            self._asked.write([(ImageRef(None, self.images, key), record)])
+            self._merge(index, candidate)
+            return {"item": self._describe(index), "progress": self._progress()}
+
     def close(self) -> None:
+        if self._asked is not None:
+            self._asked.close()
         self.journal.close()
         self._lock.release()
+
+    def _merge(self, index: int, candidate: Candidate) -> None:
+        item = self.items[index]
+        others = tuple(c for c in item.candidates if c.model != candidate.model)
+        self.items[index] = Item(item.key, (*others, candidate))
+        if self._scores is not None:
+            self._scores[index] = disagreement(self.items[index])
+        if candidate.model not in self.models:
+            self.models.append(candidate.model)
+            self.tags = model_tags(self.models)
 
     # -- inside -----------------------------------------------------------------------------------------------
 
