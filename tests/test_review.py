@@ -174,7 +174,11 @@ def test_the_export_holds_exactly_the_decisions_in_every_format(tmp_path, shots,
     session.decide(keys[3], "choose", MODELS[0])  # keys[4:] not reviewed
     expected = {keys[0]: session.items[0].candidates[1].caption, keys[1]: 'edited, with a comma and "quotes"',
                 keys[3]: session.items[3].candidates[0].caption}
+    with open(journal_path(output), "a") as journal:
+        journal.write('{"key": "in fli')  # a decision being written as the export reads
+    before = journal_path(output).read_bytes()
     done = export_review(output, tmp_path / "images", tmp_path / name)  # while the review is open
+    assert journal_path(output).read_bytes() == before  # the server's file: read, never cut
     session.close()
     assert (done.written, done.rejected, done.undecided) == (3, 1, len(keys) - 4)
     items = read_output(tmp_path / name)
@@ -222,6 +226,10 @@ def test_the_app_answers_with_openai_error_bodies_and_serves_only_the_pictures_o
         assert len(list((tmp_path / "thumbs").iterdir())) == 1
         assert httpx.get(f"{url}/thumb/{ordinary}").content == thumb.content
         assert httpx.get(f"{url}/image/{ordinary}").status_code == 200
+        broken = next(i for i in view["items"] if i["key"] == shots[1][0].name)["index"]
+        (tmp_path / "images" / shots[1][0].name).write_bytes(b"not a picture")
+        refused = httpx.get(f"{url}/thumb/{broken}")
+        assert refused.status_code == 422 and "cannot read the picture" in refused.json()["error"]["message"]
         for body, status, said in (({"key": "nope.png", "action": "reject"}, 404, "no image"),
                                    ({"key": view["items"][0]["key"], "action": "choose", "model": "zzz"}, 400, "no caption"),
                                    ({"key": view["items"][0]["key"], "action": "edit", "text": " "}, 400, "needs some text"),

@@ -34,7 +34,7 @@ def export_review(output: Path, images: Path | None, to: Path | None = None, sid
         if to.exists() or to.absolute() == output.absolute():
             raise UsageError(f"{to}: exists; the export writes a new file: remove it or choose another name")
     items = read_output(output)
-    journal = Journal(journal_path(output))
+    journal = Journal(journal_path(output), writable=False)
     decided = journal.decided()
     root = (images or (output if output.is_dir() else output.parent)).absolute()
     pairs, rejected, missing = [], 0, 0

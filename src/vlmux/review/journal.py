@@ -35,8 +35,11 @@ def asked_path(output: Path) -> Path:
 
 
 class Journal:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, writable: bool = True) -> None:
+        """`writable` False: only read (an export while a server appends): a partial last line is skipped, not cut
+        from the file, which is the server's to append to."""
         self.path = path
+        self.writable = writable
         self._history: dict[str, list[Decision]] = {}  # per image, its decisions in order; the last one holds
         self._stack: list[str] = []  # the images of all decisions in order, for undo
         self.times: list[float] = []  # when each standing decision was made, for the reviewer's rate
@@ -48,7 +51,8 @@ class Journal:
         data = self.path.read_bytes()
         if data and not data.endswith(b"\n"):  # a kill mid-write leaves a partial last line: drop it
             data = data[: data.rfind(b"\n") + 1]
-            atomic_write(self.path, data)
+            if self.writable:
+                atomic_write(self.path, data)
         for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
             if not line.strip():
                 continue
@@ -86,6 +90,8 @@ class Journal:
                 self._file.close()
 
     def _append(self, entry: dict) -> None:
+        if not self.writable:
+            raise RuntimeError(f"{self.path} was opened to read only")
         if self._file is None:
             self._file = open(self.path, "a", encoding="utf-8")
         self._file.write(json.dumps(entry, ensure_ascii=False) + "\n")

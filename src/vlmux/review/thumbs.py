@@ -3,10 +3,12 @@ path, size and modification time (an image replaced on disk gets a new thumbnail
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 from pathlib import Path
 
 from vlmux.caption.sinks import atomic_write
+from vlmux.images import load_image
 
 THUMB_SIDE = 320
 
@@ -22,7 +24,7 @@ class Thumbnails:
         self.side = side
 
     def get(self, image: Path) -> bytes:
-        """The JPEG thumbnail of `image`, from the cache or made now; OSError/ValueError when PIL cannot read it."""
+        """The JPEG thumbnail of `image`, from the cache or made now; ImageError (a ValueError) for what is no picture."""
         stat = image.stat()
         name = hashlib.sha256(f"{image}\0{stat.st_size}\0{stat.st_mtime_ns}\0{self.side}".encode()).hexdigest()[:32]
         cached = self.folder / f"{name}.jpg"
@@ -36,14 +38,8 @@ class Thumbnails:
         return data
 
     def _make(self, image: Path) -> bytes:
-        import io
-
-        from PIL import Image, ImageOps
-
-        with Image.open(image) as picture:
-            picture.draft("RGB", (self.side, self.side))  # a JPEG decodes at a reduced size: fast for large photos
-            small = ImageOps.exif_transpose(picture).convert("RGB")
-            small.thumbnail((self.side, self.side))
+        small = load_image(str(image), draft=(self.side, self.side))  # the caption job's decoder: bombs refused
+        small.thumbnail((self.side, self.side))
         buffer = io.BytesIO()
         small.save(buffer, format="JPEG", quality=85)
         return buffer.getvalue()
