@@ -16,7 +16,7 @@ from vlmux.caption.sinks import Record, SidecarSink
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.review.app import create_app
 from vlmux.review.export import export_review
-from vlmux.review.journal import Journal, journal_path
+from vlmux.review.journal import journal_path
 from vlmux.review.records import read_output
 from vlmux.review.session import ReviewSession
 from vlmux.review.thumbs import Thumbnails
@@ -255,33 +255,3 @@ def test_the_command_refuses_a_second_server_and_exports(tmp_path, shots):
     assert "1 captions written" in done.stdout and "1 rejected" in done.stdout
     assert [json.loads(line)["file"] for line in (tmp_path / "c.jsonl").read_text().splitlines()] == [session.items[1].key]
 
-
-def test_asking_a_served_model_adds_a_column_that_persists_and_can_be_chosen(tmp_path, shots):
-    from vlmux.review.ask import Asker
-    from vlmux.testing.server import served
-
-    output = write_output(tmp_path / "out.jsonl", results(shots))
-    key = shots[0][0].name
-    with served("--model", "shapes=vlmux/shapes", "--device", "cpu", "--api-key", "k") as (_, served_url):
-        session = ReviewSession(output, tmp_path / "images")
-        with in_thread(create_app(session, Thumbnails(tmp_path / "thumbs"), Asker(served_url, "k"))) as url:
-            assert httpx.get(url + "/api/view").json()["ask"] is True
-            assert httpx.get(url + "/api/ask").json() == {"models": ["shapes"]}
-            answer = httpx.post(url + "/api/ask", json={"key": key, "model": "shapes"}, timeout=300)
-            assert answer.status_code == 200, answer.text
-            asked = answer.json()["item"]["candidates"][-1]
-            assert asked["model"] == "serve:shapes" and asked["error"] is None
-            assert asked["caption"] and set(asked["caption"].split()) <= set(shapes.WORDS)  # the shapes grammar
-            refused = httpx.post(url + "/api/ask", json={"key": key, "model": "nobody"}, timeout=60)
-            assert refused.status_code == 404 and "nobody" in refused.json()["error"]["message"]
-            chosen = httpx.post(url + "/api/decide", json={"key": key, "action": "choose", "model": "serve:shapes"})
-            assert chosen.json()["item"]["decision"]["text"] == asked["caption"]
-        session.close()
-    again = ReviewSession(output, tmp_path / "images")  # the asked caption is kept beside the journal
-    assert again.items[again.index_of(key)].candidates[-1].caption == asked["caption"]
-    again.close()
-    alone = ReviewSession(output, tmp_path / "images")
-    with in_thread(create_app(alone, Thumbnails(tmp_path / "thumbs"))) as url:
-        refused = httpx.post(url + "/api/ask", json={"key": key, "model": "shapes"})
-        assert refused.status_code == 404 and "--server" in refused.json()["error"]["message"]
-    alone.close()

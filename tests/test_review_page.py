@@ -113,6 +113,10 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
                 asked = page.locator('.candidate[data-model="serve:shapes"] .caption')
                 expect(asked).to_have_count(1, timeout=120_000)
                 expected[key] = ("choose", "serve:shapes", asked.inner_text())
+                assert set(asked.inner_text().split()) <= set(shapes.WORDS)  # the shapes grammar, from the server
+                assert httpx.get(url + "/api/ask").json() == {"models": ["shapes"]}
+                refused = httpx.post(url + "/api/ask", json={"key": key, "model": "nobody"}, timeout=60)
+                assert refused.status_code == 404 and "nobody" in refused.json()["error"]["message"]  # the server's
                 page.keyboard.press("3")
                 at(10)
                 page.keyboard.press("k")
@@ -165,6 +169,8 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
                     expect(status).to_have_text(shown)
                     page.keyboard.press("j")
                 assert not page.locator("#error").inner_text()
+                alone = httpx.post(url + "/api/ask", json={"key": first, "model": "shapes"})
+                assert alone.status_code == 404 and "--server" in alone.json()["error"]["message"]
             finally:
                 browser.close()
         items = httpx.get(url + "/api/view", params={"limit": 100}).json()["items"]

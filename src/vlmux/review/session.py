@@ -10,10 +10,10 @@ from pathlib import Path
 
 from vlmux.caption.identity import model_tags
 from vlmux.caption.locks import OutputLock
-from vlmux.images import is_image_path
-from vlmux.review.compare import disagreement, marked
 from vlmux.caption.sinks import JsonlSink, Record
 from vlmux.caption.sources import ImageRef
+from vlmux.images import is_image_path
+from vlmux.review.compare import disagreement, marked
 from vlmux.review.journal import Decision, Journal, asked_path, journal_path
 from vlmux.review.records import Candidate, Item, read_output
 
@@ -30,11 +30,14 @@ class ReviewSession:
         self.output = output
         self._lock = OutputLock(output, "review") if output.is_dir() else OutputLock(output)
         try:
-            self.items: list[Item] = read_output(output)
-            self.journal = Journal(journal_path(output))
+            self._open(output, images)
         except BaseException:
             self._lock.release()
             raise
+
+    def _open(self, output: Path, images: Path | None) -> None:
+        self.items: list[Item] = read_output(output)
+        self.journal = Journal(journal_path(output))
         self.images = (images or (output if output.is_dir() else output.parent)).absolute()
         self.models = list(dict.fromkeys(c.model for item in self.items[:1] for c in item.candidates))
         self.tags = model_tags(self.models)  # short names for the page; the full name is its tooltip
