@@ -122,7 +122,9 @@ def test_decisions_survive_a_kill_undo_included_and_a_partial_last_line_is_dropp
     assert {k: (d.action, d.model, d.text) for k, d in decided.items()} == {
         a: ("choose", MODELS[1], session.items[0].candidates[1].caption),
         b: ("edit", MODELS[0], "a hand-written caption"), c: ("reject", None, None)}
-    assert again.progress()["reviewed"] == 3 and again.progress()["rejected"] == 1
+    progress = again.progress()
+    assert (progress["reviewed"], progress["rejected"], progress["per_minute"]) == (3, 1, 3.0)  # 3 within a minute
+    assert progress["latest"] == again.index_of(c)  # where the page resumes
     assert again.undo()["item"]["key"] == c  # the undo stack survived the restart too
     again.close()
 

@@ -158,9 +158,16 @@ def test_reviewing_by_keyboard_survives_a_killed_server_and_exports_exactly(tiny
                 server.wait(30)
                 server, url = start_review(output, images, tmp_path / "cache")  # without --server: the column stays
                 page.goto(url + "/")
-                expect(position).to_have_text(f"1 of {total}")
+                expect(position).to_have_text(f"12 of {total}")  # resumed after the last decision (image 10's edit)
                 expect(page.locator("#progress")).to_contain_text(f"10 / {total} reviewed, 2 rejected")
-                assert page.locator("#key").inner_text() == first
+                page.keyboard.press("Home")
+                assert at(0) == first
+                page.click("#thumb")  # full size on click
+                expect(page.locator("#full")).to_have_class("open")
+                expect(page.locator("#full img")).to_have_js_property("complete", True)
+                assert page.locator("#full img").evaluate("img => img.naturalWidth") >= 64
+                page.keyboard.press("Escape")
+                expect(page.locator("#full")).not_to_have_class("open")
                 for n in range(total):  # every decision shows again, page by page
                     key = at(n)
                     want = expected.get(key)

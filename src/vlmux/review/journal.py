@@ -69,6 +69,10 @@ class Journal:
         history = self._history.get(key)
         return history[-1] if history else None
 
+    def latest(self) -> Decision | None:
+        """The most recent decision that stands, where a reopened review resumes."""
+        return self.decision(self._stack[-1]) if self._stack else None
+
     def decided(self) -> dict[str, Decision]:
         return {key: history[-1] for key, history in self._history.items() if history}
 

@@ -191,8 +191,10 @@ class ReviewSession:
         now = time.time()
         recent = [at for at in self.journal.times if now - at <= RATE_WINDOW]
         minutes = max((now - recent[0]) / 60, 1.0) if recent else 1.0
+        latest = self.journal.latest()
         return {"reviewed": reviewed, "rejected": rejected, "total": len(self.items),
-                "per_minute": round(len(recent) / minutes, 1)}
+                "per_minute": round(len(recent) / minutes, 1),
+                "latest": None if latest is None else self._index.get(latest.key)}  # the item to resume after
 
 
 def _matches(item: Item, decision: Decision | None, query: str) -> bool:
