@@ -239,6 +239,8 @@ def test_the_app_answers_with_openai_error_bodies_and_serves_only_the_pictures_o
             answer = httpx.post(url + "/api/decide", json=body)
             assert answer.status_code == status and said in answer.json()["error"]["message"]
         assert httpx.get(url + "/api/view", params={"limit": 0}).status_code == 400
+        rebound = httpx.get(url + "/api/view", headers={"Host": "attacker.example"})  # DNS rebinding to loopback
+        assert rebound.status_code == 400
     session.close()
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 
 from vlmux.review.ask import ASKED_PREFIX, AskError, Asker
 from vlmux.review.records import Candidate
@@ -17,13 +18,17 @@ from vlmux.review.thumbs import Thumbnails
 from vlmux.serve.errors import ApiError
 
 PAGE = files("vlmux.review").joinpath("static/review.html").read_text(encoding="utf-8")
+LOOPBACK = ("127.0.0.1", "localhost", "[::1]", "::1")
 MAX_BODY = 1 << 20  # a decision is a caption and a few names
 
 
-def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None, asker: Asker | None = None) -> FastAPI:
-    """`asker`: the served models' client for "ask another model" (--server), or None."""
+def create_app(session: ReviewSession, thumbnails: Thumbnails | None = None, asker: Asker | None = None,
+               hosts: tuple[str, ...] = LOOPBACK) -> FastAPI:
+    """`asker`: the served models' client for "ask another model" (--server), or None. `hosts`: the Host headers
+    answered (a web page elsewhere cannot reach the review through a DNS name rebound to loopback); ("*",): any."""
     thumbnails = thumbnails or Thumbnails()
     app = FastAPI(title="vlmux review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(hosts))
 
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, error: ApiError):

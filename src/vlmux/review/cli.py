@@ -50,7 +50,7 @@ def _review(args: argparse.Namespace) -> int:
         import uvicorn
     except ImportError:
         raise RuntimeError("vlmux review needs the server extra: pip install 'vlmux[serve]'") from None
-    from vlmux.review.app import create_app
+    from vlmux.review.app import LOOPBACK, create_app
     from vlmux.review.session import ReviewSession
 
     asker = None
@@ -76,14 +76,15 @@ def _review(args: argparse.Namespace) -> int:
         if session.items and session.image_path(0) is None:
             print(f"vlmux review: warning: {session.items[0].key} is not under {session.images}; pictures show only "
                   f"with --images ROOT, the folder `vlmux caption` was given", file=sys.stderr)
-        if args.host not in ("127.0.0.1", "::1", "localhost"):
+        if args.host not in LOOPBACK:
             print(f"vlmux review: warning: listening on {args.host}: anyone who reaches it can change the review",
                   file=sys.stderr)
         if args.open:
             import webbrowser
 
             webbrowser.open(url)
-        uvicorn.Server(uvicorn.Config(create_app(session, asker=asker), log_level="warning")).run(sockets=[sock])
+        hosts = LOOPBACK if args.host in LOOPBACK else ("*",)  # beyond loopback: any name may lead to it
+        uvicorn.Server(uvicorn.Config(create_app(session, asker=asker, hosts=hosts), log_level="warning")).run(sockets=[sock])
     finally:
         session.close()
     return 0
