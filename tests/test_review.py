@@ -259,3 +259,26 @@ def test_the_command_refuses_a_second_server_and_exports(tmp_path, shots):
     assert "1 captions written" in done.stdout and "1 rejected" in done.stdout
     assert [json.loads(line)["file"] for line in (tmp_path / "c.jsonl").read_text().splitlines()] == [session.items[1].key]
 
+
+
+def test_two_tabs_deciding_at_once_lose_nothing(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    shots = pictures(tmp_path / "images", 40)
+    output = write_output(tmp_path / "out.jsonl", results(shots))
+    session = ReviewSession(output)
+    keys = [item.key for item in session.items if not item.has_error]
+    with in_thread(create_app(session, Thumbnails(tmp_path / "thumbs"))) as url:
+        def tab(half: list[str]) -> None:
+            with httpx.Client(base_url=url) as client:
+                for key in half:
+                    assert client.post("/api/decide", json={"key": key, "action": "choose", "model": MODELS[0]}).status_code == 200
+
+        with ThreadPoolExecutor(2) as tabs:
+            list(tabs.map(tab, [keys[0::2], keys[1::2]]))
+    session.close()
+    lines = journal_path(output).read_text().splitlines()
+    assert len(lines) == len(keys) and all(json.loads(line)["action"] == "choose" for line in lines)  # whole lines
+    again = ReviewSession(output)
+    assert set(again.journal.decided()) == set(keys)
+    again.close()
