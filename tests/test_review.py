@@ -15,9 +15,10 @@ from vlmux.caption.outputs import open_output
 from vlmux.caption.sinks import Record, SidecarSink
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.review.app import create_app
+from vlmux.review.compare import marked as marks
 from vlmux.review.export import export_review
 from vlmux.review.journal import journal_path
-from vlmux.review.records import read_output
+from vlmux.review.records import Candidate, Item, read_output
 from vlmux.review.session import ReviewSession
 from vlmux.review.thumbs import Thumbnails
 from vlmux.testing.server import in_thread
@@ -160,6 +161,9 @@ def test_views_filter_sort_search_and_page(tmp_path):
     assert found and all(any(word in (c["caption"] or "") for c in i["candidates"]) for i in found)
     marked = [text for text, differs in next(i for i in worst if i["key"] == session.items[0].key)["candidates"][1]["pieces"] if differs]
     assert marked and all(text not in session.items[0].candidates[0].caption.split() for text in marked)
+    three = Item("x.png", (Candidate("a", "a red circle", None), Candidate("b", "a red circle", None),
+                           Candidate("c", "a blue circle", None)))
+    assert [[text for text, differs in pieces if differs] for pieces in marks(three)] == [[], [], ["blue"]]
     with pytest.raises(ValueError, match="filter must be one of"):
         session.view("everything")
     session.close()

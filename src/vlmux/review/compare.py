@@ -1,6 +1,6 @@
 """Where the models disagree: a score per image (1 less the mean word overlap of its captions, Jaccard over
-lower-cased words) for "strongest disagreement first", and each caption's words marked where another caption lacks
-them, for the page's highlight."""
+lower-cased words) for "strongest disagreement first", and each caption's words marked where most other captions
+lack them (with two models: where the other lacks them), for the page's highlight."""
 from __future__ import annotations
 
 import re
@@ -26,8 +26,8 @@ def disagreement(item: Item) -> float:
 
 
 def marked(item: Item) -> list[list[tuple[str, bool]] | None]:
-    """Per candidate, its text in pieces, each flagged True where it is a word some other caption lacks; None for a
-    candidate without a caption."""
+    """Per candidate, its text in pieces, each flagged True where it is a word more than half of the other captions
+    lack (so two models agreeing against a third keep their words plain); None for a candidate without a caption."""
     sets = [words(c.caption) if c.caption is not None else None for c in item.candidates]
     result = []
     for index, candidate in enumerate(item.candidates):
@@ -35,7 +35,7 @@ def marked(item: Item) -> list[list[tuple[str, bool]] | None]:
             result.append(None)
             continue
         others = [s for i, s in enumerate(sets) if i != index and s is not None]
-        result.append([(piece, bool(others) and WORD.fullmatch(piece) is not None
-                        and any(piece.lower() not in s for s in others))
+        result.append([(piece, WORD.fullmatch(piece) is not None
+                        and sum(piece.lower() not in s for s in others) * 2 > len(others))
                        for piece in PIECE.findall(candidate.caption)])
     return result
