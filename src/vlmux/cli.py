@@ -1,4 +1,4 @@
-"""The `vlmux` command: caption, make-tiny, demo; serve, ps, load, unload (vlmux.serve.cli)."""
+"""The `vlmux` command: caption, make-tiny, demo; serve, ps, load, unload (vlmux.serve.cli); review (vlmux.review.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +10,7 @@ from vlmux import __version__
 from vlmux.caption.plan import COMPILE_MIN_IMAGES, ENGINE_MIN_IMAGES
 from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
 from vlmux.quantization import METHODS as QUANTIZE_METHODS
+from vlmux.review.cli import add_command as add_review_command
 from vlmux.serve.cli import add_commands as add_serve_commands
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -127,6 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     add_serve_commands(commands)
+    add_review_command(commands)
     return parser
 
 
