@@ -136,7 +136,10 @@ def run_models(job: CaptionJob, steps: ModelSteps, progress: bool = True, event:
 
 def _caption_timed(job: CaptionJob, steps: ModelSteps, plan: ModelPlan, todo: list[ImageRef], report: ModelReport,
                    progress: bool) -> None:
-    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
+    # Off a terminal (a log, a pipe) no bar: each redraw would be a line of its own there, 100 % twice at the end;
+    # the summary line says what the bar would have.
+    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=True if not progress else None,
+               dynamic_ncols=True)
     start = time.perf_counter()
     interrupted = False
     try:
