@@ -14,7 +14,7 @@ from PIL import Image
 from vlmux.backends.base import Backend
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import check_input
-from vlmux.protocol import Caption, Captions, ItemResult, Load, Loaded
+from vlmux.protocol import Caption, Captions, Chat, Chats, ChatsAnswered, Chatted, Failed, ItemResult, Load, Loaded
 from vlmux.worker.handler import CPU_BATCH_SIZE, Handler
 
 GEN = GenerationSpec(max_new_tokens=4, ignore_eos=True)
@@ -112,3 +112,21 @@ def test_a_batch_out_of_memory_is_halved_after_its_memory_is_free(tiny_qwen, ima
     assert [result.caption for result in reply.results] == expected, [r.error for r in reply.results]
     assert sorted(result.batch for result in reply.results) == [1, 2, 2, 2, 2]  # 5 -> 2 + 3 -> 2 + (1 + 2)
     assert failed and alive_at_retry and not any(alive_at_retry)
+
+
+def test_a_conversation_over_the_context_length_fails_alone_and_its_batch_is_answered(handler_of_3):
+    """The tiny model has 1,024 positions: a prompt of ~1,000 tokens plus 4 new ones is over them, a short one is
+    not. In one Chats batch the long one fails with kind 'context' naming the figures; the short one is answered as
+    it is alone."""
+    short = Chat([{"role": "user", "content": [{"type": "text", "text": "Say something."}]}], GEN)
+    long = Chat([{"role": "user", "content": [{"type": "text", "text": "word " * 1100}]}], GEN)
+    alone = handler_of_3.handle(short)
+    assert isinstance(alone, Chatted), alone
+    reply = handler_of_3.handle(Chats([long, short, long]))
+    assert isinstance(reply, ChatsAnswered), reply
+    first, answered, last = reply.replies
+    assert isinstance(first, Failed) and first.kind == "context" and "context length of 1,024 tokens" in first.message
+    assert isinstance(last, Failed) and last.kind == "context"
+    assert answered == alone
+    single = handler_of_3.handle(long)
+    assert isinstance(single, Failed) and single.kind == "context" and "max_tokens 4" in single.message

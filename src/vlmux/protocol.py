@@ -136,7 +136,7 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Failed:
-    kind: str  # load | warm | request | input (the request's own fault) | oom (out of device memory)
+    kind: str  # load | warm | request | input (the request's own fault) | context (over the context length) | oom
     message: str
 
 

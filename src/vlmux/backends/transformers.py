@@ -16,6 +16,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeatur
 
 from vlmux.backends.attention import use_fast_attention
 from vlmux.backends.base import OutOfMemory
+from vlmux.backends.context import check_fits, context_length
 from vlmux.backends.engine.captioner import EngineCaptioner, check_family
 from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
 from vlmux.backends.fast import (
@@ -161,6 +162,7 @@ class TransformersBackend(Resident):
         self.attention = use_fast_attention(self.model, packed_vision=self.fast.vision_compiled)
         self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.vision_compiled else 0
         self.engine = self._engine()
+        self.context_length = context_length(self.model.config)  # prompt + answer tokens a chat may hold
         self._host_state: dict[str, torch.Tensor] | None = None
         self._image_budget = image_budget(Path(path), self._config)
         # The host's resizing and patching of a large batch outlasts the GPU's captioning of it; processors with a
@@ -286,6 +288,7 @@ class TransformersBackend(Resident):
         text = self.form.chat_text(self.processor, messages)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
         prompt_tokens = int(inputs["input_ids"].shape[1])
+        check_fits([prompt_tokens], gen.max_new_tokens, self.context_length)
         streamer = None if on_text is None else TextPieces(self.tokenizer, on_text)
         new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})[0]
         completion = int((new_tokens != self.tokenizer.pad_token_id).sum())
@@ -299,6 +302,7 @@ class TransformersBackend(Resident):
         images = [pictures for _, pictures in conversations]
         inputs = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
+        check_fits(prompt_tokens, gen.max_new_tokens, self.context_length)
         streamer = None if on_text is None else RowPieces(self.tokenizer, len(texts), on_text)
         new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})
         answers = []

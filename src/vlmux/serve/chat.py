@@ -15,6 +15,7 @@ from vlmux.protocol import Chatted
 from vlmux.serve.errors import ApiError
 from vlmux.serve.history import RequestRecord
 from vlmux.serve.images import ImagePolicy, worker_messages
+from vlmux.serve.limits import check_pixels, check_request
 from vlmux.serve.schema import (
     ChatRequest, StopWatch, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk,
 )
@@ -31,10 +32,12 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
     async def chat_completions(http: Request):
         started = time.monotonic()
         request = parse_chat(await read_json(http), service.config.max_tokens_limit)
+        check_request(request, service.config.limits)
         entry = service.entry(request.model)
         service.admit()
         try:
             messages = await asyncio.to_thread(worker_messages, request.messages, policy)
+            check_pixels(messages, service.config.limits)
         except BaseException:
             service.leave()
             raise

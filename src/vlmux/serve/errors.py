@@ -40,5 +40,7 @@ def from_pool(error: BaseException, model: str) -> ApiError:
             return ApiError(503, f"{model} ran out of device memory: {error}", "out_of_memory")
         if error.kind == "input":
             return ApiError(400, str(error), "invalid_request")
+        if error.kind == "context":
+            return ApiError(400, str(error), "context_length_exceeded", "messages")
         return ApiError(500, f"{model} failed: {error}", "request_failed")
     return ApiError(500, f"{type(error).__name__}: {error}", "internal_error")

@@ -11,6 +11,7 @@ from itertools import repeat
 from PIL import Image
 
 from vlmux.backends.base import Backend, OutOfMemory, PreparedBatch
+from vlmux.backends.context import ContextExceeded
 from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.images import NOTE, ImageError, check_input, load_image
 from vlmux.worker import prep
@@ -259,6 +260,8 @@ class Handler:
             return self.backend.chat(messages, images, request.gen, on_text)
         except (ImageError, KeyError, TypeError) as e:
             return Failed("input", f"bad chat request: {e}")
+        except ContextExceeded as e:
+            return Failed("context", str(e))
         except OutOfMemory as e:
             return Failed("oom", f"out of device memory: {e}")
 
@@ -280,11 +283,20 @@ class Handler:
                 send(ChatText(text, streaming[row]))
 
         try:
-            if rows:
-                answers = self.backend.chat_batch(conversations, request.chats[0].gen,
-                                                  on_text if streaming and send is not None else None)
+            while rows:
+                try:
+                    answers = self.backend.chat_batch(conversations, request.chats[0].gen,
+                                                      on_text if streaming and send is not None else None)
+                except ContextExceeded as e:  # those rows fail alone; the others are asked again without them
+                    for row in e.rows:
+                        replies[rows[row]] = Failed("context", str(e))
+                    kept = [row for row in range(len(rows)) if row not in e.rows]
+                    rows, conversations = [rows[row] for row in kept], [conversations[row] for row in kept]
+                    streaming = {place: index for place, index in enumerate(rows) if request.chats[index].stream}
+                    continue
                 for index, answer in zip(rows, answers):
                     replies[index] = answer
+                break
             return ChatsAnswered(replies)
         except OutOfMemory:
             pass  # answered one at a time below, once the failed batch's frames are gone with the exception
