@@ -14,7 +14,9 @@ from PIL import Image
 from vlmux.backends.base import Backend
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import check_input
-from vlmux.protocol import Caption, Captions, Chat, Chats, ChatsAnswered, Chatted, Failed, ItemResult, Load, Loaded
+from vlmux.protocol import (
+    Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Failed, Heartbeat, ItemResult, Load, Loaded,
+)
 from vlmux.worker.handler import CPU_BATCH_SIZE, Handler
 
 GEN = GenerationSpec(max_new_tokens=4, ignore_eos=True)
@@ -130,3 +132,36 @@ def test_a_conversation_over_the_context_length_fails_alone_and_its_batch_is_ans
     assert answered == alone
     single = handler_of_3.handle(long)
     assert isinstance(single, Failed) and single.kind == "context" and "max_tokens 4" in single.message
+
+
+def test_an_aborted_row_stops_at_the_next_step_and_the_rows_running_drop_at_once(handler_of_3):
+    """Two streamed conversations in one batch; the first one's caller leaves at its third piece (the Abort lands
+    inside that step, as the worker's reader thread would add it). It is answered 'abort' with the text it had (a
+    greedy prefix of its whole answer; a word held back by the streamer is still sent), the count of rows running
+    goes 2 -> 1 in that same step, and the other row runs on to its limit, as it does alone."""
+    gen = GenerationSpec(max_new_tokens=60, ignore_eos=True)
+    ask = [{"role": "user", "content": [{"type": "text", "text": "Tell a long story."}]}]
+    alone = handler_of_3.handle(Chat(ask, gen))
+    chats = [Chat(ask, gen, stream=True), Chat(ask, gen, stream=True)]
+    messages: list = []
+
+    def send(message) -> None:
+        messages.append(message)
+        if isinstance(message, ChatText) and message.row == 0 and sum(
+                isinstance(m, ChatText) and m.row == 0 for m in messages) == 3:
+            handler_of_3.aborts.add(chats[0].ident)
+            messages.append("aborted")
+
+    reply = handler_of_3.handle(Chats(chats), send)
+    assert isinstance(reply, ChatsAnswered), reply
+    first, second = reply.replies
+    assert first.finish_reason == "abort" and first.completion_tokens < 60
+    assert first.text == "".join(m.text for m in messages if isinstance(m, ChatText) and m.row == 0)
+    assert alone.text.startswith(first.text) and len(first.text) < len(alone.text) / 2
+    counts = [m.rows for m in messages if isinstance(m, Heartbeat)]
+    assert counts[0] == 2 and counts[-1] == 0 and 1 in counts
+    after = messages[messages.index("aborted") + 1:]
+    drop = next(i for i, m in enumerate(after) if isinstance(m, Heartbeat))
+    assert after[drop].rows == 1 and drop <= 1  # at most the other row's piece of the same step before it
+    assert second.finish_reason == "length" and second.completion_tokens == 60 and second.text == alone.text
+    assert handler_of_3.handle(chats[0]) == Chatted("", finish_reason="abort")  # aborted before its turn: not run

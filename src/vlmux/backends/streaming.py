@@ -1,10 +1,14 @@
-"""Streamed answers' text in pieces, as transformers' `generate` makes it: one conversation, or each row of a batch."""
+"""Streamed answers' text in pieces, as transformers' `generate` makes it: one conversation, or each row of a batch;
+and the rows of a chat batch stopped one by one when their callers abort."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from transformers import TextStreamer
+import torch
+from transformers import StoppingCriteria, TextStreamer
 from transformers.generation.streamers import BaseStreamer
+
+from vlmux.backends.base import RowControl
 
 
 class TextPieces(TextStreamer):
@@ -42,3 +46,31 @@ class RowPieces(BaseStreamer):
     def end(self) -> None:
         for pieces in self._rows:
             pieces.end()
+
+
+class RowStops(StoppingCriteria):
+    """generate's per-row stopping criterion for chats: a row the caller aborted stops at the next step (generate
+    pads it from then on, and the batch ends once every row has), and the rows still running are told after each
+    step (`RowControl.running`)."""
+
+    def __init__(self, control: RowControl, rows: int, eos: tuple[int, ...], ignore_eos: bool,
+                 max_new_tokens: int) -> None:
+        self._control = control
+        self._steps_left = max_new_tokens  # generate's own length limit ends every row at the last
+        self._eos = torch.tensor(eos or (-1,), dtype=torch.long)
+        self._ignore_eos = ignore_eos
+        self.done = torch.zeros(rows, dtype=torch.bool)  # ended or aborted
+        self.aborted = [False] * rows  # aborted before the row ended by itself
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        self._steps_left -= 1
+        if self._steps_left <= 0:
+            self.done[:] = True
+        elif not self._ignore_eos:
+            self.done |= torch.isin(input_ids[:, -1].cpu(), self._eos)
+        for row in range(len(self.aborted)):
+            if not self.done[row] and self._control.aborted(row):
+                self.aborted[row] = True
+                self.done[row] = True
+        self._control.running(int((~self.done).sum()))
+        return self.done.to(input_ids.device)

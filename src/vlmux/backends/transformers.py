@@ -12,10 +12,10 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, StoppingCriteriaList
 
 from vlmux.backends.attention import use_fast_attention
-from vlmux.backends.base import OutOfMemory
+from vlmux.backends.base import OutOfMemory, RowControl
 from vlmux.backends.context import check_fits, context_length
 from vlmux.backends.engine.captioner import EngineCaptioner, check_family
 from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
@@ -27,7 +27,7 @@ from vlmux.backends.loader import Unsupported, empty_model, release_staging, str
 from vlmux.backends.pinned import unpin_all
 from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
 from vlmux.backends.quantize import load_report, quantization_options
-from vlmux.backends.streaming import RowPieces, TextPieces
+from vlmux.backends.streaming import RowPieces, RowStops, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
@@ -282,7 +282,7 @@ class TransformersBackend(Resident):
         return self.fast.pads_batches
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
-             on_text: Callable[[str], None] | None = None) -> Chatted:
+             on_text: Callable[[str], None] | None = None, control: RowControl | None = None) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
         messages = inert_messages(messages, control_strings(self.processor))  # user text never acts as a marker
         text = self.form.chat_text(self.processor, messages)
@@ -290,13 +290,13 @@ class TransformersBackend(Resident):
         prompt_tokens = int(inputs["input_ids"].shape[1])
         check_fits([prompt_tokens], gen.max_new_tokens, self.context_length)
         streamer = None if on_text is None else TextPieces(self.tokenizer, on_text)
-        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})[0]
-        completion = int((new_tokens != self.tokenizer.pad_token_id).sum())
-        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        return Chatted(answer, prompt_tokens, completion, "length" if completion >= gen.max_new_tokens else "stop")
+        options, stops = self._row_stops(control, 1, gen)
+        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer, **options} if streamer else options)[0]
+        return self._chatted(new_tokens, prompt_tokens, gen, stops is not None and stops.aborted[0])
 
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
-                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+                   on_text: Callable[[int, str], None] | None = None,
+                   control: RowControl | None = None) -> list[Chatted]:
         """Conversations answered in one batch, left-padded like caption batches; every one has images, or none."""
         texts = [self.form.chat_text(self.processor, messages) for messages, _ in conversations]
         images = [pictures for _, pictures in conversations]
@@ -304,14 +304,25 @@ class TransformersBackend(Resident):
         prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
         check_fits(prompt_tokens, gen.max_new_tokens, self.context_length)
         streamer = None if on_text is None else RowPieces(self.tokenizer, len(texts), on_text)
-        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})
-        answers = []
-        for row, tokens in enumerate(new_tokens):
-            completion = int((tokens != self.tokenizer.pad_token_id).sum())
-            answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            answers.append(Chatted(answer, int(prompt_tokens[row]), completion,
-                                   "length" if completion >= gen.max_new_tokens else "stop"))
-        return answers
+        options, stops = self._row_stops(control, len(texts), gen)
+        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer, **options} if streamer else options)
+        return [self._chatted(tokens, int(prompt_tokens[row]), gen, stops is not None and stops.aborted[row])
+                for row, tokens in enumerate(new_tokens)]
+
+    def _row_stops(self, control: RowControl | None, rows: int, gen: GenerationSpec) -> tuple[dict, RowStops | None]:
+        """generate's options for a chat's rows to stop one by one when aborted; none without a control."""
+        if control is None:
+            return {}, None
+        eos = self.model.generation_config.eos_token_id
+        stops = RowStops(control, rows, () if eos is None else (eos,) if isinstance(eos, int) else tuple(eos),
+                         gen.ignore_eos, gen.max_new_tokens)
+        return {"stopping_criteria": StoppingCriteriaList([stops])}, stops
+
+    def _chatted(self, tokens: torch.Tensor, prompt_tokens: int, gen: GenerationSpec, aborted: bool) -> Chatted:
+        completion = int((tokens != self.tokenizer.pad_token_id).sum())
+        answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        finish = "abort" if aborted else "length" if completion >= gen.max_new_tokens else "stop"
+        return Chatted(answer, prompt_tokens, completion, finish)
 
     def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None,
                   engine: bool = False) -> list[str]:

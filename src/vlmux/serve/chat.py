@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -23,6 +23,7 @@ from vlmux.serve.service import Service
 from vlmux.serve.settings import ModelEntry
 
 WAITING_COMMENT_SECONDS = 5.0  # an SSE comment this often while a stream waits, so proxies keep it open
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 
 def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
@@ -45,7 +46,7 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             return StreamingResponse(_stream(service, entry, request, messages, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            reply = await service.answer(entry, request, messages, on_loading=lambda: None)
+            reply = await _unless_gone(http, service.answer(entry, request, messages, on_loading=lambda: None))
         except ApiError as e:
             _record(service, entry, e.status, started, None, 0, False)
             raise
@@ -103,7 +104,30 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
     finally:
         service.leave()
         if not job.done():
-            job.cancel()  # the client left; the pool finishes the request and drops the answer
+            job.cancel()  # the client left: its worker stops spending on it within one step (Abort)
+            _record(service, entry, CLIENT_GONE, started, first, 0, True)
+
+
+async def _unless_gone(http: Request, answer: Awaitable[Chatted]) -> Chatted:
+    """The answer, unless the client disconnects first: then the answer is cancelled (its worker stops spending on
+    it within one step) and the client, gone, is answered nothing (499 in the metrics, as nginx counts it)."""
+    job = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnect(http))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+    if job.cancelled():
+        raise ApiError(CLIENT_GONE, "the client closed the connection before its answer", "client_gone")
+    return job.result()
+
+
+async def _disconnect(http: Request) -> None:
+    """Returns once the client has gone: with the body read, the next message is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        continue
 
 
 def _finished(reply: Chatted, request: ChatRequest) -> tuple[str, str]:

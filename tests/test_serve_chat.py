@@ -1,0 +1,82 @@
+"""A chat's caller leaving frees its row in the worker: a stream closed after its first piece, and a whole answer
+whose client gave up (its timeout), each stop the worker's generating within a step (the worker's own count of
+running rows, from its heartbeats, drops to 0 long before the answer would have ended) and the next request is
+answered at once. The app runs in a thread over a real pool of one tiny Qwen2-VL worker on the CPU."""
+import time
+
+import httpx
+import pytest
+
+from vlmux import ModelPool, PoolConfig
+from vlmux.pool import vram
+from vlmux.pool.process import Spawner, WorkerProcess
+from vlmux.serve.app import create_app
+from vlmux.serve.service import Service
+from vlmux.serve.settings import ModelEntry, ServeConfig
+from vlmux.testing.server import in_thread
+
+LONG = {"model": "qwen", "max_tokens": 900,  # ~10 s of generating on two CPU cores: greedy, it runs to the limit
+        "messages": [{"role": "user", "content": "Say something."}]}
+
+
+class KeptWorkers(Spawner):
+    """The pool's workers, kept where the test can read their own count of running rows."""
+
+    def __init__(self) -> None:
+        super().__init__(keep_spare=False)
+        self.taken: list[WorkerProcess] = []
+
+    def take(self, env: dict[str, str] | None = None) -> WorkerProcess:
+        worker = super().take(env)
+        self.taken.append(worker)
+        return worker
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen):
+    workers = KeptWorkers()
+    config = ServeConfig(device="cpu", models=(ModelEntry("qwen", str(tiny_qwen)),))
+    pool = ModelPool(PoolConfig(keep_alive=300), workers=workers)
+    with in_thread(create_app(Service(config, pool, vram.NVML))) as url:
+        yield url, workers
+
+
+def until(check, within: float) -> float | None:
+    """Seconds until `check()` held, or None if it did not within `within`."""
+    start = time.monotonic()
+    while time.monotonic() - start < within:
+        if check():
+            return time.monotonic() - start
+        time.sleep(0.01)
+    return None
+
+
+def running(workers: KeptWorkers) -> int:
+    return workers.taken[-1].running_rows
+
+
+def test_closing_a_stream_frees_its_row_in_the_worker_and_the_next_request_is_answered(server):
+    url, workers = server
+    with httpx.Client(base_url=url, timeout=120) as client:
+        with client.stream("POST", "/v1/chat/completions", json={**LONG, "stream": True}) as response:
+            assert response.status_code == 200
+            lines = response.iter_lines()
+            assert any('"content": "' in line and '"content": ""' not in line for line in lines)  # its first words
+            assert until(lambda: running(workers) == 1, 5) is not None
+        freed = until(lambda: running(workers) == 0, 5)
+        assert freed is not None and freed < 2  # the whole answer takes about 10 s
+        answer = client.post("/v1/chat/completions", json={**LONG, "max_tokens": 4})
+        assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+        assert 'vlmux_requests_total{model="qwen",status="499"} 1.0' in client.get("/metrics").text
+
+
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(server):
+    url, workers = server
+    with httpx.Client(base_url=url, timeout=120) as client:
+        with pytest.raises(httpx.ReadTimeout):
+            client.post("/v1/chat/completions", json=LONG, timeout=httpx.Timeout(120, read=1.5))
+        freed = until(lambda: running(workers) == 0, 5)
+        assert freed is not None and freed < 2
+        started = time.monotonic()
+        answer = client.post("/v1/chat/completions", json={**LONG, "max_tokens": 4})
+        assert answer.status_code == 200 and time.monotonic() - started < 5
