@@ -50,27 +50,35 @@ class RowPieces(BaseStreamer):
 
 class RowStops(StoppingCriteria):
     """generate's per-row stopping criterion for chats: a row the caller aborted stops at the next step (generate
-    pads it from then on, and the batch ends once every row has), and the rows still running are told after each
-    step (`RowControl.running`)."""
+    pads it from then on, and the batch ends once every row has), and the rows still running are told
+    (`RowControl.running`): at once after an abort, else every REPORT_STEPS steps, since counting the rows that
+    ended by themselves reads the device, a wait generate's deferred stop check otherwise avoids."""
+
+    REPORT_STEPS = 16
 
     def __init__(self, control: RowControl, rows: int, eos: tuple[int, ...], ignore_eos: bool,
                  max_new_tokens: int) -> None:
         self._control = control
-        self._steps_left = max_new_tokens  # generate's own length limit ends every row at the last
+        self._steps, self._max_steps = 0, max_new_tokens  # generate's own length limit ends every row at the last
         self._eos = torch.tensor(eos or (-1,), dtype=torch.long)
         self._ignore_eos = ignore_eos
-        self.done = torch.zeros(rows, dtype=torch.bool)  # ended or aborted
-        self.aborted = [False] * rows  # aborted before the row ended by itself
+        self._done: torch.Tensor | None = None  # ended or aborted, on the device
+        self.aborted = [False] * rows  # rows aborted (the answer is dropped: one that had ended counts too)
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
-        self._steps_left -= 1
-        if self._steps_left <= 0:
-            self.done[:] = True
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self._done is None:
+            self._done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self._eos = self._eos.to(input_ids.device)
+        self._steps += 1
+        if self._steps >= self._max_steps:
+            self._done[:] = True
         elif not self._ignore_eos:
-            self.done |= torch.isin(input_ids[:, -1].cpu(), self._eos)
-        for row in range(len(self.aborted)):
-            if not self.done[row] and self._control.aborted(row):
-                self.aborted[row] = True
-                self.done[row] = True
-        self._control.running(int((~self.done).sum()))
-        return self.done.to(input_ids.device)
+            self._done |= torch.isin(input_ids[:, -1], self._eos)
+        newly = [row for row, aborted in enumerate(self.aborted) if not aborted and self._control.aborted(row)]
+        for row in newly:
+            self.aborted[row] = True
+        if newly:
+            self._done[newly] = True
+        if newly or self._steps == 1 or self._steps % self.REPORT_STEPS == 0 or self._steps >= self._max_steps:
+            self._control.running(int((~self._done).sum()))
+        return self._done
