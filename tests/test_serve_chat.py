@@ -2,6 +2,7 @@
 whose client gave up (its timeout), each stop the worker's generating within a step (the worker's own count of
 running rows, from its heartbeats, drops to 0 long before the answer would have ended) and the next request is
 answered at once. The app runs in a thread over a real pool of one tiny Qwen2-VL worker on the CPU."""
+import json
 import time
 
 import httpx
@@ -80,3 +81,50 @@ def test_a_client_that_gives_up_on_a_whole_answer_frees_its_row(server):
         started = time.monotonic()
         answer = client.post("/v1/chat/completions", json={**LONG, "max_tokens": 4})
         assert answer.status_code == 200 and time.monotonic() - started < 5
+
+
+def test_logprobs_whole_and_streamed_match_a_direct_forward_pass(server, tiny_qwen):
+    """float32 on the CPU: each answer token's log-probability and its step's three likeliest tokens, whole and
+    streamed, within 1e-4 of the model's own log-softmax over one forward pass of the prompt and the answer."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmux.backends.families import prompt_form
+    from vlmux.backends.transformers import load_processor
+
+    url, _ = server
+    ask = {"model": "qwen", "max_tokens": 12, "logprobs": True, "top_logprobs": 3,
+           "messages": [{"role": "user", "content": "Say something."}]}
+    with httpx.Client(base_url=url, timeout=120) as client:
+        whole = client.post("/v1/chat/completions", json=ask).json()["choices"][0]
+        events = [line.removeprefix("data: ") for line in client.post(
+            "/v1/chat/completions", json={**ask, "stream": True}).text.splitlines() if line.startswith("data: {")]
+        plain = client.post("/v1/chat/completions", json={**ask, "logprobs": False, "top_logprobs": 0}).json()
+        refused = client.post("/v1/chat/completions", json={**ask, "logprobs": False})
+    assert plain["choices"][0]["logprobs"] is None
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "top_logprobs"
+    tokens = whole["logprobs"]["content"]
+    assert len(tokens) >= 10 and "".join(t["token"] for t in tokens).strip() == whole["message"]["content"]
+    streamed = [choice["logprobs"]["content"] for choice in (json.loads(e)["choices"][0] for e in events)
+                if choice.get("logprobs")]
+    assert len(streamed) == 1 and [t["token"] for t in streamed[0]] == [t["token"] for t in tokens]
+
+    processor = load_processor(tiny_qwen, False)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_qwen, dtype=torch.float32).eval()
+    prompt = prompt_form(tiny_qwen).chat_text(processor, [{"role": "user", "content": [
+        {"type": "text", "text": "Say something."}]}])
+    ids = processor(text=[prompt], return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        answer = model.generate(ids, max_new_tokens=12, do_sample=False, temperature=None, top_p=None, top_k=None)
+        answer = answer[0, ids.shape[1]:ids.shape[1] + len(tokens)]
+        logprobs = torch.log_softmax(model(input_ids=torch.cat([ids[0], answer])[None]).logits[0].float(), -1)
+    for step, (token, theirs) in enumerate(zip(answer.tolist(), tokens)):
+        ours = logprobs[ids.shape[1] - 1 + step]
+        assert theirs["token"] == processor.tokenizer.decode([token])
+        assert abs(theirs["logprob"] - ours[token].item()) < 1e-4
+        assert theirs["bytes"] == list(theirs["token"].encode())
+        values, best = ours.topk(3)
+        assert [t["token"] for t in theirs["top_logprobs"]] == [processor.tokenizer.decode([i]) for i in best.tolist()]
+        assert max(abs(t["logprob"] - v) for t, v in zip(theirs["top_logprobs"], values.tolist())) < 1e-4
+        assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(theirs["top_logprobs"],
+                                                                     streamed[0][step]["top_logprobs"])) < 1e-4

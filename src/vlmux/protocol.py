@@ -48,6 +48,7 @@ class Chat:
     gen: GenerationSpec
     stream: bool = False  # send the answer's text as it is generated (ChatText), before the Chatted reply
     ident: int = field(default_factory=lambda: next(_CHAT_IDS))  # unique in the parent: what an Abort names
+    logprobs: int | None = None  # None: none; n: each answer token's log-probability and the n likeliest tokens'
 
 
 @dataclass(frozen=True)
@@ -112,11 +113,21 @@ class Captions:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token: its text, its log-probability under the model, and the likeliest tokens at its step."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (text, log-probability), the likeliest first
+
+
+@dataclass(frozen=True)
 class Chatted:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "stop"  # stop: the model ended its answer; length: max_new_tokens cut it; abort: Abort did
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per answer token, when the Chat asked for them
 
 
 @dataclass(frozen=True)

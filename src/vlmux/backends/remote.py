@@ -77,7 +77,10 @@ class RemoteCodeBackend(Resident):
         return self.adapter.caption(self.model, images, prompts, gen)
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
-             on_text: Callable[[str], None] | None = None, control: RowControl | None = None) -> Chatted:
+             on_text: Callable[[str], None] | None = None, control: RowControl | None = None,
+             logprobs: int | None = None) -> Chatted:
+        if logprobs is not None:
+            raise NotImplementedError("logprobs: this model answers through its own chat code, which gives no scores")
         if control is not None and control.aborted(0):  # the model's own chat runs whole: only before it starts
             return Chatted("", 0, 0, "abort")
         answer = self.adapter.chat(self.model, messages, images, gen)
@@ -86,13 +89,14 @@ class RemoteCodeBackend(Resident):
         return answer
 
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
-                   on_text: Callable[[int, str], None] | None = None,
-                   control: RowControl | None = None) -> list[Chatted]:
+                   on_text: Callable[[int, str], None] | None = None, control: RowControl | None = None,
+                   logprobs: list[int | None] | None = None) -> list[Chatted]:
         answers = []
         for row, (messages, images) in enumerate(conversations):
             answers.append(self.chat(messages, images, gen, None if on_text is None else
                                      lambda piece, row=row: on_text(row, piece),
-                                     None if control is None else _Row(control, row)))
+                                     None if control is None else _Row(control, row),
+                                     logprobs[row] if logprobs else None))
             if control is not None:
                 control.running(len(conversations) - row - 1)
         return answers

@@ -7,6 +7,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -16,6 +17,7 @@ from vlmux.serve.errors import ApiError
 from vlmux.serve.history import RequestRecord
 from vlmux.serve.images import ImagePolicy, worker_messages
 from vlmux.serve.limits import check_pixels, check_request
+from vlmux.serve.logprobs import content, parse_logprobs
 from vlmux.serve.schema import (
     ChatRequest, StopWatch, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk,
 )
@@ -32,7 +34,8 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(http: Request):
         started = time.monotonic()
-        request = parse_chat(await read_json(http), service.config.max_tokens_limit)
+        body = await read_json(http)
+        request = replace(parse_chat(body, service.config.max_tokens_limit), logprobs=parse_logprobs(body))
         check_request(request, service.config.limits)
         entry = service.entry(request.model)
         service.admit()
@@ -54,8 +57,10 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             service.leave()
         text, finish = _finished(reply, request)
         _record(service, entry, 200, started, time.monotonic(), reply, False)
-        return JSONResponse(completion(completion_id(), entry.name, text, finish,
-                                       usage(reply.prompt_tokens, reply.completion_tokens)))
+        body = completion(completion_id(), entry.name, text, finish, usage(reply.prompt_tokens, reply.completion_tokens))
+        if reply.logprobs is not None:
+            body["choices"][0]["logprobs"] = content(reply.logprobs, text)
+        return JSONResponse(body)
 
     return router
 
@@ -96,6 +101,10 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
         if text := stops.rest():
             first = first or time.monotonic()
             yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
+        if reply.logprobs is not None:  # the answer's tokens in one chunk once it is complete (the text ran ahead)
+            tokens = chunk(ident, entry.name, {"role": "assistant", "content": ""})
+            tokens["choices"][0]["logprobs"] = content(reply.logprobs, _finished(reply, request)[0])
+            yield _event(tokens)
         yield _event(chunk(ident, entry.name, {}, "stop" if stops.stopped else reply.finish_reason))
         if request.include_usage:
             yield _event(usage_chunk(ident, entry.name, usage(reply.prompt_tokens, reply.completion_tokens)))

@@ -265,9 +265,12 @@ class Handler:
         try:
             messages, images = self._conversation(request)
             on_text = (lambda text: send(ChatText(text, row))) if request.stream and send is not None else None
-            return self.backend.chat(messages, images, request.gen, on_text, _Rows(self.aborts, [request.ident], send))
+            return self.backend.chat(messages, images, request.gen, on_text, _Rows(self.aborts, [request.ident], send),
+                                     request.logprobs)
         except (ImageError, KeyError, TypeError) as e:
             return Failed("input", f"bad chat request: {e}")
+        except NotImplementedError as e:  # a setting this model cannot honour (logprobs)
+            return Failed("input", str(e))
         except ContextExceeded as e:
             return Failed("context", str(e))
         except OutOfMemory as e:
@@ -298,7 +301,12 @@ class Handler:
                 control = _Rows(self.aborts, [request.chats[index].ident for index in rows], send)
                 try:
                     answers = self.backend.chat_batch(conversations, request.chats[0].gen,
-                                                      on_text if streaming and send is not None else None, control)
+                                                      on_text if streaming and send is not None else None, control,
+                                                      [request.chats[index].logprobs for index in rows])
+                except NotImplementedError as e:  # a setting this model cannot honour: each row alone says which
+                    for index in rows:
+                        replies[index] = self._chat(request.chats[index], send, index)
+                    return ChatsAnswered(replies)
                 except ContextExceeded as e:  # those rows fail alone; the others are asked again without them
                     for row in e.rows:
                         replies[rows[row]] = Failed("context", str(e))
