@@ -296,7 +296,8 @@ class TransformersBackend(Resident):
                    on_text: Callable[[int, str], None] | None = None, control: RowControl | None = None,
                    logprobs: list[int | None] | None = None) -> list[Chatted]:
         """Conversations answered in one batch, left-padded like caption batches; every one has images, or none."""
-        texts = [self.form.chat_text(self.processor, messages) for messages, _ in conversations]
+        controls = control_strings(self.processor)  # user text never acts as a marker, as in `chat`
+        texts = [self.form.chat_text(self.processor, inert_messages(messages, controls)) for messages, _ in conversations]
         images = [pictures for _, pictures in conversations]
         inputs = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
         return self._chats(inputs, inputs["attention_mask"].sum(dim=1).tolist(), gen,
