@@ -56,11 +56,12 @@ class RowStops(StoppingCriteria):
 
     REPORT_STEPS = 16
 
-    def __init__(self, control: RowControl, rows: int, eos: tuple[int, ...], ignore_eos: bool,
+    def __init__(self, control: RowControl, rows: int, eos: int | list[int] | None, ignore_eos: bool,
                  max_new_tokens: int) -> None:
+        """eos: the generation config's eos_token_id."""
         self._control = control
         self._steps, self._max_steps = 0, max_new_tokens  # generate's own length limit ends every row at the last
-        self._eos = torch.tensor(eos or (-1,), dtype=torch.long)
+        self._eos = torch.tensor([-1] if eos is None else [eos] if isinstance(eos, int) else list(eos) or [-1])
         self._ignore_eos = ignore_eos
         self._done: torch.Tensor | None = None  # ended or aborted, on the device
         self.aborted = [False] * rows  # rows aborted (the answer is dropped: one that had ended counts too)

@@ -311,9 +311,8 @@ class TransformersBackend(Resident):
         check_fits(prompt_tokens, gen.max_new_tokens, self.context_length)
         criteria, stops = [], None
         if control is not None:
-            eos = self.model.generation_config.eos_token_id
-            stops = RowStops(control, len(prompt_tokens), () if eos is None else (eos,) if isinstance(eos, int)
-                             else tuple(eos), gen.ignore_eos, gen.max_new_tokens)
+            stops = RowStops(control, len(prompt_tokens), self.model.generation_config.eos_token_id, gen.ignore_eos,
+                             gen.max_new_tokens)
             criteria.append(stops)
         wanted = [top for top in logprobs if top is not None]
         scores = TokenScores(self.model, max(wanted)) if wanted else None
