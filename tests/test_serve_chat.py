@@ -13,6 +13,7 @@ from vlmux.pool import vram
 from vlmux.pool.process import Spawner, WorkerProcess
 from vlmux.serve.app import create_app
 from vlmux.serve.service import Service
+from vlmux.serve.limits import RequestLimits
 from vlmux.serve.settings import ModelEntry, ServeConfig
 from vlmux.testing.server import in_thread
 
@@ -33,13 +34,17 @@ class KeptWorkers(Spawner):
         return worker
 
 
-@pytest.fixture(scope="module")
-def server(tiny_qwen):
+def serving(tiny_qwen, limits: RequestLimits = RequestLimits()):
     workers = KeptWorkers()
-    config = ServeConfig(device="cpu", models=(ModelEntry("qwen", str(tiny_qwen)),))
+    config = ServeConfig(device="cpu", models=(ModelEntry("qwen", str(tiny_qwen)),), limits=limits)
     pool = ModelPool(PoolConfig(keep_alive=300), workers=workers)
     with in_thread(create_app(Service(config, pool, vram.NVML))) as url:
         yield url, workers
+
+
+@pytest.fixture(scope="module")
+def server(tiny_qwen):
+    yield from serving(tiny_qwen)
 
 
 def until(check, within: float) -> float | None:
@@ -128,3 +133,24 @@ def test_logprobs_whole_and_streamed_match_a_direct_forward_pass(server, tiny_qw
         assert max(abs(t["logprob"] - v) for t, v in zip(theirs["top_logprobs"], values.tolist())) < 1e-4
         assert max(abs(a["logprob"] - b["logprob"]) for a, b in zip(theirs["top_logprobs"],
                                                                      streamed[0][step]["top_logprobs"])) < 1e-4
+
+
+def test_a_request_past_the_servers_deadline_gets_504_and_frees_its_row(tiny_qwen):
+    """--request-timeout 1.5: a whole answer of ~10 s gets 504 naming the flag, a stream gets the error event; each
+    time the worker's count of running rows drops to 0 at once, and a short request is answered next."""
+    for url, workers in serving(tiny_qwen, RequestLimits(max_seconds=1.5)):
+        with httpx.Client(base_url=url, timeout=120) as client:
+            short = {**LONG, "max_tokens": 2}  # until the model is loaded (a cold load takes longer than the deadline)
+            assert until(lambda: client.post("/v1/chat/completions", json=short).status_code == 200, 120) is not None
+            started = time.monotonic()
+            late = client.post("/v1/chat/completions", json=LONG)
+            assert late.status_code == 504 and time.monotonic() - started < 5
+            assert late.json()["error"]["code"] == "timeout" and "--request-timeout" in late.json()["error"]["message"]
+            assert until(lambda: running(workers) == 0, 1) is not None
+            events = client.post("/v1/chat/completions", json={**LONG, "stream": True}).text
+            assert '"code": "timeout"' in events and "[DONE]" not in events
+            assert until(lambda: running(workers) == 0, 1) is not None
+            started = time.monotonic()
+            answer = client.post("/v1/chat/completions", json={**LONG, "max_tokens": 4})
+            assert answer.status_code == 200 and answer.json()["usage"]["completion_tokens"] == 4
+            assert time.monotonic() - started < 5  # not behind the ~10 s the cut answers would have taken

@@ -62,7 +62,7 @@ def test_each_limit_answers_400_naming_its_flag_and_the_next_request_is_served(c
 
 def test_a_limit_that_is_not_a_positive_whole_number_is_refused_naming_its_flag():
     for wrong, flag in (({"max_images": 0}, "--max-images"), ({"max_pixels": "40"}, "--max-request-pixels"),
-                        ({"max_chars": True}, "--max-chars")):
+                        ({"max_chars": True}, "--max-chars"), ({"max_seconds": 0.0}, "--request-timeout")):
         with pytest.raises(ValueError, match=flag):
             RequestLimits(**wrong)
     run = subprocess.run([sys.executable, "-m", "vlmux.cli", "serve", "--model", "x=y", "--max-images", "0"],

@@ -16,7 +16,7 @@ from vlmux.protocol import Chatted
 from vlmux.serve.errors import ApiError
 from vlmux.serve.history import RequestRecord
 from vlmux.serve.images import ImagePolicy, worker_messages
-from vlmux.serve.limits import check_pixels, check_request
+from vlmux.serve.limits import check_pixels, check_request, within_deadline
 from vlmux.serve.logprobs import content, parse_logprobs
 from vlmux.serve.schema import (
     ChatRequest, StopWatch, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk,
@@ -49,7 +49,8 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             return StreamingResponse(_stream(service, entry, request, messages, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            reply = await _unless_gone(http, service.answer(entry, request, messages, on_loading=lambda: None))
+            reply = await _unless_gone(http, within_deadline(
+                service.answer(entry, request, messages, on_loading=lambda: None), service.config.limits))
         except ApiError as e:
             _record(service, entry, e.status, started, None, 0, False)
             raise
@@ -70,9 +71,9 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
     ident = completion_id()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # ("loading", "") or ("text", piece)
-    job = asyncio.ensure_future(service.answer(
+    job = asyncio.ensure_future(within_deadline(service.answer(
         entry, request, messages, on_loading=lambda: events.put_nowait(("loading", "")),
-        on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece))))
+        on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece))), service.config.limits))
     stops = StopWatch(request.stop)
     first: float | None = None
     try:

@@ -39,6 +39,8 @@ def add_commands(commands) -> None:
     serve.add_argument("--max-request-pixels", type=int, default=80_000_000,
                        help="pixels of all of a request's images together, read from their headers (more: 400)")
     serve.add_argument("--max-chars", type=int, default=100_000, help="characters of text one request may hold")
+    serve.add_argument("--request-timeout", metavar="DURATION", help="a chat request not answered within it (30, 90s, "
+                                                                     "5m) gets 504 and its generating stops; default none")
     serve.add_argument("--allow-any-model", action="store_true", help="requests may name any hub id or local folder")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     serve.add_argument("--allow-private-images", action="store_true",
@@ -75,7 +77,8 @@ def serve_config(args: argparse.Namespace):
                        args.max_queue, unique(entries), args.allow_any_model, args.allow_remote_images,
                        args.allow_private_images, args.allow_local_images, default_max_tokens=args.max_tokens,
                        min_residency=parse_residency(args.min_residency),
-                       limits=RequestLimits(args.max_images, args.max_request_pixels, args.max_chars))
+                       limits=RequestLimits(args.max_images, args.max_request_pixels, args.max_chars,
+                                            None if args.request_timeout is None else parse_duration(args.request_timeout)))
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -6,7 +6,7 @@ from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, R
 from vlmux.hub import ModelNotFound
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
