@@ -28,7 +28,8 @@ class PoolClosed(RuntimeError):
 
 
 class RequestFailed(RuntimeError):
-    """The worker answered a request with a failure; `kind`: input (the request's fault), oom (device memory), request."""
+    """The worker answered a request with a failure; `kind`: input (the request's fault), context (its prompt
+    and max_tokens over the model's context length), oom (device memory), request."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)

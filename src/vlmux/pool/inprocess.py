@@ -36,8 +36,12 @@ class InProcessWorker:
              on_text: Callable[[ChatText], None] | None = None) -> Reply:
         if isinstance(request, Load):
             request = self._in_this_process(request)
+        send = None if on_text is None else lambda message: on_text(message) if isinstance(message, ChatText) else None
         with self._lock:
-            return self._handler.handle(request, on_text)
+            return self._handler.handle(request, send)
+
+    def abort(self, ident: int) -> None:
+        self._handler.aborts.add(ident)
 
     def stop(self, grace: float, check: ReleaseCheck) -> vram.Release:
         with self._lock:

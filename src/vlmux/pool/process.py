@@ -14,7 +14,7 @@ from vlmux.errors import WorkerDied, WorkerStartError
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
 from vlmux.pool.workers import ReleaseCheck
-from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
+from vlmux.protocol import Abort, ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
 STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
@@ -31,7 +31,9 @@ class WorkerProcess:
         self._conn, self._pid, self._status_fd = FORK_SERVER.fork()
         self._closed = False
         self._pidfd = _pidfd(self._pid)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call at a time
+        self._sending = threading.Lock()  # one writer at a time: a call's request, an Abort, Exit
+        self.running_rows = 0  # chat rows the worker generates now, by its last heartbeat (0 once a call returns)
         self._status: int | None = None  # the wait status, once the fork server reported it
         self._status_lock = threading.Lock()  # one reader of the status pipe: a second would read its end as "unknown"
         self._killed_for: str | None = None  # why we killed it, when it hung or overran its time
@@ -68,29 +70,47 @@ class WorkerProcess:
         that cannot be pickled raises at once and leaves the worker usable."""
         with self._lock:
             try:
-                self._conn.send(request)  # pickles the whole request before writing any of it
+                with self._sending:
+                    self._conn.send(request)  # pickles the whole request before writing any of it
             except OSError:
                 raise WorkerDied(self.exit_reason()) from None
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                quiet = self.hang_timeout if deadline is None else min(self.hang_timeout, deadline - time.monotonic())
-                ready = wait([self._conn, self.sentinel], max(0.0, quiet))
-                if self._conn in ready:
-                    try:
-                        message = self._conn.recv()
-                    except (EOFError, OSError):
-                        raise WorkerDied(self.exit_reason()) from None
-                    if isinstance(message, ChatText):
-                        if on_text is not None:
-                            on_text(message)
-                    elif not isinstance(message, Heartbeat):
-                        return message
-                elif ready:
-                    raise WorkerDied(self.exit_reason())
-                elif deadline is not None and time.monotonic() >= deadline:
-                    raise self._kill_for(f"worker {self.pid} took longer than {timeout:g} s and was killed")
+            try:
+                return self._wait_reply(timeout, on_text)
+            finally:
+                self.running_rows = 0
+
+    def abort(self, ident: int) -> None:
+        """Tell the worker its chat `ident` lost its caller (at any time, also while a call runs); a worker that is
+        gone needs no telling."""
+        try:
+            with self._sending:
+                self._conn.send(Abort(ident))
+        except (OSError, ValueError):  # ValueError: the connection was closed by stop()
+            pass
+
+    def _wait_reply(self, timeout: float | None, on_text: Callable[[ChatText], None] | None) -> Reply:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            quiet = self.hang_timeout if deadline is None else min(self.hang_timeout, deadline - time.monotonic())
+            ready = wait([self._conn, self.sentinel], max(0.0, quiet))
+            if self._conn in ready:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    raise WorkerDied(self.exit_reason()) from None
+                if isinstance(message, ChatText):
+                    if on_text is not None:
+                        on_text(message)
+                elif isinstance(message, Heartbeat):
+                    self.running_rows = message.rows
                 else:
-                    raise self._kill_for(f"worker {self.pid} stopped answering for {self.hang_timeout:g} s and was killed")
+                    return message
+            elif ready:
+                raise WorkerDied(self.exit_reason())
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise self._kill_for(f"worker {self.pid} took longer than {timeout:g} s and was killed")
+            else:
+                raise self._kill_for(f"worker {self.pid} stopped answering for {self.hang_timeout:g} s and was killed")
 
     def stop(self, grace: float, check: ReleaseCheck) -> Release:
         """Ask the worker to exit, kill it if it has not within `grace` seconds, and report what its exit gave back
@@ -101,7 +121,8 @@ class WorkerProcess:
             host_bytes = self.private_bytes()
             if self.alive:
                 try:
-                    self._conn.send(Exit())
+                    with self._sending:
+                        self._conn.send(Exit())
                 except OSError:
                     pass
                 wait([self.sentinel], grace)
@@ -226,7 +247,9 @@ class Spawner:
         self._keep_spare = keep_spare
         self._hang_timeout = hang_timeout
         self._spare: WorkerProcess | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call at a time
+        self._sending = threading.Lock()  # one writer at a time: a call's request, an Abort, Exit
+        self.running_rows = 0  # chat rows the worker generates now, by its last heartbeat (0 once a call returns)
         self._refill: threading.Thread | None = None
         self._warming: threading.Thread | None = None
         self._warm_lock = threading.Lock()

@@ -35,6 +35,11 @@ class Worker(Protocol):
         `timeout`; a worker that hung is killed first."""
         ...
 
+    def abort(self, ident: int) -> None:
+        """Tell the worker the chat `ident` lost its caller: it stops spending on it within one step (at any time,
+        also while a call runs; nothing if the worker is gone or answered it already)."""
+        ...
+
     def stop(self, grace: float, check: ReleaseCheck) -> Release:
         """Ask the worker to exit, kill it after `grace` seconds, and report what its exit gave back."""
         ...

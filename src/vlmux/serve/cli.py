@@ -35,6 +35,12 @@ def add_commands(commands) -> None:
                             "to switching")
     serve.add_argument("--max-queue", type=int, default=256, help="chat requests held at once; more are answered 429")
     serve.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--max-images", type=int, default=16, help="images one chat request may hold (more: 400)")
+    serve.add_argument("--max-request-pixels", type=int, default=80_000_000,
+                       help="pixels of all of a request's images together, read from their headers (more: 400)")
+    serve.add_argument("--max-chars", type=int, default=100_000, help="characters of text one request may hold")
+    serve.add_argument("--request-timeout", metavar="DURATION", help="a chat request not answered within it (30, 90s, "
+                                                                     "5m) gets 504 and its generating stops; default none")
     serve.add_argument("--allow-any-model", action="store_true", help="requests may name any hub id or local folder")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     serve.add_argument("--allow-private-images", action="store_true",
@@ -54,6 +60,7 @@ def add_commands(commands) -> None:
 
 
 def serve_config(args: argparse.Namespace):
+    from vlmux.serve.limits import RequestLimits
     from vlmux.serve.settings import (
         ServeConfig, model_option, models_from_toml, parse_duration, parse_residency, unique,
     )
@@ -69,7 +76,9 @@ def serve_config(args: argparse.Namespace):
     return ServeConfig(args.host, args.port, args.device, budget, args.api_key or None, parse_duration(args.keep_alive),
                        args.max_queue, unique(entries), args.allow_any_model, args.allow_remote_images,
                        args.allow_private_images, args.allow_local_images, default_max_tokens=args.max_tokens,
-                       min_residency=parse_residency(args.min_residency))
+                       min_residency=parse_residency(args.min_residency),
+                       limits=RequestLimits(args.max_images, args.max_request_pixels, args.max_chars,
+                                            None if args.request_timeout is None else parse_duration(args.request_timeout)))
 
 
 def _serve(args: argparse.Namespace) -> int:

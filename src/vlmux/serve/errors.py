@@ -7,7 +7,7 @@ from vlmux.errors import (ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, 
 from vlmux.hub import ModelNotFound
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 class ApiError(Exception):
@@ -43,5 +43,7 @@ def from_pool(error: BaseException, model: str) -> ApiError:
             return ApiError(503, f"{model} ran out of device memory: {error}", "out_of_memory")
         if error.kind == "input":
             return ApiError(400, str(error), "invalid_request")
+        if error.kind == "context":
+            return ApiError(400, str(error), "context_length_exceeded", "messages")
         return ApiError(500, f"{model} failed: {error}", "request_failed")
     return ApiError(500, f"{type(error).__name__}: {error}", "internal_error")

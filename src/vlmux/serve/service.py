@@ -169,7 +169,7 @@ class Service:
                      on_text: Callable[[str], None] | None = None) -> Chatted:
         """The model's answer; `on_loading()` is called once if the request waits for its model to load; `on_text`
         (on a pool thread) gets the answer's text in pieces as it is generated."""
-        payload = Chat(messages, self.generation(request), stream=on_text is not None)
+        payload = Chat(messages, self.generation(request), stream=on_text is not None, logprobs=request.logprobs)
         limit = self._limits.setdefault(entry.name, asyncio.Semaphore(entry.max_concurrent or 1_000_000))
         async with limit:
             deadline = time.monotonic() + SUBMIT_DEADLINE

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vlmux.config import DECODE_MODES, DTYPES
+from vlmux.serve.limits import RequestLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -95,6 +96,7 @@ class ServeConfig:
     request_log: int = 200  # recent requests the dashboard lists
     history_seconds: float = 600.0  # memory over the last minutes, for the dashboard
     min_residency: float | None = None  # the pool's PoolConfig.min_residency: seconds, or None for auto
+    limits: RequestLimits = RequestLimits()  # images, pixels and text per chat request
 
     def model_keep_alive(self, entry: ModelEntry) -> float | None:
         return self.keep_alive if entry.keep_alive == "default" else entry.keep_alive

@@ -92,6 +92,9 @@ class FakeGpuWorker:
             self.factory.record("loaded", self.model, self.pid)
         return reply
 
+    def abort(self, ident: int) -> None:
+        self.inner.abort(ident)
+
     def stop(self, grace: float, check: ReleaseCheck) -> vram.Release:
         self.factory.record("stop_start", self.model, self.pid)
         time.sleep(self.factory.stop_delay.get(self.model, 0.0))
