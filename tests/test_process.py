@@ -16,9 +16,9 @@ from vlmux.pool.forks import ForkServer
 from vlmux.pool.process import WorkerProcess
 from vlmux.protocol import Caption, Captions, Load, Loaded
 from vlmux.testing.processes import process_gone
+from vlmux.testing.workers import CPU_ENV, NoRelease
 from vlmux.tiny import draw_sample_images
 
-CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 CHILD_TIMEOUT = 120  # the child's fork server imports torch and transformers first
 
 # A plain script: no `if __name__ == "__main__":` guard around the pipeline.
@@ -71,15 +71,6 @@ def test_a_notebook_cell_runs_a_pipeline(tiny_llava, image_dir):
 def parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
-
-class NoRelease:
-    """A ReleaseCheck for the CPU: nothing to verify."""
-
-    def before_exit(self, pid: int) -> None:
-        pass
-
-    def after_exit(self, pid: int, alive: bool, host_bytes: int | None):
-        return alive
 
 
 def loaded_worker(model: Path, hang_timeout: float = 30.0) -> WorkerProcess:
