@@ -7,7 +7,6 @@ import time
 import pytest
 from PIL import Image
 
-import vlmux
 from vlmux import ImageError, pipeline
 from vlmux.hub import ModelNotFound
 from vlmux.testing.processes import process_gone
