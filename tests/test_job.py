@@ -1,7 +1,6 @@
 """Caption jobs end to end through the CLI: several models, every output format, resume after a kill, bad images."""
 import os
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from vlmux.testing.cli import read_jsonl as jsonl
 from vlmux.testing.cli import run_caption as run
 from vlmux.testing.cli import start_caption as start
 from vlmux.testing.processes import children
+from vlmux.testing.workers import wait_until
 from vlmux.tiny import draw_sample_images
 
 
@@ -28,11 +28,9 @@ def test_a_job_killed_in_the_middle_of_model_b_resumes_with_exactly_one_record_p
     args = [str(images), "-m", str(tiny_llava), "-m", str(tiny_qwen), "-o", str(out_jsonl), "-o", str(out_parquet),
             "--batch-size", "1", "--max-new-tokens", "24"]
     job = start(*args)
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if out_jsonl.exists() and any(row["model"] == str(tiny_qwen) for row in jsonl(out_jsonl)):
-            break
-        time.sleep(0.05)
+    # the first record of model B, as another process writes it: no event to wait on but the file
+    assert wait_until(lambda: out_jsonl.exists() and any(row["model"] == str(tiny_qwen) for row in jsonl(out_jsonl)),
+                      within=240)
     job.send_signal(signal.SIGKILL)
     job.wait()
     killed_at = len(jsonl(out_jsonl))
@@ -148,32 +146,31 @@ def test_metadata_outside_the_images_folder_is_a_usage_error(tmp_path, tiny_llav
 
 
 def test_a_worker_killed_mid_job_is_retried_and_no_image_is_lost(tmp_path, tiny_llava):
-    import threading
-
     from vlmux.caption.job import CaptionJob, run_job
     from vlmux.caption.sinks import JsonlSink
     from vlmux.caption.sources import collect_images
     from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 
     draw_sample_images(tmp_path / "images", count=30, seed=8)
-    sink = JsonlSink(tmp_path / "out.jsonl")
     killed: list[int] = []
     written_at_kill: list[int] = []
 
-    def kill_the_workers() -> None:  # workers are children of the fork server, which is a child of this process
-        written_at_kill.append(len((tmp_path / "out.jsonl").read_text().splitlines()))
-        for server in children(os.getpid()):
-            for worker in children(server):
-                os.kill(worker, signal.SIGKILL)
-                killed.append(worker)
+    class KillingSink(JsonlSink):
+        """Kills the workers as the first results are written: mid-job, whatever the machine's speed."""
 
-    def on_event(model: str, what: str) -> None:
-        if what == "loaded":
-            threading.Timer(0.5, kill_the_workers).start()
+        def write(self, pairs) -> None:
+            super().write(pairs)
+            if not killed:  # workers are children of the fork server, which is a child of this process
+                written_at_kill.append(len(self.records()))
+                for server in children(os.getpid()):
+                    for worker in children(server):
+                        os.kill(worker, signal.SIGKILL)
+                        killed.append(worker)
 
+    sink = KillingSink(tmp_path / "out.jsonl")
     job = CaptionJob(collect_images([str(tmp_path / "images")]), [ModelSpec(str(tiny_llava), device="cpu")],
                      GenerationSpec(max_new_tokens=24), [sink], batch_size=2)
-    [report] = run_job(job, PoolConfig(max_batch_size=2), progress=False, event=on_event)
+    [report] = run_job(job, PoolConfig(max_batch_size=2), progress=False)
     sink.close()
     assert killed and written_at_kill[0] < 30, "the kill must land mid-job, or the test tests nothing"
     rows = jsonl(tmp_path / "out.jsonl")
