@@ -204,3 +204,18 @@ LOADS, UNLOADS = 'vlmux_loads_total{model="llava"}', 'vlmux_unloads_total{model=
 def _value(metrics: str, series: str) -> float:
     """A series' value; 0 for a counter not yet shown (a model never loaded)."""
     return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series)), 0.0)
+
+
+def test_sleep_keeps_the_worker_and_the_next_request_wakes_it_with_the_same_answer(server, client):
+    api(server, "POST", "/api/unload", {})
+    messages = ask(data_url(png("green")))
+    awake = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    asleep = api(server, "POST", "/api/sleep", {"model": "llava"})
+    assert asleep.status_code == 200, asleep.text
+    [model] = [m for m in asleep.json()["models"] if m["name"] == "llava"]
+    assert (model["state"], model["pid"]) == ("sleeping", pid) and model["host_bytes"] > 0
+    woken = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    assert woken == awake
+    [model] = api(server, "GET", "/api/ps").json()["models"]
+    assert (model["state"], model["pid"]) == ("ready", pid)  # woken in the same worker, not loaded again
