@@ -1,4 +1,5 @@
 """Caption jobs end to end through the CLI: several models, every output format, resume after a kill, bad images."""
+import json
 import os
 import signal
 from pathlib import Path
@@ -255,3 +256,17 @@ def test_a_request_holds_four_batches_of_the_plan_s_size_or_else_of_the_size_the
     assert request_size(auto, Pool(), "a#1") == BATCHES_PER_REQUEST * 11  # each replica by its own size
     fixed = ModelPlan(ModelSpec("a", device="cpu"), GenerationSpec(), batch_size=3)
     assert request_size(fixed, Pool(), "a") == BATCHES_PER_REQUEST * 3
+
+
+def test_a_model_that_does_not_load_fails_the_job_with_exit_1_and_says_why(tmp_path, tiny_llava, image_dir):
+    """The README's exit 1 for "a model that does not load", on a plain run (not --gpus all)."""
+    import shutil
+
+    broken = tmp_path / "broken-llava"
+    shutil.copytree(tiny_llava, broken)
+    config = json.loads((broken / "config.json").read_text())
+    config["text_config"]["hidden_size"] *= 2  # readable weights whose shapes the model does not have
+    (broken / "config.json").write_text(json.dumps(config))
+    result = run(str(image_dir), "-m", str(broken), "--device", "cpu", "-o", str(tmp_path / "out.jsonl"))
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "failed: could not load" in result.stderr and "broken-llava" in result.stderr, result.stderr
