@@ -199,3 +199,19 @@ def test_a_job_on_a_gpu_counts_its_preparing_processes_unless_the_user_chose():
     assert job_prep(ModelSpec("m", device="cpu"), 1000, gpu_present=True).prep_processes is None
     assert job_prep(auto, 3, gpu_present=True).prep_processes is None  # a few images: prepared in the worker
     assert job_prep(ModelSpec("m", prep_processes=0), 1000, gpu_present=True).prep_processes == 0
+
+
+def test_sampling_with_a_seed_repeats_its_captions_from_the_command_line_and_the_api(tmp_path, image_dir, tiny_llava):
+    """--sample --temperature --seed end to end: the CLI's captions equal the pipeline's under the same seed; the
+    same seed gives them again, another seed others."""
+    images = sorted(image_dir.iterdir())
+    out = tmp_path / "out.jsonl"
+    result = run(str(image_dir), "-m", str(tiny_llava), "--sample", "--temperature", "1.5", "--seed", "1",
+                 "--max-new-tokens", "6", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    sampling = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 6}
+    with pipeline(str(tiny_llava), device="cpu") as pipe:
+        first, again, other = (pipe(images, seed=seed, **sampling) for seed in (1, 1, 2))
+        greedy = pipe(images, max_new_tokens=6)
+    assert captions(out) == {(image.name, str(tiny_llava)): caption for image, caption in zip(images, first)}
+    assert first == again and other != first and greedy != first
