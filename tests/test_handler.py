@@ -64,7 +64,7 @@ def test_a_requests_own_batch_size_wins_over_the_loads(handler_of_3, image_dir):
 def test_without_a_batch_size_the_cpu_reports_its_default(tiny_qwen):
     handler, loaded = load(tiny_qwen, batch_size=None)
     handler.close()
-    assert loaded.batch_size == CPU_BATCH_SIZE
+    assert loaded.batch_size == CPU_BATCH_SIZE == 8  # the README: "on the CPU 8"
 
 
 def test_items_that_can_never_be_images_fail_alone(handler_of_3, image_dir):

@@ -18,6 +18,7 @@ from PIL import Image
 
 from vlmux.testing.processes import process_gone
 from vlmux.testing.server import served
+from vlmux.testing.workers import wait_until
 
 KEY = "test-key-1234"
 
@@ -57,15 +58,6 @@ def streamed(client, model: str, messages, **options) -> tuple[str, list]:
     chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
                                                  stream_options={"include_usage": True}, **options))
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
-
-
-def wait_until(check, within: float = 15.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def test_both_models_answer_images_whole_and_streamed_with_usage(client):
@@ -145,6 +137,8 @@ def test_errors_have_openai_bodies_and_the_right_status(server, client):
 def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, tiny_llava):
     api(server, "POST", "/api/unload", {})
     assert api(server, "GET", "/api/ps").json()["models"] == []
+    before = api(server, "GET", "/metrics").text
+    loads, unloads = _value(before, LOADS), _value(before, UNLOADS)
     env = {**os.environ, "VLMUX_URL": server[1], "VLMUX_API_KEY": KEY}
     loaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "load", "llava"], capture_output=True, text=True,
                             env=env, timeout=120)
@@ -154,7 +148,7 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     assert model["pid"] > 0 and model["host_bytes"] > 0 and model["expires_at"] > time.time()
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 1.0' in metrics
-    loads = _value(metrics, 'vlmux_loads_total{model="llava"}')
+    assert _value(metrics, LOADS) == loads + 1
     listed = subprocess.run([sys.executable, "-m", "vlmux.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
     assert listed.returncode == 0 and "llava" in listed.stdout and "ready" in listed.stdout
     unloaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "unload", "llava"], capture_output=True, text=True,
@@ -164,7 +158,7 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     assert api(server, "GET", "/api/ps").json()["models"] == []
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 0.0' in metrics
-    assert _value(metrics, 'vlmux_unloads_total{model="llava"}') >= 1 and loads >= 1
+    assert (_value(metrics, LOADS), _value(metrics, UNLOADS)) == (loads + 1, unloads + 1)
     again = api(server, "POST", "/api/unload", {"model": "llava"})
     assert again.status_code == 404 and again.json()["error"]["code"] == "model_not_loaded"
 
@@ -204,5 +198,24 @@ def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is
     assert after.choices[0].message.content and server[0].poll() is None
 
 
+LOADS, UNLOADS = 'vlmux_loads_total{model="llava"}', 'vlmux_unloads_total{model="llava"}'
+
+
 def _value(metrics: str, series: str) -> float:
-    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series))
+    """A series' value; 0 for a counter not yet shown (a model never loaded)."""
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series)), 0.0)
+
+
+def test_sleep_keeps_the_worker_and_the_next_request_wakes_it_with_the_same_answer(server, client):
+    api(server, "POST", "/api/unload", {})
+    messages = ask(data_url(png("green")))
+    awake = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    asleep = api(server, "POST", "/api/sleep", {"model": "llava"})
+    assert asleep.status_code == 200, asleep.text
+    [model] = [m for m in asleep.json()["models"] if m["name"] == "llava"]
+    assert (model["state"], model["pid"]) == ("sleeping", pid) and model["host_bytes"] > 0
+    woken = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    assert woken == awake
+    [model] = api(server, "GET", "/api/ps").json()["models"]
+    assert (model["state"], model["pid"]) == ("ready", pid)  # woken in the same worker, not loaded again

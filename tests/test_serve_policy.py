@@ -115,3 +115,30 @@ def test_the_chart_has_round_ticks_between_its_ends_and_no_negative_lower_bound(
     y_labels = [float(v) for v in re.findall(r'text-anchor="end">([-\d.]+) MiB', svg)]
     assert len(y_labels) >= 4 and min(y_labels) == 0 and all(v >= 0 for v in y_labels)
     assert len(re.findall(r'class="x-tick"', svg)) >= 5
+
+
+def test_the_command_line_listens_on_loopback_and_takes_models_from_a_config_file(tmp_path):
+    """The README's serve flags as the server gets them: loopback unless --host, --config's [[model]] settings,
+    --allow-any-model in place of a model list."""
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    (tmp_path / "models.toml").write_text("""
+[[model]]
+name = "small"
+model = "./tiny"
+keep_alive = "10m"
+pinned = true
+
+[[model]]
+model = "org/other"
+max_concurrent = 2
+""")
+    config = serve_config(parser.parse_args(["serve", "--config", str(tmp_path / "models.toml")]))
+    assert config.host == "127.0.0.1" and not config.allow_any_model
+    small, other = config.models
+    assert (small.name, small.model, small.keep_alive, small.pinned, small.max_concurrent) == (
+        "small", str(tmp_path / "tiny"), 600, True, None)
+    assert (other.name, other.keep_alive, other.pinned, other.max_concurrent) == ("other", "default", False, 2)
+    assert serve_config(parser.parse_args(["serve", "--allow-any-model", "--host", "0.0.0.0"])).host == "0.0.0.0"
+    with pytest.raises(ValueError, match="--allow-any-model"):
+        serve_config(parser.parse_args(["serve"]))

@@ -3,19 +3,10 @@ Abort sent while a batch of chats generates stops that row, and the worker's own
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.pool.process import Spawner, WorkerProcess
 from vlmux.protocol import Caption, Captions, Chat, Chats, ChatsAnswered, Load, Loaded, Warm
+from vlmux.testing.workers import CPU_ENV, NoRelease
 
-CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 OTHER_ENV = {"CUDA_VISIBLE_DEVICES": "1", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
-
-class NoRelease:
-    """A ReleaseCheck for the CPU: nothing to verify."""
-
-    def before_exit(self, pid: int) -> None:
-        pass
-
-    def after_exit(self, pid: int, alive: bool, host_bytes: int | None) -> bool:
-        return alive
 
 
 def test_a_warm_spare_serves_loads_placed_like_it_and_only_those(tiny_qwen, image_dir):
@@ -29,13 +20,13 @@ def test_a_warm_spare_serves_loads_placed_like_it_and_only_those(tiny_qwen, imag
         assert isinstance(warm.call(Load(spec, str(tiny_qwen), CPU_ENV)), Loaded)
         reply = warm.call(Caption([str(sorted(image_dir.iterdir())[0])], ["Describe."], GenerationSpec(max_new_tokens=4), 1))
         assert isinstance(reply, Captions) and reply.results[0].error is None
-        assert warm.stop(5, NoRelease()) is False
+        assert warm.stop(5, NoRelease()).process_gone is True
 
         spawner.warm([Warm(spec, str(tiny_qwen), CPU_ENV)])
         assert spawner.wait_ready(120)
         elsewhere = spawner.take(OTHER_ENV)
         assert elsewhere.warm_env is None and elsewhere.warmed == set()  # a fresh worker, not the warm one
-        assert elsewhere.stop(5, NoRelease()) is False
+        assert elsewhere.stop(5, NoRelease()).process_gone is True
 
         spawner.warm([Warm(spec, str(tiny_qwen), CPU_ENV)])
         assert spawner.wait_ready(120)
@@ -43,7 +34,7 @@ def test_a_warm_spare_serves_loads_placed_like_it_and_only_those(tiny_qwen, imag
         assert spawner.wait_ready(120)
         cold = spawner.take(CPU_ENV)
         assert cold.warm_env is None
-        assert cold.stop(5, NoRelease()) is False
+        assert cold.stop(5, NoRelease()).process_gone is True
     finally:
         spawner.close()
 
