@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmux import ModelLoadError, pipeline
+from vlmux import pipeline
 from vlmux.config import ModelSpec
 from vlmux.estimate import estimate
 from vlmux.quantization import METHODS, QuantizationUnavailable, kept_in_16bit, require_method
