@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 from vlmux.estimate import Estimate
 from vlmux.pool.vram import GpuMemory
 

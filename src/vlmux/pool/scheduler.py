@@ -16,7 +16,7 @@ from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
 from vlmux.hub import resolve_model
 from vlmux.pool import vram
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import UnattributedLock, VerifiedRelease

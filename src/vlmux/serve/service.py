@@ -15,7 +15,7 @@ from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.pool import ModelPool
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 from vlmux.pool.runner import ModelStatus
 from vlmux.pool.workers import GpuInventory
 from vlmux.protocol import Chat, Chatted
