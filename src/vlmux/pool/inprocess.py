@@ -88,5 +88,11 @@ class InProcessWorkers:
     def resume_warm(self) -> None:
         return None
 
+    def drop_spare(self, check_for) -> vram.Release | None:
+        return None
+
+    def spare_status(self) -> None:
+        return None
+
     def close(self) -> None:
         return None

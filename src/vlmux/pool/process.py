@@ -13,7 +13,7 @@ from pathlib import Path
 from vlmux.errors import WorkerDied
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
-from vlmux.pool.workers import ReleaseCheck
+from vlmux.pool.workers import ReleaseCheck, SpareStatus, gpus_of
 from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
@@ -234,6 +234,7 @@ class Spawner:
         self._warm_gate.set()
         self._warming_worker: WorkerProcess | None = None  # the worker a Warm request may be running in
         self._paused: WorkerProcess | None = None
+        self._dropped = False  # no spare until the next take: a pool that unloaded all keeps no worker
         if keep_spare:
             self._start_refill()
 
@@ -242,6 +243,7 @@ class Spawner:
         GPUs), else a fresh one."""
         with self._lock:
             spare, self._spare = self._spare, None
+            self._dropped = False
         if spare is not None and (not spare.alive or spare.warm_env not in (None, env)):
             spare.kill()
             spare = None
@@ -283,6 +285,25 @@ class Spawner:
                 if thread.is_alive():
                     return False
         return True
+
+    def drop_spare(self, check_for: Callable[[tuple[int, ...]], ReleaseCheck]) -> Release | None:
+        """Stop the spare (a warm-up under way ends with it) and fork none until the next `take`."""
+        with self._lock:
+            self._dropped = True
+        if self._refill is not None:
+            self._refill.join()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        return spare.stop(0.0, check_for(gpus_of(spare.warm_env)))
+
+    def spare_status(self) -> SpareStatus | None:
+        with self._lock:
+            spare, warming = self._spare, self._warming_worker is not None
+        if spare is None or not spare.alive:
+            return None
+        return SpareStatus(spare.pid, gpus_of(spare.warm_env), warming, tuple(sorted(spare.warmed)))
 
     def close(self) -> None:
         self._keep_spare = False
@@ -345,11 +366,11 @@ class Spawner:
     def _start_refill(self) -> None:
         def refill() -> None:
             with self._lock:
-                if self._spare is not None or not self._keep_spare:
+                if self._spare is not None or not self._keep_spare or self._dropped:
                     return
             worker = WorkerProcess(self._hang_timeout)
             with self._lock:
-                if self._spare is None and self._keep_spare:
+                if self._spare is None and self._keep_spare and not self._dropped:
                     self._spare, worker = worker, None
             if worker is not None:
                 worker.kill()

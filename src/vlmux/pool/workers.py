@@ -4,6 +4,7 @@ eviction and budgets are tested on the CPU with fake GPUs and real tiny workers 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from vlmux.pool.vram import GpuMemory, Release
@@ -44,6 +45,21 @@ class Worker(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SpareStatus:
+    """The spare worker: its process, the GPUs it holds a context on (none: cold), the checkpoints it got ready for."""
+
+    pid: int
+    gpus: tuple[int, ...]
+    warming: bool
+    models: tuple[str, ...]
+
+
+def gpus_of(env: dict[str, str] | None) -> tuple[int, ...]:
+    """The GPUs a worker environment shows (CUDA_VISIBLE_DEVICES of NVML indices, as placement writes it)."""
+    return tuple(int(gpu) for gpu in (env or {}).get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu)
+
+
 class WorkerFactory(Protocol):
     def take(self, env: dict[str, str]) -> Worker:
         """A worker for a load whose environment (CUDA_VISIBLE_DEVICES) is `env`."""
@@ -64,6 +80,13 @@ class WorkerFactory(Protocol):
         ...
 
     def resume_warm(self) -> None: ...
+
+    def drop_spare(self, check_for: Callable[[tuple[int, ...]], ReleaseCheck]) -> Release | None:
+        """Stop the spare, warm or cold, and keep none until the next `take`; what it held is verified by the check
+        `check_for` gives for its GPUs. None when there was no spare."""
+        ...
+
+    def spare_status(self) -> SpareStatus | None: ...
 
     def close(self) -> None: ...
 

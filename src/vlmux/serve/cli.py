@@ -128,6 +128,8 @@ def _client(args: argparse.Namespace) -> int:
             print(f"{each['model']}: {each['release']}")
         if not answer["unloaded"]:
             print("nothing was loaded")
+        if answer.get("spare"):
+            print(f"spare worker: {answer['spare']['release']}")
     else:
         if args.command == "load":
             print(f"{answer['model']} loaded in {answer['seconds']:.2f} s")
@@ -155,6 +157,11 @@ def _print_ps(answer: dict) -> None:
         print(f"{m['name']:<20} {m['state']:<9} {where:<10} {held / 2**20:>7.0f} MiB {m['in_flight']:>9} {expires:>10}")
     if not answer["models"]:
         print("(no model loaded)")
+    spare = answer.get("spare")
+    if spare:
+        where = ",".join(f"GPU {g}" for g in spare["gpus"]) or "cpu"
+        print(f"spare worker {spare['pid']}: {spare['state']} on {where}, {spare['vram_bytes'] / 2**20:.0f} MiB"
+              + (f", ready for {len(spare['models'])} model(s)" if spare["models"] else ""))
 
 
 def _port(text: str) -> int:
