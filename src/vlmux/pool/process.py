@@ -49,6 +49,10 @@ class WorkerProcess:
         return self._pidfd if self._pidfd is not None else self._status_fd
 
     @property
+    def context_env(self) -> dict[str, str] | None:
+        return self.warm_env if self.warmed else None
+
+    @property
     def alive(self) -> bool:
         return not self._closed and not wait([self.sentinel], 0)
 
@@ -235,6 +239,7 @@ class Spawner:
         self._warming_worker: WorkerProcess | None = None  # the worker a Warm request may be running in
         self._paused: WorkerProcess | None = None
         self._dropped = False  # no spare until the next take: a pool that unloaded all keeps no worker
+        self._passed_by = False  # a load did not wait for the warm-up's slice under way: it stops after that slice
         if keep_spare:
             self._start_refill()
 
@@ -244,6 +249,8 @@ class Spawner:
         with self._lock:
             spare, self._spare = self._spare, None
             self._dropped = False
+            if spare is not None and spare is self._warming_worker:  # mid-slice: the load takes a fresh worker
+                self._spare, spare, self._passed_by = spare, None, True
         if spare is not None and (not spare.alive or spare.warm_env not in (None, env)):
             spare.kill()
             spare = None
@@ -266,6 +273,8 @@ class Spawner:
                 spare.kill()
                 self._start_refill()
             return
+        with self._lock:
+            self._passed_by = False
         warming = threading.Thread(target=self._warm, args=(requests,), name="vlmux-warm", daemon=True)
         warming.start()
         self._warming = warming  # started before others can see it: they may join it
@@ -335,6 +344,8 @@ class Spawner:
                 if request.path in spare.warmed:
                     continue
                 with self._lock:  # before the gate: a pause that clears the gate after this finds the worker
+                    if self._spare is not spare or self._passed_by:  # a load took it or wants the GPU: yield
+                        return
                     self._warming_worker = spare
                 self._warm_gate.wait()
                 try:

@@ -133,12 +133,12 @@ class Scheduler:
             with self._lock:
                 if runner.state is State.STOPPING:
                     break
-            cold = self.workers.warm_for() != placement.env
-            worker = self.workers.take(placement.env)
+            worker = self.workers.take(placement.env)  # never the spare in the middle of a warm-up slice
+            cold = worker.context_env != placement.env
             with self._lock:
                 runner.worker = worker
-            try:
-                with self._unattributed.held(placement.gpus if cold else ()):  # a new context's share
+            try:  # a new context's share; a warm-up under way is paused, not waited for
+                with self._unattributed.held(placement.gpus if cold else (), preempt=True):
                     reply, release = worker.call(request), None
                 break
             except WorkerDied as e:

@@ -29,6 +29,11 @@ class Worker(Protocol):
         """A file descriptor that becomes readable once the worker has exited; None: it cannot exit by itself."""
         ...
 
+    @property
+    def context_env(self) -> dict[str, str] | None:
+        """The environment (GPUs) this worker already holds a CUDA context for (a warm spare's), or None."""
+        ...
+
     def call(self, request: Request, timeout: float | None = None,
              on_text: Callable[[ChatText], None] | None = None) -> Reply:
         """Send one request and wait for its reply; a streamed chat's pieces go to `on_text` meanwhile. Raises

@@ -82,6 +82,7 @@ class FakeGpuWorker:
     def __init__(self, inner: WorkerProcess, gpus: FakeGpus, gpu: int | None, factory: FakeGpuWorkers) -> None:
         self.inner, self.gpus, self.gpu, self.factory = inner, gpus, gpu, factory
         self.model = ""
+        self.context_env = factory.warm_for()  # the fake's warm-up is a record: the spare counts as warm for it
 
     @property
     def pid(self) -> int:
