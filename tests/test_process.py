@@ -207,3 +207,34 @@ def test_an_unpicklable_request_fails_at_once_and_the_worker_serves_the_next(tin
         assert worker.alive
     finally:
         worker.stop(5, NoRelease())
+
+
+def test_a_load_never_waits_for_the_spares_warm_up_slice_and_the_warm_up_yields_after_it(tiny_llava, tiny_qwen):
+    """The spare's warm-up slice blocks (its process stopped): a load takes a fresh worker at once and loads, and the
+    warm-up sends no further slice once the blocked one ends."""
+    from vlmux.pool.process import Spawner
+    from vlmux.protocol import Warm
+
+    spawner = Spawner(keep_spare=True)
+    try:
+        assert spawner.wait_ready(60)
+        spare = spawner.spare_status().pid
+        os.kill(spare, signal.SIGSTOP)  # a warm-up slice that blocks until the test lets it go
+        spawner.warm([Warm(ModelSpec(str(model), device="cpu"), str(model), CPU_ENV) for model in (tiny_llava, tiny_qwen)])
+        deadline = time.monotonic() + 10
+        while not spawner.spare_status().warming:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        started = time.monotonic()
+        worker = spawner.take(CPU_ENV)
+        assert worker.pid != spare and time.monotonic() - started < 1.0
+        assert isinstance(worker.call(Load(ModelSpec(str(tiny_llava), device="cpu"), str(tiny_llava), CPU_ENV),
+                                      timeout=120), Loaded)
+        os.kill(spare, signal.SIGCONT)
+        assert spawner.wait_ready(60)
+        status = spawner.spare_status()
+        assert status.pid == spare and status.models == (str(tiny_llava),)  # the second slice was never sent
+        worker.kill()
+    finally:
+        os.kill(spare, signal.SIGCONT)
+        spawner.close()

@@ -12,7 +12,7 @@ from vlmux.serve.errors import ApiError
 from vlmux.serve.fetch import FetchPolicy, fetch, refusal
 from vlmux.serve.images import ImagePolicy, image_bytes
 from vlmux.serve.schema import UNSET, StopWatch, cut_at_stop, parse_chat
-from vlmux.serve.settings import model_option, parse_duration, parse_residency
+from vlmux.serve.settings import ServeConfig, model_option, parse_duration, parse_residency
 
 
 @pytest.mark.parametrize("address, kind", [
@@ -71,6 +71,35 @@ def test_min_residency_is_auto_or_a_duration_and_reaches_the_server_config():
     assert serve_config(parser.parse_args(["serve", "--model", "a=/m"])).min_residency is None  # auto
     with pytest.raises(ValueError, match="min_residency"):
         PoolConfig(min_residency=-1)
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["serve", "--model", "a=/m", "--vram-budget", "40"], "--vram-budget: '40': a bare number is a fraction"),
+    (["serve", "--model", "a=/m", "--vram-budget", "forty"], "--vram-budget: 'forty'"),
+    (["caption", "x.png", "-m", "/m", "--vram-budget", "40"], "did you mean 40GiB"),
+    (["serve", "--model", "a=/m", "--keep-alive", "soon"], "--keep-alive: a duration like"),
+    (["serve", "--model", "a=/m", "--min-residency", "-3"], "--min-residency: auto or a duration"),
+    (["serve", "--model", "a=/m", "--port", "70000"], "--port: a port from 0"),
+    (["serve", "--model", "a=/m", "--max-queue", "0"], "--max-queue: a whole number of at least 1"),
+])
+def test_a_flag_that_cannot_be_parsed_is_a_usage_error_naming_it_before_anything_starts(argv, named, capsys):
+    from vlmux.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_server_takes_the_budget_forms_and_its_config_checks_them_too():
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    for budget in ("0.8", "80%", "40GiB"):
+        assert serve_config(parser.parse_args(["serve", "--model", "a=/m", "--vram-budget", budget])).vram_budget == budget
+    assert serve_config(parser.parse_args(["serve", "--model", "a=/m", "--keep-alive", "-1"])).keep_alive is None
+    with pytest.raises(ValueError, match="vram_budget '40'"):
+        ServeConfig(vram_budget="40")
+    with pytest.raises(ValueError, match="max_queue 0"):
+        ServeConfig(max_queue=0)
 
 
 def test_chat_requests_are_checked_with_the_parameter_named():

@@ -32,6 +32,10 @@ class InProcessWorker:
     def sentinel(self) -> int | None:
         return None  # it ends with the caller
 
+    @property
+    def context_env(self) -> None:
+        return None
+
     def call(self, request: Request, timeout: float | None = None,
              on_text: Callable[[ChatText], None] | None = None) -> Reply:
         if isinstance(request, Load):
@@ -90,6 +94,12 @@ class InProcessWorkers:
         return None
 
     def resume_warm(self) -> None:
+        return None
+
+    def drop_spare(self, check_for) -> vram.Release | None:
+        return None
+
+    def spare_status(self) -> None:
         return None
 
     def close(self) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from vlmux.errors import WorkerDied, WorkerStartError
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
-from vlmux.pool.workers import ReleaseCheck
+from vlmux.pool.workers import ReleaseCheck, SpareStatus, gpus_of
 from vlmux.protocol import Abort, ChatText, Exit, Heartbeat, Reply, Request, Warm
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
@@ -49,6 +49,10 @@ class WorkerProcess:
         """Readable once the worker has exited. The status pipe is the fallback only: it also reads as ended when
         the fork server dies, though the worker may live on."""
         return self._pidfd if self._pidfd is not None else self._status_fd
+
+    @property
+    def context_env(self) -> dict[str, str] | None:
+        return self.warm_env if self.warmed else None
 
     @property
     def alive(self) -> bool:
@@ -257,6 +261,8 @@ class Spawner:
         self._warm_gate.set()
         self._warming_worker: WorkerProcess | None = None  # the worker a Warm request may be running in
         self._paused: WorkerProcess | None = None
+        self._dropped = False  # no spare until the next take: a pool that unloaded all keeps no worker
+        self._passed_by = False  # a load did not wait for the warm-up's slice under way: it stops after that slice
         if keep_spare:
             self._start_refill()
 
@@ -265,6 +271,9 @@ class Spawner:
         GPUs), else a fresh one."""
         with self._lock:
             spare, self._spare = self._spare, None
+            self._dropped = False
+            if spare is not None and spare is self._warming_worker:  # mid-slice: the load takes a fresh worker
+                self._spare, spare, self._passed_by = spare, None, True
         if spare is not None and (not spare.alive or spare.warm_env not in (None, env)):
             spare.kill()
             spare = None
@@ -287,6 +296,8 @@ class Spawner:
                 spare.kill()
                 self._start_refill()
             return
+        with self._lock:
+            self._passed_by = False
         warming = threading.Thread(target=self._warm, args=(requests,), name="vlmux-warm", daemon=True)
         warming.start()
         self._warming = warming  # started before others can see it: they may join it
@@ -306,6 +317,25 @@ class Spawner:
                 if thread.is_alive():
                     return False
         return True
+
+    def drop_spare(self, check_for: Callable[[tuple[int, ...]], ReleaseCheck]) -> Release | None:
+        """Stop the spare (a warm-up under way ends with it) and fork none until the next `take`."""
+        with self._lock:
+            self._dropped = True
+        if self._refill is not None:
+            self._refill.join()
+        with self._lock:
+            spare, self._spare = self._spare, None
+        if spare is None:
+            return None
+        return spare.stop(0.0, check_for(gpus_of(spare.warm_env)))
+
+    def spare_status(self) -> SpareStatus | None:
+        with self._lock:
+            spare, warming = self._spare, self._warming_worker is not None
+        if spare is None or not spare.alive:
+            return None
+        return SpareStatus(spare.pid, gpus_of(spare.warm_env), warming, tuple(sorted(spare.warmed)))
 
     def close(self) -> None:
         self._keep_spare = False
@@ -337,6 +367,8 @@ class Spawner:
                 if request.path in spare.warmed:
                     continue
                 with self._lock:  # before the gate: a pause that clears the gate after this finds the worker
+                    if self._spare is not spare or self._passed_by:  # a load took it or wants the GPU: yield
+                        return
                     self._warming_worker = spare
                 self._warm_gate.wait()
                 try:
@@ -368,14 +400,14 @@ class Spawner:
     def _start_refill(self) -> None:
         def refill() -> None:
             with self._lock:
-                if self._spare is not None or not self._keep_spare:
+                if self._spare is not None or not self._keep_spare or self._dropped:
                     return
             try:
                 worker = WorkerProcess(self._hang_timeout)
             except WorkerStartError:  # the load that takes no spare starts its own worker and reports why it can't
                 return
             with self._lock:
-                if self._spare is None and self._keep_spare:
+                if self._spare is None and self._keep_spare and not self._dropped:
                     self._spare, worker = worker, None
             if worker is not None:
                 worker.kill()
