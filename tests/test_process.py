@@ -212,7 +212,7 @@ def test_an_unpicklable_request_fails_at_once_and_the_worker_serves_the_next(tin
 def test_a_load_never_waits_for_the_spares_warm_up_slice_and_the_warm_up_yields_after_it(tiny_llava, tiny_qwen):
     """The spare's warm-up slice blocks (its process stopped): a load takes a fresh worker at once and loads, and the
     warm-up sends no further slice once the blocked one ends."""
-    from vlmux.pool.process import Spawner
+    from vlmux.pool.spawner import Spawner
     from vlmux.protocol import Warm
 
     spawner = Spawner(keep_spare=True)

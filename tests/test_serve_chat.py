@@ -10,7 +10,8 @@ import pytest
 
 from vlmux import ModelPool, PoolConfig
 from vlmux.pool import vram
-from vlmux.pool.process import Spawner, WorkerProcess
+from vlmux.pool.process import WorkerProcess
+from vlmux.pool.spawner import Spawner
 from vlmux.serve.app import create_app
 from vlmux.serve.service import Service
 from vlmux.serve.limits import RequestLimits

@@ -1,7 +1,8 @@
 """The spare worker: warm for one placement, never handed to a load placed elsewhere. A worker's reader thread: an
 Abort sent while a batch of chats generates stops that row, and the worker's own count of running rows drops."""
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.pool.process import Spawner, WorkerProcess
+from vlmux.pool.process import WorkerProcess
+from vlmux.pool.spawner import Spawner
 from vlmux.protocol import Caption, Captions, Chat, Chats, ChatsAnswered, Load, Loaded, Warm
 from vlmux.testing.workers import CPU_ENV, NoRelease
 

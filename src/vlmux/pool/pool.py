@@ -18,7 +18,7 @@ from vlmux.pool import vram
 from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.pool.inprocess import InProcessWorkers
 from vlmux.pool.placement import PlacementError, WorkerPlacement, place, select_gpus
-from vlmux.pool.process import Spawner
+from vlmux.pool.spawner import Spawner
 from vlmux.pool.room import Needs
 from vlmux.pool.runner import ModelStatus, State
 from vlmux.pool.scheduler import Scheduler

@@ -8,7 +8,8 @@ import time
 from dataclasses import dataclass, field, replace
 
 from vlmux.pool import vram
-from vlmux.pool.process import Spawner, WorkerProcess
+from vlmux.pool.process import WorkerProcess
+from vlmux.pool.spawner import Spawner
 from vlmux.pool.workers import ReleaseCheck, SpareStatus, gpus_of
 from vlmux.protocol import Load, Loaded, Reply, Request, Warm
 
