@@ -303,7 +303,7 @@ class Handler:
                     answers = self.backend.chat_batch(conversations, request.chats[0].gen,
                                                       on_text if streaming and send is not None else None, control,
                                                       [request.chats[index].logprobs for index in rows])
-                except NotImplementedError as e:  # a setting this model cannot honour: each row alone says which
+                except NotImplementedError:  # a setting this model cannot honour: each row alone says which
                     for index in rows:
                         replies[index] = self._chat(request.chats[index], send, index)
                     return ChatsAnswered(replies)
