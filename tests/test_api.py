@@ -7,7 +7,6 @@ import time
 import pytest
 from PIL import Image
 
-import vlmux
 from vlmux import ImageError, pipeline
 from vlmux.hub import ModelNotFound
 from vlmux.testing.processes import process_gone
@@ -36,12 +35,15 @@ def test_a_bad_image_raises_image_error_naming_its_position(tiny_llava, image_di
 
 
 def test_chat_answers_with_an_image(tiny_qwen, image_dir):
-    image = sorted(image_dir.iterdir())[0]
+    def ask(image) -> list[dict]:
+        return [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "What is it?"}]}]
+
+    first, second = sorted(image_dir.iterdir())[:2]
     with pipeline(str(tiny_qwen), device="cpu", max_new_tokens=5) as pipe:
-        messages = [{"role": "user", "content": [{"type": "image", "image": str(image)}, {"type": "text", "text": "What is it?"}]}]
-        answer = pipe.chat(messages)
-        assert isinstance(answer, str) and answer
-        assert pipe.chat(messages) == answer
+        answers = [pipe.chat(ask(first)), pipe.chat(ask(second))]
+        assert answers[0] != answers[1]  # the picture is seen: another one gives another answer
+        assert answers == [pipe(first, prompt="What is it?"), pipe(second, prompt="What is it?")]
+        assert pipe.chat(ask(first)) == answers[0]
 
 
 def test_closed_pipeline_refuses_work_and_close_is_idempotent(tiny_llava, image_dir):
@@ -94,5 +96,18 @@ def test_isolation_none_says_what_it_could_not_give_back(tiny_llava, image_dir):
     assert "isolation='none'" in pipe.release.note
 
 
+PUBLIC = {"pipeline", "Pipeline", "ModelPool", "PoolConfig", "ModelSpec", "GenerationSpec", "Release", "ImageError",
+          "WorkerDied", "ModelNotLoaded", "PoolClosed", "PoolFull", "ModelLoadError", "RequestFailed"}
+
+
 def test_public_names():
-    assert callable(vlmux.pipeline) and vlmux.ModelPool and vlmux.Release
+    """What the README and the errors name comes with `from vlmux import *`, and importing vlmux loads no torch."""
+    run = run_python("""
+        import sys
+        names = {}
+        exec("from vlmux import *", names)
+        print(sorted(name for name in names if not name.startswith("__")))
+        print(sorted(module for module in ("torch", "transformers") if module in sys.modules))
+    """, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [str(sorted(PUBLIC)), "[]"]

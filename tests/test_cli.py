@@ -169,6 +169,9 @@ def test_demo_runs_two_models_and_reports_release(tmp_path):
     assert len(models) == 2
     assert all(row["caption"] for row in rows)
     assert run.stdout.count("released") + run.stdout.count("release verified") == 2
+    assert not list((tmp_path / "demo").glob(".*.lock"))  # its output's lock goes with the job
+    assert "100%" not in run.stderr  # no bar redrawn line by line off a terminal; the summary says it
+    assert "('right': the same words)" in run.stdout  # what each shapes caption's verdict means
 
 
 def test_a_truncated_checkpoint_is_named_with_what_to_do_and_no_traceback(tiny_qwen, image_dir, tmp_path):

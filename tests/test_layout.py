@@ -17,7 +17,8 @@ def test_no_import_circles_among_vlmux_modules():
 
 
 def test_the_parent_never_imports_torch():
-    code = ("import sys, vlmux, vlmux.cli, vlmux.caption.job, vlmux.pool, vlmux.serve.app, vlmux.serve.cli; "
+    code = ("import sys, vlmux, vlmux.cli, vlmux.caption.job, vlmux.pool, vlmux.serve.app, vlmux.serve.cli, "
+            "vlmux.review.app, vlmux.review.export; "
             "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -63,3 +63,37 @@ def test_a_killed_holder_leaves_the_output_free(tmp_path):
     holder.send_signal(signal.SIGKILL)
     holder.wait()
     OutputLock(tmp_path / "c.jsonl").release()
+
+
+@pytest.mark.parametrize("name", ["c.jsonl", "c.csv"])
+def test_a_closed_output_leaves_no_lock_file_and_can_be_locked_again(tmp_path, name):
+    open_output(tmp_path / name).close()
+    assert [p.name for p in tmp_path.iterdir()] == [name]
+    again = OutputLock(tmp_path / name)
+    assert again.path.exists()
+    again.release()
+    assert not again.path.exists()
+
+
+def test_a_lock_taken_on_a_file_its_holder_just_removed_moves_to_the_new_file(tmp_path, monkeypatch):
+    """The holder removes its lock file before its flock drops; a job that opened that file meanwhile gets the lock
+    of a file no path names, and must lock the path's new file instead, or two jobs would hold locks at once."""
+    import vlmux.caption.locks as locks
+
+    holder = OutputLock(tmp_path / "c.jsonl")
+    real_open, opens = os.open, []
+
+    def open_then_holder_releases(path, *args):
+        fd = real_open(path, *args)
+        opens.append(path)
+        if len(opens) == 1:  # the first open finds the holder's file; it lets go right after
+            holder.release()
+        return fd
+
+    monkeypatch.setattr(locks.os, "open", open_then_holder_releases)
+    taker = OutputLock(tmp_path / "c.jsonl")
+    monkeypatch.setattr(locks.os, "open", real_open)
+    with pytest.raises(OutputBusy):  # the path's file is the one held now
+        OutputLock(tmp_path / "c.jsonl")
+    assert len(opens) == 2  # the taker locked the removed file, saw it, and locked the new one
+    taker.release()

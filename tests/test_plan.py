@@ -68,13 +68,19 @@ batch_size = "auto"
 
 
 def test_existing_sidecar_captions_fill_the_existing_placeholder(tmp_path, image_dir, tiny_llava):
+    """{existing} from IMAGE.txt, .caption and .tags, the template read with --prompt-file, and --prefix / --suffix
+    around every caption."""
     images = sorted(image_dir.iterdir())
-    images[0].with_suffix(".txt").write_text("red, circle, small\n")
+    existing = {images[0]: "red, circle, small", images[1]: "a blue square", images[2]: "green, triangle"}
+    for image, extension in zip(images, (".txt", ".caption", ".tags")):
+        image.with_suffix(extension).write_text(existing[image] + "\n")
+    (tmp_path / "prompt.txt").write_text("Tags: {existing}. Caption it.\n")
     out = tmp_path / "out.jsonl"
-    result = run(str(image_dir), "-m", str(tiny_llava), "--prompt", "Tags: {existing}. Caption it.", "--max-new-tokens", "6", "-o", str(out))
+    result = run(str(image_dir), "-m", str(tiny_llava), "--prompt-file", str(tmp_path / "prompt.txt"),
+                 "--prefix", "photo: ", "--suffix", " [end]", "--max-new-tokens", "6", "-o", str(out))
     assert result.returncode == 0, result.stderr
-    want = expected(tiny_llava, images, lambda image: "Tags: red, circle, small. Caption it." if image == images[0] else "Tags: . Caption it.", 6)
-    assert captions(out) == want
+    want = expected(tiny_llava, images, lambda image: f"Tags: {existing.get(image, '')}. Caption it.", 6)
+    assert captions(out) == {key: f"photo: {caption} [end]" for key, caption in want.items()}
 
 
 def test_a_bad_job_file_is_a_usage_error(tmp_path, image_dir):
@@ -97,15 +103,16 @@ def test_list_files_and_tables_name_the_images(tmp_path, image_dir, tiny_llava, 
     elif kind == "csv":
         with listing.open("w", newline="") as f:
             writer = csv.writer(f)
-            writer.writerow(["id", "image_path"])
-            writer.writerows([[i, entry] for i, entry in enumerate(entries)])
+            writer.writerow(["id", "image_path", "picture"])  # --image-column picks the second
+            writer.writerows([[i, "images/not-this.png", entry] for i, entry in enumerate(entries)])
     else:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         pq.write_table(pa.table({"file_name": entries}), listing)
     out = tmp_path / "out.jsonl"
-    result = run(str(listing), "-m", str(tiny_llava), "--max-new-tokens", "4", "-o", str(out))
+    column = ["--image-column", "picture"] if kind == "csv" else []
+    result = run(str(listing), *column, "-m", str(tiny_llava), "--max-new-tokens", "4", "-o", str(out))
     assert result.returncode == 0, result.stderr
     rows = {row["file"]: row for row in map(json.loads, out.read_text().splitlines())}
     assert set(rows) == set(entries)
@@ -192,3 +199,19 @@ def test_a_job_on_a_gpu_counts_its_preparing_processes_unless_the_user_chose():
     assert job_prep(ModelSpec("m", device="cpu"), 1000, gpu_present=True).prep_processes is None
     assert job_prep(auto, 3, gpu_present=True).prep_processes is None  # a few images: prepared in the worker
     assert job_prep(ModelSpec("m", prep_processes=0), 1000, gpu_present=True).prep_processes == 0
+
+
+def test_sampling_with_a_seed_repeats_its_captions_from_the_command_line_and_the_api(tmp_path, image_dir, tiny_llava):
+    """--sample --temperature --seed end to end: the CLI's captions equal the pipeline's under the same seed; the
+    same seed gives them again, another seed others."""
+    images = sorted(image_dir.iterdir())
+    out = tmp_path / "out.jsonl"
+    result = run(str(image_dir), "-m", str(tiny_llava), "--sample", "--temperature", "1.5", "--seed", "1",
+                 "--max-new-tokens", "6", "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    sampling = {"do_sample": True, "temperature": 1.5, "max_new_tokens": 6}
+    with pipeline(str(tiny_llava), device="cpu") as pipe:
+        first, again, other = (pipe(images, seed=seed, **sampling) for seed in (1, 1, 2))
+        greedy = pipe(images, max_new_tokens=6)
+    assert captions(out) == {(image.name, str(tiny_llava)): caption for image, caption in zip(images, first)}
+    assert first == again and other != first and greedy != first

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from vlmux import GenerationSpec, ModelLoadError, ModelPool, ModelSpec, PoolConfig, pipeline
-from vlmux.pool.budget import parse_budget
 from vlmux.pool.pool import ModelNotLoaded
 from vlmux.testing.processes import process_gone
 from vlmux.errors import WorkerDied
@@ -99,16 +98,6 @@ def test_idle_models_expire_after_keep_alive(tiny_llava):
         assert process_gone(pid)
         with pytest.raises(ModelNotLoaded):
             pool.caption(name, [], [], GenerationSpec())
-
-
-def test_budget_parsing():
-    total = 80 * 2**30
-    assert parse_budget(0.5, total) == 40 * 2**30
-    assert parse_budget("0.25", total) == 20 * 2**30
-    assert parse_budget("10GiB", total) == 10 * 2**30
-    assert parse_budget("1500MiB", total) == 1500 * 2**20
-    assert parse_budget("50%", total) == 40 * 2**30
-    assert parse_budget(3 * 2**30, total) == 3 * 2**30
 
 
 def test_concurrent_loads_of_one_model_load_it_once_and_other_models_keep_serving(tiny_llava, tiny_qwen, image_dir):

@@ -9,24 +9,15 @@ from vlmux.backends.transformers import host_inputs, load_processor
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import load_image
 from vlmux.testing.processes import children, descendants, process_gone
+from vlmux.testing.workers import CPU_ENV, NoRelease
 from vlmux.tiny import draw_sample_images
 from vlmux.worker.prep import NotJoinable, join
 from vlmux.pool.process import WorkerProcess
 from vlmux.protocol import Caption, Captions, Load, Loaded
 
-CPU_ENV = {"CUDA_VISIBLE_DEVICES": "", "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 GEN = GenerationSpec(max_new_tokens=6)
 PROMPTS = ["Describe.", "Describe this picture in a few words, please.", "What is it?"]
 
-
-class NoRelease:
-    """A ReleaseCheck for the CPU: nothing to verify."""
-
-    def before_exit(self, pid: int) -> None:
-        pass
-
-    def after_exit(self, pid: int, alive: bool, host_bytes: int | None) -> None:
-        return None
 
 
 def pictures(count: int) -> list[Image.Image]:

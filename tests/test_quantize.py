@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from vlmux import ModelLoadError, pipeline
+from vlmux import pipeline
 from vlmux.config import ModelSpec
 from vlmux.estimate import estimate
 from vlmux.quantization import METHODS, QuantizationUnavailable, kept_in_16bit, require_method
@@ -90,8 +90,10 @@ def test_torchao_int8_quantises_the_language_model_and_keeps_the_vision_tower(ti
             "Int8" in type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__
         assert type(model.model.visual.blocks[0].attn.qkv.weight) is torch.nn.Parameter
         assert type(model.lm_head.weight) is torch.nn.Parameter
-        captions = backend.caption([_picture()], ["Describe the image."], _gen())
-        assert len(captions) == 1 and captions[0]
+        pictures = [_picture(), _picture((40, 80, 220))]
+        captions = [backend.caption([picture], ["Describe the image."], _gen())[0] for picture in pictures]
+        assert captions == plain_generate(path, "torchao-int8", backend.torch_dtype, pictures, _gen().max_new_tokens)
+        assert_same_logits_as_transformers(backend, path, "torchao-int8")
     finally:
         backend.close()
 
@@ -112,19 +114,26 @@ def test_torchao_fp8_keeps_fp8_weights_on_the_cpu_and_captions_through_a_worker(
         backend.close()
     with pipeline(str(path), device="cpu", quantize="torchao-fp8", max_new_tokens=6, ignore_eos=True) as pipe:
         pid = pipe.status[0].pid
-        captions = pipe([_picture(), _picture((40, 80, 220))])
-        assert len(captions) == 2 and all(captions)
+        captions = pipe([_picture(), _picture((40, 80, 220))], prompt="Describe the image.")
     assert process_gone(pid)
+    assert captions == plain_generate(path, "torchao-fp8", torch.float32, [_picture(), _picture((40, 80, 220))], 6)
 
 
 def test_bitsandbytes_8bit_captions_in_a_worker_on_the_cpu_and_is_released(tiny_models):
     pytest.importorskip("bitsandbytes")
-    with pipeline(str(tiny_models["qwen2_vl"]), device="cpu", quantize="8bit", max_new_tokens=6,
-                  ignore_eos=True) as pipe:
+    path = tiny_models["qwen2_vl"]
+    with pipeline(str(path), device="cpu", quantize="8bit", max_new_tokens=6, ignore_eos=True) as pipe:
         pid = pipe.status[0].pid
-        captions = pipe([_picture(), _picture((40, 80, 220))])
-        assert len(captions) == 2 and all(captions)
+        captions = pipe([_picture(), _picture((40, 80, 220))], prompt="Describe the image.")
     assert process_gone(pid)
+    assert captions == plain_generate(path, "8bit", torch.float32, [_picture(), _picture((40, 80, 220))], 6)
+    from vlmux.backends.transformers import TransformersBackend
+
+    backend = TransformersBackend(ModelSpec(str(path), device="cpu", quantize="8bit"), str(path))
+    try:
+        assert_same_logits_as_transformers(backend, path, "8bit")
+    finally:
+        backend.close()
 
 
 HIDE = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None  # import fails, find_spec says absent\n"
@@ -189,6 +198,51 @@ def test_a_failed_weight_conversion_says_which_weights_and_why():
         with load_report():
             report.log_state_dict_report(torch.nn.Linear(1, 1), "tiny", False, info,
                                          hf_logging.get_logger("transformers.modeling_utils"))
+
+
+PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]
+
+
+def plain_model(path, quantize: str | None, dtype: torch.dtype):
+    """transformers alone under the same quantisation config: its processor and from_pretrained."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlmux.backends.quantize import quantization_options
+
+    model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, device_map="cpu",
+                                                        **quantization_options(quantize, path, dtype, "cpu")).eval()
+    return AutoProcessor.from_pretrained(path), model
+
+
+def plain_inputs(processor, picture, dtype: torch.dtype):
+    text = processor.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=False)
+    inputs = processor(text=[text], images=[[picture]], return_tensors="pt")
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def plain_generate(path, quantize: str, dtype: torch.dtype, pictures: list, tokens: int) -> list[str]:
+    """Greedy `generate` of transformers alone, one picture at a time."""
+    processor, model = plain_model(path, quantize, dtype)
+    captions = []
+    for picture in pictures:
+        inputs = plain_inputs(processor, picture, dtype)
+        with torch.inference_mode():
+            output = model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        captions.append(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    return captions
+
+
+def assert_same_logits_as_transformers(backend, path, quantize: str) -> None:
+    """The tiny model's greedy words barely move under 8-bit weights (int8 gives the unquantised words): its logits
+    do. Equal to transformers' under the same config, and unlike the unquantised model's."""
+    processor, quantised = plain_model(path, quantize, backend.torch_dtype)
+    _, plain = plain_model(path, None, backend.torch_dtype)
+    inputs = plain_inputs(processor, _picture(), backend.torch_dtype)
+    with torch.inference_mode():
+        ours, theirs, unquantised = (model(**inputs).logits for model in (backend.model, quantised, plain))
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, unquantised)
 
 
 def _picture(color=(220, 40, 40)):

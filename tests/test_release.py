@@ -166,3 +166,44 @@ def test_a_second_check_waits_for_the_first_that_paused_the_warm_up():
     warming.join(20)
     assert not second.is_alive() and not warming.is_alive() and len(warm_up.pauses) == 2
     assert steps_while_held == [0], "the first check's resume let the warm-up run under the second check"
+
+
+class BlockingWarmUp:
+    """A warm-up holding GPU 0 whose step never ends by itself; `pause_warm` is what a load may do to it."""
+
+    def __init__(self) -> None:
+        self.paused, self.resumed = threading.Event(), threading.Event()
+
+    def pause_warm(self) -> None:
+        self.paused.set()
+
+    def resume_warm(self) -> None:
+        self.resumed.set()
+
+
+def test_a_load_into_a_cold_worker_pauses_a_warm_up_instead_of_waiting_for_it():
+    lock, warm_up, step, holding = UnattributedLock(), BlockingWarmUp(), threading.Event(), threading.Event()
+
+    def warming() -> None:
+        with lock.held([0], pausable=warm_up):
+            holding.set()
+            step.wait()  # the step that blocks
+
+    thread = threading.Thread(target=warming)
+    thread.start()
+    try:
+        assert holding.wait(5)  # the warm-up has the GPU before the load asks
+        loaded = threading.Event()
+
+        def load() -> None:
+            with lock.held([0], preempt=True):  # what the scheduler's load into a cold worker takes
+                loaded.set()
+
+        loader = threading.Thread(target=load)
+        loader.start()
+        assert loaded.wait(1.0), "the load waited for the warm-up's step"
+        loader.join(1.0)
+        assert warm_up.paused.is_set() and warm_up.resumed.is_set()  # frozen for the load, resumed after it
+    finally:
+        step.set()
+        thread.join(5)

@@ -41,6 +41,10 @@ def test_the_report_json_has_rates_timings_and_each_model_marked(report, tiny_ll
         assert model["load_seconds"] > 0 and model["unload_seconds"] > 0 and model["release"]
         assert model["load_timings"]["total"] > 0 and model["load_timings"]["weights"] > 0
         assert 0 < model["input_wait_seconds"] < model["caption_seconds"]  # its one batch waited for its decoding
+    # The fork server starts as the job scans its inputs (milliseconds); its imports take seconds, all the first
+    # load's to wait for, and the second load finds it ready.
+    first, second = data["models"]
+    assert 0 < first["server_wait_seconds"] <= first["load_seconds"] and second["server_wait_seconds"] == 0
     events = [(e["model"], e["event"]) for e in data["events"]]
     steps = ["load_start", "loaded", "unload_start", "unloaded"]
     assert events == [(str(tiny_llava), step) for step in steps] + [(str(tiny_qwen), step) for step in steps]

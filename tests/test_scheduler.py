@@ -293,6 +293,30 @@ def test_with_prewarm_the_first_switch_overlaps_too(tiny_models, image):
         assert_switch_overlaps(pool, workers, first, a, b, image)
 
 
+def test_unload_all_leaves_no_worker_and_nothing_on_the_gpu_within_a_second_spare_included(tiny_models, image):
+    a, b = tiny_models["llava"], tiny_models["qwen2_vl"]
+    gpus = FakeGpus()
+    workers = FakeGpuWorkers(gpus, spare_bytes=500 * 2**20)  # a warm spare's context and pinned pages
+    with ModelPool(PoolConfig(max_batch_size=1, warm_spare_linger=60, prewarm=[str(b)]), inventory=gpus,
+                   workers=workers) as pool:
+        name = load(pool, a)
+        caption(pool, name, image)
+        assert pool.wait_for_spare(60)
+        spare = pool.spare_status()
+        assert spare is not None and spare.gpus == (0,) and gpus.process_memory(0)[spare.pid] == 500 * 2**20
+        model_pid = pool.status()[0].pid
+        started = time.monotonic()
+        models, spare_release = pool.unload_all()
+        took = time.monotonic() - started
+        assert list(models) == [name] and models[name].verified and spare_release.verified
+        assert took < 1.0 and gpus.memory(0).used == 0 and gpus.process_memory(0) == {}
+        assert process_gone(model_pid, within=0.1) and process_gone(spare.pid, within=0.1)
+        time.sleep(0.5)  # no spare forked back, and no warm-up, while nothing is asked for
+        assert pool.spare_status() is None and gpus.memory(0).used == 0 and pool.status() == []
+        assert caption(pool, load(pool, b), image)  # the next load brings the spare back
+        assert pool.wait_for_spare(60) and pool.spare_status() is not None
+
+
 def test_status_says_what_a_model_holds_on_its_gpu_and_asleep_on_the_host(tiny_models, image):
     pool, gpus, workers = fake_pool(8 * GIB)
     with pool:

@@ -20,6 +20,7 @@ from PIL import Image
 from vlmux.serve.service import exit_reason
 from vlmux.testing.processes import process_gone
 from vlmux.testing.server import served
+from vlmux.testing.workers import wait_until
 
 KEY = "test-key-1234"
 
@@ -60,15 +61,6 @@ def streamed(client, model: str, messages, **options) -> tuple[str, list]:
     chunks = list(client.chat.completions.create(model=model, messages=messages, stream=True,
                                                  stream_options={"include_usage": True}, **options))
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices), chunks
-
-
-def wait_until(check, within: float = 15.0) -> bool:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if check():
-            return True
-        time.sleep(0.1)
-    return check()
 
 
 def test_both_models_answer_images_whole_and_streamed_with_usage(client):
@@ -148,6 +140,8 @@ def test_errors_have_openai_bodies_and_the_right_status(server, client):
 def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, tiny_llava):
     api(server, "POST", "/api/unload", {})
     assert api(server, "GET", "/api/ps").json()["models"] == []
+    before = api(server, "GET", "/metrics").text
+    loads, unloads = _value(before, LOADS), _value(before, UNLOADS)
     env = {**os.environ, "VLMUX_URL": server[1], "VLMUX_API_KEY": KEY}
     loaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "load", "llava"], capture_output=True, text=True,
                             env=env, timeout=120)
@@ -157,11 +151,11 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     assert model["pid"] > 0 and model["host_bytes"] > 0 and model["expires_at"] > time.time()
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 1.0' in metrics
+    assert _value(metrics, LOADS) == loads + 1
     # a CPU worker's one measure is its private host memory: published as such, never as VRAM, and the same
     # figure its release line reports
     assert _value(metrics, 'vlmux_model_host_bytes{model="llava"}') > 0
     assert 'vlmux_model_vram_bytes{model="llava"}' not in metrics
-    loads = _value(metrics, 'vlmux_loads_total{model="llava"}')
     listed = subprocess.run([sys.executable, "-m", "vlmux.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
     assert listed.returncode == 0 and "llava" in listed.stdout and "ready" in listed.stdout
     assert " MiB host" in listed.stdout, listed.stdout
@@ -174,7 +168,7 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     assert api(server, "GET", "/api/ps").json()["models"] == []
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 0.0' in metrics
-    assert _value(metrics, 'vlmux_unloads_total{model="llava"}') >= 1 and loads >= 1
+    assert (_value(metrics, LOADS), _value(metrics, UNLOADS)) == (loads + 1, unloads + 1)
     again = api(server, "POST", "/api/unload", {"model": "llava"})
     assert again.status_code == 404 and again.json()["error"]["code"] == "model_not_loaded"
 
@@ -193,21 +187,21 @@ def test_keep_alive_zero_unloads_after_the_answer_and_a_stream_announces_the_loa
 
 def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is_answered(server, client):
     api(server, "POST", "/api/load", {"model": "llava"})
-    client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=2)
     ps = api(server, "GET", "/api/ps").json()["models"]
-    pid, answered = ps[0]["pid"], next(m["requests"] for m in ps if m["name"] == "llava")
+    pid, answered = next((m["pid"], m["requests"]) for m in ps if m["name"] == "llava")
     outcome = {}
 
     def long_request():
         try:
             outcome["answer"] = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))),
-                                                               max_tokens=4096)
+                                                               max_tokens=900)
         except openai.APIStatusError as e:
             outcome["error"] = e
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    assert wait_until(lambda: api(server, "GET", "/api/ps").json()["models"][0]["in_flight"] == 1)
+    assert wait_until(lambda: any(m["name"] == "llava" and m["in_flight"] == 1
+                                  for m in api(server, "GET", "/api/ps").json()["models"]))
     os.kill(pid, signal.SIGKILL)
     thread.join(60)
     assert outcome["error"].status_code == 500 and outcome["error"].body["code"] == "worker_died"
@@ -239,8 +233,27 @@ def test_refused_requests_are_counted_by_status_and_listed(server):
     assert [(r["model"], r["status"]) for r in listed[:2]] == [("-", 404), ("llava", 400)]
 
 
+LOADS, UNLOADS = 'vlmux_loads_total{model="llava"}', 'vlmux_unloads_total{model="llava"}'
+
+
 def _value(metrics: str, series: str) -> float:
-    return next(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series))
+    """A series' value; 0 for a counter not yet shown (a model never loaded)."""
+    return next((float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(series)), 0.0)
+
+
+def test_sleep_keeps_the_worker_and_the_next_request_wakes_it_with_the_same_answer(server, client):
+    api(server, "POST", "/api/unload", {})
+    messages = ask(data_url(png("green")))
+    awake = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    asleep = api(server, "POST", "/api/sleep", {"model": "llava"})
+    assert asleep.status_code == 200, asleep.text
+    [model] = [m for m in asleep.json()["models"] if m["name"] == "llava"]
+    assert (model["state"], model["pid"]) == ("sleeping", pid) and model["host_bytes"] > 0
+    woken = client.chat.completions.create(model="llava", messages=messages, max_tokens=6).choices[0].message.content
+    assert woken == awake
+    [model] = api(server, "GET", "/api/ps").json()["models"]
+    assert (model["state"], model["pid"]) == ("ready", pid)  # woken in the same worker, not loaded again
 
 
 def test_the_favicon_is_served_without_the_key_and_is_an_icon(server):

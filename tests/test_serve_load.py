@@ -2,6 +2,10 @@
 answer is the model's own (the one a lone request gets), none is lost, a full queue answers 429, and no worker is
 left after the unload. The pool's scheduler does the eviction; the server only routes."""
 import asyncio
+import os
+import subprocess
+import sys
+import time
 
 import httpx
 import pytest
@@ -27,12 +31,16 @@ def lone_answers(url: str, image: str) -> dict[tuple[str, str], str]:
 
 
 def unload_all(url: str, gpus, workers) -> None:
+    """POST /api/unload {}: every model and the spare worker stopped, their memory verified back."""
     pids = {e.pid for e in workers.events if e.what == "loaded"}
     with httpx.Client(timeout=300) as client:
-        unloaded = client.post(url + "/api/unload", json={}).json()["unloaded"]
+        spare = client.get(url + "/api/ps").json()["spare"]
+        answer = client.post(url + "/api/unload", json={}).json()
+        unloaded = answer["unloaded"]
         assert unloaded and all(u["verified"] and u["process_gone"] for u in unloaded)
+        assert answer["spare"]["process_gone"] and client.get(url + "/api/ps").json()["spare"] is None
         assert client.get(url + "/api/ps").json()["models"] == []
-    assert all(process_gone(pid) for pid in pids) and gpus.process_memory(0) == {}
+    assert all(process_gone(pid) for pid in pids | {spare["pid"]}) and gpus.process_memory(0) == {}
 
 
 async def _send(client: httpx.AsyncClient, url: str, request: dict) -> httpx.Response:
@@ -179,3 +187,35 @@ def test_a_busy_models_new_requests_are_answered_during_its_minimum_residency_wh
     assert probed < b_answered, (probed, b_answered)  # a's request did not wait behind b's load and answer
     assert probed < residency < b_answered  # a answered in its residency; b's load went after it
     print(f"\na answered {probed:.1f} s after its load, b {b_answered:.1f} s (residency {residency:g} s)")
+
+
+def test_unload_all_frees_the_gpu_in_a_second_spare_included_and_the_spare_warms_again_only_when_asked(tiny_models):
+    """Through `vlmux unload` (no model): after a switch the spare is warm on the GPU and /api/ps lists it; unloading
+    all leaves nothing of ours on the GPU and no worker, and nothing comes back until a model is asked for."""
+    models = {"a": tiny_models["qwen2_vl"], "b": tiny_models["llava"]}
+    image = picture("green")
+    with fake_gpu_server(models, holds=1) as (url, gpus, workers), httpx.Client(timeout=300) as client:
+        workers.spare_bytes = 300 * 2**20
+        for model in "ab":  # a switch: the spare gets warm for both
+            assert client.post(url + "/v1/chat/completions", json=body(model, "Describe it.", image)).status_code == 200
+        deadline = time.monotonic() + 60
+        while (spare := client.get(url + "/api/ps").json()["spare"]) is None or spare["state"] != "warm":
+            assert time.monotonic() < deadline, spare
+            time.sleep(0.05)
+        assert spare["gpus"] == [0] and spare["vram_bytes"] == 300 * 2**20 and len(spare["models"]) == 2
+        model_pid = client.get(url + "/api/ps").json()["models"][0]["pid"]
+        started = time.monotonic()
+        unloaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "unload"], capture_output=True, text=True,
+                                  env={**os.environ, "VLMUX_URL": url}, timeout=60)
+        assert unloaded.returncode == 0 and "b: release verified" in unloaded.stdout, unloaded.stdout
+        assert "spare worker: release verified" in unloaded.stdout, unloaded.stdout
+        assert gpus.memory(0).used == 0 and time.monotonic() - started < 1.0 + 2.0  # 2 s: the CLI's own start
+        assert process_gone(model_pid, within=0.1) and process_gone(spare["pid"], within=0.1)
+        time.sleep(0.5)
+        ps = client.get(url + "/api/ps").json()
+        assert ps["models"] == [] and ps["spare"] is None and gpus.memory(0).used == 0
+        assert client.post(url + "/v1/chat/completions", json=body("a", "Describe it.", image)).status_code == 200
+        deadline = time.monotonic() + 60
+        while client.get(url + "/api/ps").json()["spare"] is None:  # asked for a model: a spare again
+            assert time.monotonic() < deadline
+            time.sleep(0.05)

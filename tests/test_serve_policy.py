@@ -12,7 +12,7 @@ from vlmux.serve.errors import ApiError
 from vlmux.serve.fetch import FetchPolicy, fetch, refusal
 from vlmux.serve.images import ImagePolicy, image_bytes
 from vlmux.serve.schema import UNSET, StopWatch, cut_at_stop, parse_chat
-from vlmux.serve.settings import model_option, parse_duration, parse_residency
+from vlmux.serve.settings import ServeConfig, model_option, parse_duration, parse_residency
 
 
 @pytest.mark.parametrize("address, kind", [
@@ -73,6 +73,35 @@ def test_min_residency_is_auto_or_a_duration_and_reaches_the_server_config():
         PoolConfig(min_residency=-1)
 
 
+@pytest.mark.parametrize("argv, named", [
+    (["serve", "--model", "a=/m", "--vram-budget", "40"], "--vram-budget: '40': a bare number is a fraction"),
+    (["serve", "--model", "a=/m", "--vram-budget", "forty"], "--vram-budget: 'forty'"),
+    (["caption", "x.png", "-m", "/m", "--vram-budget", "40"], "did you mean 40GiB"),
+    (["serve", "--model", "a=/m", "--keep-alive", "soon"], "--keep-alive: a duration like"),
+    (["serve", "--model", "a=/m", "--min-residency", "-3"], "--min-residency: auto or a duration"),
+    (["serve", "--model", "a=/m", "--port", "70000"], "--port: a port from 0"),
+    (["serve", "--model", "a=/m", "--max-queue", "0"], "--max-queue: a whole number of at least 1"),
+])
+def test_a_flag_that_cannot_be_parsed_is_a_usage_error_naming_it_before_anything_starts(argv, named, capsys):
+    from vlmux.cli import main
+
+    with pytest.raises(SystemExit) as ended:
+        main(argv)
+    assert ended.value.code == 2 and named in capsys.readouterr().err
+
+
+def test_the_server_takes_the_budget_forms_and_its_config_checks_them_too():
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    for budget in ("0.8", "80%", "40GiB"):
+        assert serve_config(parser.parse_args(["serve", "--model", "a=/m", "--vram-budget", budget])).vram_budget == budget
+    assert serve_config(parser.parse_args(["serve", "--model", "a=/m", "--keep-alive", "-1"])).keep_alive is None
+    with pytest.raises(ValueError, match="vram_budget '40'"):
+        ServeConfig(vram_budget="40")
+    with pytest.raises(ValueError, match="max_queue 0"):
+        ServeConfig(max_queue=0)
+
+
 def test_chat_requests_are_checked_with_the_parameter_named():
     message = [{"role": "user", "content": "hi"}]
     request = parse_chat({"model": "m", "messages": message, "stop": "x", "keep_alive": "0"}, 100)
@@ -115,3 +144,30 @@ def test_the_chart_has_round_ticks_between_its_ends_and_no_negative_lower_bound(
     y_labels = [float(v) for v in re.findall(r'text-anchor="end">([-\d.]+) MiB', svg)]
     assert len(y_labels) >= 4 and min(y_labels) == 0 and all(v >= 0 for v in y_labels)
     assert len(re.findall(r'class="x-tick"', svg)) >= 5
+
+
+def test_the_command_line_listens_on_loopback_and_takes_models_from_a_config_file(tmp_path):
+    """The README's serve flags as the server gets them: loopback unless --host, --config's [[model]] settings,
+    --allow-any-model in place of a model list."""
+    parser = argparse.ArgumentParser()
+    add_commands(parser.add_subparsers(dest="command"))
+    (tmp_path / "models.toml").write_text("""
+[[model]]
+name = "small"
+model = "./tiny"
+keep_alive = "10m"
+pinned = true
+
+[[model]]
+model = "org/other"
+max_concurrent = 2
+""")
+    config = serve_config(parser.parse_args(["serve", "--config", str(tmp_path / "models.toml")]))
+    assert config.host == "127.0.0.1" and not config.allow_any_model
+    small, other = config.models
+    assert (small.name, small.model, small.keep_alive, small.pinned, small.max_concurrent) == (
+        "small", str(tmp_path / "tiny"), 600, True, None)
+    assert (other.name, other.keep_alive, other.pinned, other.max_concurrent) == ("other", "default", False, 2)
+    assert serve_config(parser.parse_args(["serve", "--allow-any-model", "--host", "0.0.0.0"])).host == "0.0.0.0"
+    with pytest.raises(ValueError, match="--allow-any-model"):
+        serve_config(parser.parse_args(["serve"]))

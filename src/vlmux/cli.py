@@ -1,4 +1,4 @@
-"""The `vlmux` command: caption, make-tiny, demo; serve, ps, load, unload (vlmux.serve.cli)."""
+"""The `vlmux` command: caption, make-tiny, demo; serve, ps, load, unload (vlmux.serve.cli); review (vlmux.review.cli)."""
 from __future__ import annotations
 
 import argparse
@@ -10,7 +10,9 @@ from vlmux import __version__
 from vlmux.caption.plan import COMPILE_MIN_IMAGES, ENGINE_MIN_IMAGES
 from vlmux.config import DECODE_MODES, DEFAULT_PROMPT, DTYPES, MAX_PIXELS, PoolConfig
 from vlmux.quantization import METHODS as QUANTIZE_METHODS
+from vlmux.review.cli import add_command as add_review_command
 from vlmux.serve.cli import add_commands as add_serve_commands
+from vlmux.serve.settings import budget_option, option
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 EXIT_CODES = ("Exit codes: 0 the job ran to its end (images that failed have error records and are counted in the "
@@ -79,7 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     caption.add_argument("--gpus", help="all | 0,1,...: a replica of each model per GPU (a model too large for one "
                                         "GPU is split across several)")
     caption.add_argument("--replicas", type=int, help="workers per model captioning side by side (CPU workers with --device cpu)")
-    caption.add_argument("--vram-budget", help="what vlmux may use of each GPU: 0.8 of it, or 40GiB")
+    caption.add_argument("--vram-budget", type=option(budget_option),
+                         help="what vlmux may use of each GPU: 0.8 of it, 80%%, or 40GiB (a bare number is a fraction)")
     caption.add_argument("--ray", nargs="?", const="auto", metavar="ADDRESS",
                          help="run on a Ray cluster with Ray Data (pip install 'vlmux[ray]'); without ADDRESS, the "
                               "cluster RAY_ADDRESS or `ray start` names, else a local one")
@@ -127,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto")
     demo.set_defaults(run=_demo)
     add_serve_commands(commands)
+    add_review_command(commands)
     return parser
 
 

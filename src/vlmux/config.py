@@ -1,8 +1,10 @@
 """Frozen configuration records shared by the parent and the workers."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
+from vlmux.budget import check_budget
 from vlmux.quantization import METHODS
 
 DEFAULT_PROMPT = "Describe this image in one sentence."
@@ -109,10 +111,27 @@ class PoolConfig:
         object.__setattr__(self, "prewarm", tuple(self.prewarm))  # a list is fine too; the record stays hashable
         if self.isolation not in ("process", "none"):
             raise ValueError("isolation must be 'process' or 'none'")
-        if self.max_batch_size is not None and self.max_batch_size < 1:
-            raise ValueError("max_batch_size must be at least 1, or None for auto")
-        if self.min_residency is not None and not 0 <= self.min_residency < float("inf"):
-            raise ValueError("min_residency must be 0 or more seconds, or None for auto")
+        if self.max_batch_size is not None and (type(self.max_batch_size) is not int or self.max_batch_size < 1):
+            raise ValueError(f"max_batch_size {self.max_batch_size!r}: a whole number of at least 1, or None for auto")
+        for name in ("vram_budget", "host_ram_budget"):
+            if getattr(self, name) is not None:
+                check_budget(getattr(self, name), name)
+        _seconds("keep_alive", self.keep_alive, "None keeps it until evicted")
+        _seconds("min_residency", self.min_residency, "None for auto")
+        _seconds("request_timeout", self.request_timeout, "None for no limit", positive=True)
+        for name in ("unload_grace", "release_timeout", "wait_for_room", "warm_spare_linger"):
+            _seconds(name, getattr(self, name))
+        _seconds("hang_timeout", self.hang_timeout, positive=True)
+
+
+def _seconds(name: str, value: object, none: str = "", positive: bool = False) -> None:
+    """A duration field: a finite number of seconds (more than 0 where `positive`), or None where `none` says so."""
+    if value is None and none:
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        least = "more than 0" if positive else "0 or more"
+        raise ValueError(f"{name} {value!r}: a number of seconds, {least}" + (f", or {none}" if none else ""))
 
 
 def _is_device(device: str) -> bool:

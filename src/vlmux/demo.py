@@ -53,6 +53,7 @@ def run_demo(out: Path, device: str = "auto") -> int:
     finally:
         sink.close()
     records = [json.loads(line) for line in results.read_text().splitlines()]
+    print(f"{SHAPES}'s captions, each against the caption its picture was drawn from ('right': the same words):")
     for record in sorted(records, key=lambda r: (r["model"] != SHAPES, r["file"])):
         if record["model"] == SHAPES:
             want = expected.get(Path(record["file"]).name)

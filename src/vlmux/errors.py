@@ -5,6 +5,11 @@ class ModelLoadError(RuntimeError):
     """The worker could not load the model; the message carries the worker's reason."""
 
 
+class WorkerStartError(ModelLoadError):
+    """No worker process could start (vlmux's fork server failed as it started, or could not fork); the message
+    quotes the fork server's own error."""
+
+
 class PoolFull(RuntimeError):
     """The model does not fit the VRAM budget even after evicting every idle model."""
 
@@ -23,7 +28,8 @@ class PoolClosed(RuntimeError):
 
 
 class RequestFailed(RuntimeError):
-    """The worker answered a request with a failure; `kind`: input (the request's fault), oom (device memory), request."""
+    """The worker answered a request with a failure; `kind`: input (the request's fault), context (its prompt
+    and max_tokens over the model's context length), oom (device memory), request."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)

@@ -1,7 +1,8 @@
 """Messages between the parent and a worker. Both ends are vlmux processes of one user, so pickle is safe here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from vlmux.config import GenerationSpec, ModelSpec
@@ -38,11 +39,24 @@ class Caption:
     batch_size: int | None  # images per model batch, capped by the worker's budget; None: the worker's own size
 
 
+_CHAT_IDS = itertools.count(1)
+
+
 @dataclass(frozen=True)
 class Chat:
     messages: list[dict[str, Any]]
     gen: GenerationSpec
     stream: bool = False  # send the answer's text as it is generated (ChatText), before the Chatted reply
+    ident: int = field(default_factory=lambda: next(_CHAT_IDS))  # unique in the parent: what an Abort names
+    logprobs: int | None = None  # None: none; n: each answer token's log-probability and the n likeliest tokens'
+
+
+@dataclass(frozen=True)
+class Abort:
+    """Sent at any time, also while a request runs: stop the chat `ident` (its caller left). The worker stops
+    spending on it within one step and answers it early (finish_reason "abort"); an ident it never runs is ignored."""
+
+    ident: int
 
 
 @dataclass(frozen=True)
@@ -99,11 +113,21 @@ class Captions:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One answer token: its text, its log-probability under the model, and the likeliest tokens at its step."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()  # (text, log-probability), the likeliest first
+
+
+@dataclass(frozen=True)
 class Chatted:
     text: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    finish_reason: str = "stop"  # stop: the model ended its answer; length: max_new_tokens cut it
+    finish_reason: str = "stop"  # stop: the model ended its answer; length: max_new_tokens cut it; abort: Abort did
+    logprobs: tuple[TokenLogprob, ...] | None = None  # per answer token, when the Chat asked for them
 
 
 @dataclass(frozen=True)
@@ -128,7 +152,10 @@ class ChatsAnswered:
 
 @dataclass(frozen=True)
 class Heartbeat:
-    """Sent every HEARTBEAT_SECONDS while the worker works on a request: silence means it hangs."""
+    """Sent every HEARTBEAT_SECONDS while the worker works on a request: silence means it hangs. Also sent at once
+    when the count of chat rows it is generating changes (a row ended or was aborted)."""
+
+    rows: int = 0  # chat rows the worker is generating now
 
 
 HEARTBEAT_SECONDS = 1.0
@@ -136,7 +163,7 @@ HEARTBEAT_SECONDS = 1.0
 
 @dataclass(frozen=True)
 class Failed:
-    kind: str  # load | warm | request | input (the request's own fault) | oom (out of device memory)
+    kind: str  # load | warm | request | input (the request's own fault) | context (over the context length) | oom
     message: str
 
 

@@ -18,6 +18,18 @@ class OutOfMemory(RuntimeError):
     """The device ran out of memory for this batch; a smaller batch may fit."""
 
 
+class RowControl(Protocol):
+    """How a chat's generation hears from its callers between steps (the worker's handler implements it)."""
+
+    def aborted(self, row: int) -> bool:
+        """Whether conversation `row` of the call was aborted: it stops spending at the next step."""
+        ...
+
+    def running(self, rows: int) -> None:
+        """The call's rows still generating, told after each step."""
+        ...
+
+
 class Backend(Protocol):
     device: str
     """Where the model runs: "cpu" or "cuda:N"."""
@@ -61,15 +73,22 @@ class Backend(Protocol):
         ...
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
-             on_text: Callable[[str], None] | None = None) -> Chatted:
+             on_text: Callable[[str], None] | None = None, control: RowControl | None = None,
+             logprobs: int | None = None) -> Chatted:
         """Answer a conversation whose image items were replaced by {"type": "image"}, with its token counts;
-        `on_text` gets the answer's text in pieces as it is generated (they join to Chatted.text)."""
+        `on_text` gets the answer's text in pieces as it is generated (they join to Chatted.text); `control` (row 0)
+        ends it early when aborted (finish_reason "abort"); `logprobs` (not None): Chatted.logprobs per answer token
+        with that many likeliest tokens (NotImplementedError where the model gives no scores). Raises
+        ContextExceeded when it cannot fit."""
         ...
 
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
-                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+                   on_text: Callable[[int, str], None] | None = None, control: RowControl | None = None,
+                   logprobs: list[int | None] | None = None) -> list[Chatted]:
         """Conversations (messages, images) answered together in one batch, each with images or none;
-        `on_text(row, piece)` streams each one's text. Raises OutOfMemory when the batch does not fit."""
+        `on_text(row, piece)` streams each one's text; an aborted row stops at the next step; `logprobs`: each
+        row's, as `chat` takes it. Raises OutOfMemory when the batch does not fit, ContextExceeded naming the rows
+        over the context length."""
         ...
 
     def after_reply(self) -> None:

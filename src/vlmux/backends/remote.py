@@ -13,6 +13,7 @@ import transformers
 from PIL import Image
 
 from vlmux.backends.adapters import remote_family
+from vlmux.backends.base import RowControl
 from vlmux.backends.fast import fitting_batch
 from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
 from vlmux.backends.transformers import resolve_device, resolve_dtype
@@ -76,18 +77,28 @@ class RemoteCodeBackend(Resident):
         return self.adapter.caption(self.model, images, prompts, gen)
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
-             on_text: Callable[[str], None] | None = None) -> Chatted:
+             on_text: Callable[[str], None] | None = None, control: RowControl | None = None,
+             logprobs: int | None = None) -> Chatted:
+        if logprobs is not None:
+            raise NotImplementedError("logprobs: this model answers through its own chat code, which gives no scores")
+        if control is not None and control.aborted(0):  # the model's own chat runs whole: only before it starts
+            return Chatted("", 0, 0, "abort")
         answer = self.adapter.chat(self.model, messages, images, gen)
         if on_text is not None:  # the model's own chat returns the whole text: it streams as one piece
             on_text(answer.text)
         return answer
 
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
-                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+                   on_text: Callable[[int, str], None] | None = None, control: RowControl | None = None,
+                   logprobs: list[int | None] | None = None) -> list[Chatted]:
         answers = []
         for row, (messages, images) in enumerate(conversations):
             answers.append(self.chat(messages, images, gen, None if on_text is None else
-                                     lambda piece, row=row: on_text(row, piece)))
+                                     lambda piece, row=row: on_text(row, piece),
+                                     None if control is None else _Row(control, row),
+                                     logprobs[row] if logprobs else None))
+            if control is not None:
+                control.running(len(conversations) - row - 1)
         return answers
 
     def after_reply(self) -> None:
@@ -98,3 +109,16 @@ class RemoteCodeBackend(Resident):
         self.adapter = None
         self._host_state = None
         drop_cached_memory()
+
+
+class _Row:
+    """One row of a batch's RowControl, as row 0 of its own call."""
+
+    def __init__(self, control: RowControl, row: int) -> None:
+        self._control, self._row = control, row
+
+    def aborted(self, row: int) -> bool:
+        return self._control.aborted(self._row + row)
+
+    def running(self, rows: int) -> None:
+        return None  # the batch tells its own count

@@ -1,10 +1,14 @@
-"""Streamed answers' text in pieces, as transformers' `generate` makes it: one conversation, or each row of a batch."""
+"""Streamed answers' text in pieces, as transformers' `generate` makes it: one conversation, or each row of a batch;
+and the rows of a chat batch stopped one by one when their callers abort."""
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from transformers import TextStreamer
+import torch
+from transformers import StoppingCriteria, TextStreamer
 from transformers.generation.streamers import BaseStreamer
+
+from vlmux.backends.base import RowControl
 
 
 class TextPieces(TextStreamer):
@@ -42,3 +46,40 @@ class RowPieces(BaseStreamer):
     def end(self) -> None:
         for pieces in self._rows:
             pieces.end()
+
+
+class RowStops(StoppingCriteria):
+    """generate's per-row stopping criterion for chats: a row the caller aborted stops at the next step (generate
+    pads it from then on, and the batch ends once every row has), and the rows still running are told
+    (`RowControl.running`): at once after an abort, else every REPORT_STEPS steps, since counting the rows that
+    ended by themselves reads the device, a wait generate's deferred stop check otherwise avoids."""
+
+    REPORT_STEPS = 16
+
+    def __init__(self, control: RowControl, rows: int, eos: int | list[int] | None, ignore_eos: bool,
+                 max_new_tokens: int) -> None:
+        """eos: the generation config's eos_token_id."""
+        self._control = control
+        self._steps, self._max_steps = 0, max_new_tokens  # generate's own length limit ends every row at the last
+        self._eos = torch.tensor([-1] if eos is None else [eos] if isinstance(eos, int) else list(eos) or [-1])
+        self._ignore_eos = ignore_eos
+        self._done: torch.Tensor | None = None  # ended or aborted, on the device
+        self.aborted = [False] * rows  # rows aborted (the answer is dropped: one that had ended counts too)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        if self._done is None:
+            self._done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+            self._eos = self._eos.to(input_ids.device)
+        self._steps += 1
+        if self._steps >= self._max_steps:
+            self._done[:] = True
+        elif not self._ignore_eos:
+            self._done |= torch.isin(input_ids[:, -1], self._eos)
+        newly = [row for row, aborted in enumerate(self.aborted) if not aborted and self._control.aborted(row)]
+        for row in newly:
+            self.aborted[row] = True
+        if newly:
+            self._done[newly] = True
+        if newly or self._steps == 1 or self._steps % self.REPORT_STEPS == 0 or self._steps >= self._max_steps:
+            self._control.running(int((~self._done).sum()))
+        return self._done

@@ -4,7 +4,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
@@ -12,10 +12,11 @@ from typing import Any
 import torch
 from PIL import Image
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature
+from transformers import AutoModelForImageTextToText, AutoProcessor, BatchFeature, StoppingCriteriaList
 
 from vlmux.backends.attention import use_fast_attention
-from vlmux.backends.base import OutOfMemory
+from vlmux.backends.base import OutOfMemory, RowControl
+from vlmux.backends.context import check_fits, context_length
 from vlmux.backends.engine.captioner import EngineCaptioner, check_family
 from vlmux.backends.families import CHAT_TEMPLATE, PromptForm, prompt_form
 from vlmux.backends.fast import (
@@ -26,7 +27,8 @@ from vlmux.backends.loader import Unsupported, empty_model, release_staging, str
 from vlmux.backends.pinned import unpin_all
 from vlmux.backends.residency import Resident, drop_cached_memory, free_for_batches
 from vlmux.backends.quantize import load_report, quantization_options
-from vlmux.backends.streaming import RowPieces, TextPieces
+from vlmux.backends.scores import TokenScores
+from vlmux.backends.streaming import RowPieces, RowStops, TextPieces
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.estimate import image_bytes, image_budget, read_json
 from vlmux.protocol import Chatted
@@ -161,6 +163,7 @@ class TransformersBackend(Resident):
         self.attention = use_fast_attention(self.model, packed_vision=self.fast.vision_compiled)
         self.compiled_vision_blocks = compile_vision_blocks(self.model) if self.fast.vision_compiled else 0
         self.engine = self._engine()
+        self.context_length = context_length(self.model.config)  # prompt + answer tokens a chat may hold
         self._host_state: dict[str, torch.Tensor] | None = None
         self._image_budget = image_budget(Path(path), self._config)
         # The host's resizing and patching of a large batch outlasts the GPU's captioning of it; processors with a
@@ -280,33 +283,59 @@ class TransformersBackend(Resident):
         return self.fast.pads_batches
 
     def chat(self, messages: list[dict[str, Any]], images: list[Image.Image], gen: GenerationSpec,
-             on_text: Callable[[str], None] | None = None) -> Chatted:
+             on_text: Callable[[str], None] | None = None, control: RowControl | None = None,
+             logprobs: int | None = None) -> Chatted:
         # One conversation at a time: a compiled graph for batch 1 would cost more than it saves.
         messages = inert_messages(messages, control_strings(self.processor))  # user text never acts as a marker
         text = self.form.chat_text(self.processor, messages)
         inputs = self.processor(text=[text], images=[images] if images else None, padding=True, return_tensors="pt")
-        prompt_tokens = int(inputs["input_ids"].shape[1])
-        streamer = None if on_text is None else TextPieces(self.tokenizer, on_text)
-        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})[0]
-        completion = int((new_tokens != self.tokenizer.pad_token_id).sum())
-        answer = self.tokenizer.decode(new_tokens, skip_special_tokens=True).strip()
-        return Chatted(answer, prompt_tokens, completion, "length" if completion >= gen.max_new_tokens else "stop")
+        return self._chats(inputs, [int(inputs["input_ids"].shape[1])], gen,
+                           None if on_text is None else TextPieces(self.tokenizer, on_text), control, [logprobs])[0]
 
     def chat_batch(self, conversations: list[tuple[list[dict[str, Any]], list[Image.Image]]], gen: GenerationSpec,
-                   on_text: Callable[[int, str], None] | None = None) -> list[Chatted]:
+                   on_text: Callable[[int, str], None] | None = None, control: RowControl | None = None,
+                   logprobs: list[int | None] | None = None) -> list[Chatted]:
         """Conversations answered in one batch, left-padded like caption batches; every one has images, or none."""
-        texts = [self.form.chat_text(self.processor, messages) for messages, _ in conversations]
+        controls = control_strings(self.processor)  # user text never acts as a marker, as in `chat`
+        texts = [self.form.chat_text(self.processor, inert_messages(messages, controls)) for messages, _ in conversations]
         images = [pictures for _, pictures in conversations]
         inputs = self.processor(text=texts, images=images if any(images) else None, padding=True, return_tensors="pt")
-        prompt_tokens = inputs["attention_mask"].sum(dim=1).tolist()
-        streamer = None if on_text is None else RowPieces(self.tokenizer, len(texts), on_text)
-        new_tokens = self._generate_tokens(inputs, gen, {"streamer": streamer} if streamer else {})
+        return self._chats(inputs, inputs["attention_mask"].sum(dim=1).tolist(), gen,
+                           None if on_text is None else RowPieces(self.tokenizer, len(texts), on_text), control,
+                           logprobs or [None] * len(texts))
+
+    def _chats(self, inputs: BatchFeature, prompt_tokens: list[int], gen: GenerationSpec, streamer,
+               control: RowControl | None, logprobs: list[int | None]) -> list[Chatted]:
+        """The processor's batch of conversations generated, each row stopping on its own when aborted, with the
+        log-probabilities of the rows that ask for them."""
+        check_fits(prompt_tokens, gen.max_new_tokens, self.context_length)
+        criteria, stops = [], None
+        if control is not None:
+            stops = RowStops(control, len(prompt_tokens), self.model.generation_config.eos_token_id, gen.ignore_eos,
+                             gen.max_new_tokens)
+            criteria.append(stops)
+        wanted = [top for top in logprobs if top is not None]
+        scores = TokenScores(self.model, max(wanted)) if wanted else None
+        if scores is not None:
+            criteria.append(scores)
+        options = {"streamer": streamer} if streamer is not None else {}
+        if criteria:
+            options["stopping_criteria"] = StoppingCriteriaList(criteria)
+        try:
+            new_tokens = self._generate_tokens(inputs, gen, options)
+        finally:
+            if scores is not None:
+                scores.close()
+        counts = (new_tokens != self.tokenizer.pad_token_id).sum(dim=1).tolist()
+        rows = scores.rows(self.tokenizer, counts) if scores is not None else [None] * len(counts)
         answers = []
         for row, tokens in enumerate(new_tokens):
-            completion = int((tokens != self.tokenizer.pad_token_id).sum())
-            answer = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
-            answers.append(Chatted(answer, int(prompt_tokens[row]), completion,
-                                   "length" if completion >= gen.max_new_tokens else "stop"))
+            text = self.tokenizer.decode(tokens, skip_special_tokens=True).strip()
+            finish = ("abort" if stops is not None and stops.aborted[row] else
+                      "length" if counts[row] >= gen.max_new_tokens else "stop")
+            top = logprobs[row]
+            entries = None if top is None else tuple(replace(entry, top=entry.top[:top]) for entry in rows[row])
+            answers.append(Chatted(text, int(prompt_tokens[row]), int(counts[row]), finish, entries))
         return answers
 
     def _generate(self, inputs: BatchFeature, gen: GenerationSpec, fast: dict[str, Any], rows: int | None = None,

@@ -16,6 +16,7 @@ from vlmux.caption.sinks import Record, Sink
 from vlmux.caption.sources import ImageRef
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.pool import ModelPool
+from vlmux.pool.forks import FORK_SERVER
 from vlmux.errors import WorkerDied
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.protocol import Caption, Captions, ItemResult
@@ -53,6 +54,7 @@ class ModelReport:
     copied: int = 0  # of those, images whose result was copied to outputs lacking it
     tokens: int = 0
     load_seconds: float = 0.0
+    server_wait_seconds: float = 0.0  # of load_seconds, the wait for the workers' fork server to import torch and co.
     caption_seconds: float = 0.0
     unload_seconds: float = 0.0
     release: vram.Release | None = None
@@ -109,10 +111,11 @@ def run_models(job: CaptionJob, steps: ModelSteps, progress: bool = True, event:
     for plan, report, todo in models_to_caption(job, reports):
         plan = steps.prepare(plan, todo)
         mark(plan.spec.model, "load_start")
-        start = time.perf_counter()
+        start = time.monotonic()
         report.workers = steps.load(plan, todo)
         if steps.loads_first:
-            report.load_seconds = time.perf_counter() - start
+            report.load_seconds = time.monotonic() - start
+            report.server_wait_seconds = FORK_SERVER.import_wait(start, start + report.load_seconds)
             mark(plan.spec.model, "loaded")
         captioned = interrupted = False
         try:
@@ -133,7 +136,10 @@ def run_models(job: CaptionJob, steps: ModelSteps, progress: bool = True, event:
 
 def _caption_timed(job: CaptionJob, steps: ModelSteps, plan: ModelPlan, todo: list[ImageRef], report: ModelReport,
                    progress: bool) -> None:
-    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=not progress, dynamic_ncols=True)
+    # Off a terminal (a log, a pipe) no bar: each redraw would be a line of its own there, 100 % twice at the end;
+    # the summary line says what the bar would have.
+    bar = tqdm(total=len(todo), desc=plan.spec.model, unit="img", disable=True if not progress else None,
+               dynamic_ncols=True)
     start = time.perf_counter()
     interrupted = False
     try:
@@ -348,7 +354,9 @@ def summary_line(report: ModelReport) -> str:
                      + (f" in {_count(report.requests, 'request', 'requests')}" if report.requests else ""))
     if report.caption_seconds:
         rate = f"{report.images_per_second:.1f} images/s, {report.tokens_per_second:.0f} tokens/s, " if report.captioned else ""
-        parts.append(f"{rate}load {report.load_seconds:.1f} s, unload {report.unload_seconds:.2f} s")
+        waited = report.server_wait_seconds >= 0.05
+        wait = f" ({report.server_wait_seconds:.1f} s of it the workers' start)" if waited else ""
+        parts.append(f"{rate}load {report.load_seconds:.1f} s{wait}, unload {report.unload_seconds:.2f} s")
     if report.release is not None:
         parts.append(str(report.release))
     return ", ".join(parts)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import sys
 from dataclasses import asdict, dataclass
@@ -18,13 +19,25 @@ from vlmux.caption.locks import OutputLock
 from vlmux.caption.sources import ImageRef, UsageError
 
 
+# Control characters but tab, line feed and carriage return: a model's NUL or escape codes in a caption break CSV
+# readers and terminals, and mean nothing in a caption.
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
 @dataclass(frozen=True)
 class Record:
+    """One result as every sink writes it; its caption loses its control characters (but \\t \\n \\r) here, once
+    for all sinks."""
+
     file: str
     model: str
     caption: str | None
     error: str | None
     note: str | None = None  # e.g. a strip padded to an aspect ratio processors take; JSONL lines carry it when set
+
+    def __post_init__(self) -> None:
+        if self.caption is not None and CONTROL.search(self.caption):
+            object.__setattr__(self, "caption", CONTROL.sub("", self.caption))
 
 
 class Sink(Protocol):
@@ -59,8 +72,7 @@ class JsonlSink:
     def records(self) -> list[Record]:
         if not self.path.exists():
             return []
-        lines = self.path.read_text(encoding="utf-8").splitlines()
-        return [Record(**json.loads(line)) for line in lines if line.strip()]
+        return [Record(**json.loads(line)) for line in json_lines(self.path.read_bytes())]
 
     def done(self, ref: ImageRef, model: str) -> bool:
         return (ref.key, model) in self._done
@@ -160,7 +172,7 @@ class SidecarSink:
         path = self.path_for(ref, model)
         if not path.exists():
             return None
-        return Record(ref.key, model, path.read_text(encoding="utf-8").removesuffix("\n"), None)
+        return Record(ref.key, model, path.read_bytes().decode("utf-8").removesuffix("\n"), None)  # \r kept as written
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
         for ref, record in pairs:
@@ -183,6 +195,12 @@ def _line(record: Record) -> str:
     if fields["note"] is None:  # the records of ordinary images keep their four fields
         del fields["note"]
     return json.dumps(fields, ensure_ascii=False) + "\n"
+
+
+def json_lines(data: bytes) -> list[str]:
+    """The JSON lines of a file's bytes: split at line feeds only (str.splitlines would also split inside a caption
+    at U+2028 or U+0085, which JSON leaves unescaped)."""
+    return [line for line in data.decode("utf-8").split("\n") if line.strip()]
 
 
 def name_max(folder: Path) -> int:

@@ -14,10 +14,10 @@ from pathlib import Path
 
 from vlmux.caption.identity import model_tag, model_tags
 from vlmux.caption.locks import OutputLock
-from vlmux.caption.sinks import JsonlSink, Record, atomic_write
+from vlmux.caption.sinks import JsonlSink, Record, atomic_write, json_lines
 from vlmux.caption.sources import ImageRef, UsageError
 
-LONG_COLUMNS = ("file", "model", "caption", "error")
+LONG_COLUMNS = ("file", "model", "caption", "error", "note")
 
 
 class TableSink:
@@ -31,8 +31,10 @@ class TableSink:
             for record in self._read():
                 self._rows[(record.file, record.model)] = record
         self._journal = JsonlSink(path.with_name(f".{path.name}.journal.jsonl"), lock=False)
-        for record in self._journal.records():
+        journaled = self._journal.records()
+        for record in journaled:
             self._rows[(record.file, record.model)] = record
+        self._changed = bool(journaled) or not path.exists()  # a killed job's journal to fold in, or no table yet
 
     def key(self, ref: ImageRef) -> str:
         return ref.key
@@ -47,20 +49,26 @@ class TableSink:
         return None  # a row holds any result
 
     def write(self, pairs: list[tuple[ImageRef, Record]]) -> None:
-        keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error)) for ref, record in pairs]
+        keyed = [(ref, Record(self.key(ref), record.model, record.caption, record.error, record.note))
+                 for ref, record in pairs]
         self._journal.write(keyed)
         for _, record in keyed:
             self._rows[(record.file, record.model)] = record
+        self._changed = True
 
     def forget(self, keys: set[tuple[str, str]]) -> None:
         self._journal.forget(keys)
         for key in keys:
-            self._rows.pop(key, None)
+            self._changed |= self._rows.pop(key, None) is not None
 
     def flush(self) -> None:
-        """Rewrite the table atomically from everything held, then drop the journal it now contains."""
+        """Rewrite the table atomically from everything held, then drop the journal it now contains; a table with
+        nothing new is left as it is (a rerun with nothing to do rewrites nothing)."""
+        if not self._changed:
+            return
         atomic_write(self.path, self._encode(list(self._rows.values())))
         self._journal.clear()
+        self._changed = False
 
     def close(self) -> None:
         self.flush()
@@ -76,8 +84,9 @@ class TableSink:
 
             rows = pq.read_table(self.path).to_pylist()
         else:
-            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
-        return [Record(row["file"], row["model"], _none(row.get("caption")), _none(row.get("error"))) for row in rows]
+            rows = _csv_rows(self.path)
+        return [Record(row["file"], row["model"], _none(row.get("caption")), _none(row.get("error")),
+                       _none(row.get("note"))) for row in rows]
 
     def _encode(self, records: list[Record]) -> bytes:
         rows = [asdict(record) for record in records]
@@ -118,9 +127,9 @@ class MetadataSink(TableSink):
 
     def _read(self) -> list[Record]:
         if self.path.suffix == ".jsonl":
-            rows = [json.loads(line) for line in self.path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            rows = [json.loads(line) for line in json_lines(self.path.read_bytes())]
         else:
-            rows = list(csv.DictReader(io.StringIO(self.path.read_text(encoding="utf-8"), newline="")))
+            rows = _csv_rows(self.path)
         # The wide layout keeps only the model's tag; a rerun with the same -m maps back to it by tag.
         return [Record(row["file_name"], column, _none(value), None)
                 for row in rows for column, value in row.items() if column != "file_name"]
@@ -144,6 +153,12 @@ class MetadataSink(TableSink):
 
 def _none(value):
     return None if value in (None, "") else value
+
+
+def _csv_rows(path: Path) -> list[dict]:
+    """A CSV file's rows, its quoted fields as written: read_text's newline translation would turn a caption's \\r
+    into \\n."""
+    return list(csv.DictReader(io.StringIO(path.read_bytes().decode("utf-8"), newline="")))
 
 
 def _csv_bytes(rows: list[dict], columns) -> bytes:

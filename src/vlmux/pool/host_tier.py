@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from vlmux.hostmem import host_ram
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 
 
 def host_budget(budget: str | float | int | None) -> int | None:

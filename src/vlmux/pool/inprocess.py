@@ -32,12 +32,20 @@ class InProcessWorker:
     def sentinel(self) -> int | None:
         return None  # it ends with the caller
 
+    @property
+    def context_env(self) -> None:
+        return None
+
     def call(self, request: Request, timeout: float | None = None,
              on_text: Callable[[ChatText], None] | None = None) -> Reply:
         if isinstance(request, Load):
             request = self._in_this_process(request)
+        send = None if on_text is None else lambda message: on_text(message) if isinstance(message, ChatText) else None
         with self._lock:
-            return self._handler.handle(request, on_text)
+            return self._handler.handle(request, send)
+
+    def abort(self, ident: int) -> None:
+        self._handler.aborts.add(ident)
 
     def stop(self, grace: float, check: ReleaseCheck) -> vram.Release:
         with self._lock:
@@ -86,6 +94,12 @@ class InProcessWorkers:
         return None
 
     def resume_warm(self) -> None:
+        return None
+
+    def drop_spare(self, check_for) -> vram.Release | None:
+        return None
+
+    def spare_status(self) -> None:
         return None
 
     def close(self) -> None:

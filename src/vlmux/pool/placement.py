@@ -6,9 +6,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
+from vlmux.errors import ModelLoadError
 from vlmux.estimate import Estimate
 from vlmux.pool.vram import GpuMemory
+from vlmux.pool.workers import GpuInventory
 
 GIB = 2**30
 
@@ -46,6 +48,16 @@ class WorkerPlacement:
         # A worker sees only its own GPUs, numbered from cuda:0, and a CPU worker sees none, so it cannot create
         # a context.
         return {"CUDA_VISIBLE_DEVICES": self.cuda_visible_devices, "CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def host_device(inventory: GpuInventory, device: str) -> str:
+    """A spec's device as this host has it: auto is the first GPU if there is one."""
+    status = inventory.status()
+    if device == "auto":
+        return "cuda:0" if status is None else "cpu"
+    if device.startswith("cuda") and status is not None:
+        raise ModelLoadError(f"device {device} asked for, but {status}; use --device cpu")
+    return "cuda:0" if device == "cuda" else device
 
 
 def select_gpus(inventory: Sequence[GpuMemory], wanted: str | Sequence[int]) -> list[GpuMemory]:

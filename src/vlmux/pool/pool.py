@@ -3,11 +3,12 @@ verified release. The decisions are the scheduler's; this is the public face of 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, wait
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded
@@ -17,11 +18,11 @@ from vlmux.pool import vram
 from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.pool.inprocess import InProcessWorkers
 from vlmux.pool.placement import PlacementError, WorkerPlacement, place, select_gpus
-from vlmux.pool.process import Spawner
+from vlmux.pool.spawner import Spawner
 from vlmux.pool.room import Needs
 from vlmux.pool.runner import ModelStatus, State, WorkerExit
 from vlmux.pool.scheduler import Scheduler
-from vlmux.pool.workers import GpuInventory, WorkerFactory
+from vlmux.pool.workers import GpuInventory, SpareStatus, WorkerFactory
 from vlmux.protocol import Caption, Captions, Chat, ItemResult, Sleep, Wake
 
 __all__ = ["ModelPool", "ModelStatus"]
@@ -93,6 +94,18 @@ class ModelPool:
     def unload_async(self, name: str) -> Future:
         """Start unloading `name`; the future gives its Release. Loads that need the room wait for it."""
         return self._scheduler.unload(name)
+
+    def unload_all(self) -> tuple[dict[str, vram.Release], vram.Release | None]:
+        """Unload every model (loads under way included) and stop the spare worker, warm or cold: once it returns, no
+        worker of this pool is left and NVML shows their memory back. The next load forks a spare again. Returns
+        each model's Release and the spare's (None if there was none)."""
+        releasing = {}
+        for runner in self._scheduler.runners():
+            with contextlib.suppress(ModelNotLoaded):  # unloaded or evicted meanwhile
+                releasing[runner.name] = self.unload_async(runner.name)
+        wait(releasing.values())
+        spare = self._scheduler.drop_spare()
+        return {name: future.result() for name, future in releasing.items()}, spare
 
     def switch(self, old: str, new: str | ModelSpec, name: str | None = None) -> tuple[str, vram.Release]:
         """Unload `old` and load `new` (in the spare worker, warm for it if it was loaded lately) at the same time
@@ -198,6 +211,10 @@ class ModelPool:
     def batch_size(self, name: str) -> int:
         """Images per model batch the worker chose for `name` (auto, within its memory budget) or was given."""
         return self._loaded(name).batch_size
+
+    def spare_status(self) -> SpareStatus | None:
+        """The spare worker (its pid, the GPUs it holds a context on, the checkpoints it is ready for), or None."""
+        return self._scheduler.workers.spare_status()
 
     def wait_for_spare(self, timeout: float | None = None) -> bool:
         """Block until the spare worker finished getting ready (see PoolConfig.warm_spare); False on timeout."""

@@ -1,5 +1,5 @@
 """The parent's side of a worker: fork it from vlmux's fork server, send it requests, notice at once when it dies or
-hangs, stop it. Never imports torch."""
+hangs, stop it (pool/spawner.py keeps one ahead of the next load). Never imports torch."""
 from __future__ import annotations
 
 import os
@@ -15,7 +15,7 @@ from vlmux.errors import WorkerDied
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
 from vlmux.pool.workers import ReleaseCheck
-from vlmux.protocol import ChatText, Exit, Heartbeat, Reply, Request, Warm
+from vlmux.protocol import Abort, ChatText, Exit, Heartbeat, Reply, Request
 
 HANG_TIMEOUT = 30.0  # seconds without a heartbeat or a reply after which a worker counts as hung
 STATUS_WAIT = 1.0  # how long the fork server may take to report a worker it reaps
@@ -32,7 +32,9 @@ class WorkerProcess:
         self._conn, self._pid, self._status_fd = FORK_SERVER.fork()
         self._closed = False
         self._pidfd = _pidfd(self._pid)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one call at a time
+        self._sending = threading.Lock()  # one writer at a time: a call's request, an Abort, Exit
+        self.running_rows = 0  # chat rows the worker generates now, by its last heartbeat (0 once a call returns)
         self._status: int | None = None  # the wait status, once the fork server reported it
         self._status_lock = threading.Lock()  # one reader of the status pipe: a second would read its end as "unknown"
         self._killed_for: str | None = None  # why we killed it, when it hung or overran its time
@@ -50,6 +52,10 @@ class WorkerProcess:
         return self._pidfd if self._pidfd is not None else self._status_fd
 
     @property
+    def context_env(self) -> dict[str, str] | None:
+        return self.warm_env if self.warmed else None
+
+    @property
     def alive(self) -> bool:
         return not self._closed and not wait([self.sentinel], 0)
 
@@ -65,29 +71,47 @@ class WorkerProcess:
         that cannot be pickled raises at once and leaves the worker usable."""
         with self._lock:
             try:
-                self._conn.send(request)  # pickles the whole request before writing any of it
+                with self._sending:
+                    self._conn.send(request)  # pickles the whole request before writing any of it
             except OSError:
                 raise WorkerDied(self.exit_reason()) from None
-            deadline = None if timeout is None else time.monotonic() + timeout
-            while True:
-                quiet = self.hang_timeout if deadline is None else min(self.hang_timeout, deadline - time.monotonic())
-                ready = wait([self._conn, self.sentinel], max(0.0, quiet))
-                if self._conn in ready:
-                    try:
-                        message = self._conn.recv()
-                    except (EOFError, OSError):
-                        raise WorkerDied(self.exit_reason()) from None
-                    if isinstance(message, ChatText):
-                        if on_text is not None:
-                            on_text(message)
-                    elif not isinstance(message, Heartbeat):
-                        return message
-                elif ready:
-                    raise WorkerDied(self.exit_reason())
-                elif deadline is not None and time.monotonic() >= deadline:
-                    raise self._kill_for(f"worker {self.pid} took longer than {timeout:g} s and was killed")
+            try:
+                return self._wait_reply(timeout, on_text)
+            finally:
+                self.running_rows = 0
+
+    def abort(self, ident: int) -> None:
+        """Tell the worker its chat `ident` lost its caller (at any time, also while a call runs); a worker that is
+        gone needs no telling."""
+        try:
+            with self._sending:
+                self._conn.send(Abort(ident))
+        except (OSError, ValueError):  # ValueError: the connection was closed by stop()
+            pass
+
+    def _wait_reply(self, timeout: float | None, on_text: Callable[[ChatText], None] | None) -> Reply:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            quiet = self.hang_timeout if deadline is None else min(self.hang_timeout, deadline - time.monotonic())
+            ready = wait([self._conn, self.sentinel], max(0.0, quiet))
+            if self._conn in ready:
+                try:
+                    message = self._conn.recv()
+                except (EOFError, OSError):
+                    raise WorkerDied(self.exit_reason()) from None
+                if isinstance(message, ChatText):
+                    if on_text is not None:
+                        on_text(message)
+                elif isinstance(message, Heartbeat):
+                    self.running_rows = message.rows
                 else:
-                    raise self._kill_for(f"worker {self.pid} stopped answering for {self.hang_timeout:g} s and was killed")
+                    return message
+            elif ready:
+                raise WorkerDied(self.exit_reason())
+            elif deadline is not None and time.monotonic() >= deadline:
+                raise self._kill_for(f"worker {self.pid} took longer than {timeout:g} s and was killed")
+            else:
+                raise self._kill_for(f"worker {self.pid} stopped answering for {self.hang_timeout:g} s and was killed")
 
     def stop(self, grace: float, check: ReleaseCheck) -> Release:
         """Ask the worker to exit, kill it if it has not within `grace` seconds, and report what its exit gave back
@@ -98,7 +122,8 @@ class WorkerProcess:
             host_bytes = self.private_bytes()
             if self.alive:
                 try:
-                    self._conn.send(Exit())
+                    with self._sending:
+                        self._conn.send(Exit())
                 except OSError:
                     pass
                 wait([self.sentinel], grace)
@@ -210,147 +235,3 @@ def _pidfd(pid: int) -> int | None:
         return os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
-
-
-class Spawner:
-    """Keeps one spare worker forked and waiting, and forks the next one in the background.
-
-    On request (`warm`) the spare also gets ready for given models on a GPU: its CUDA context, pinned staging
-    memory and the models' kernels (`backends.transformers.warm_up`), which takes ~1.5 s off a load's critical
-    path at the price of the context's memory while it waits (docs/BENCHMARKS.md). `warm(None)` makes it cold again."""
-
-    def __init__(self, keep_spare: bool, hang_timeout: float = HANG_TIMEOUT) -> None:
-        self._keep_spare = keep_spare
-        self._hang_timeout = hang_timeout
-        self._spare: WorkerProcess | None = None
-        self._lock = threading.Lock()
-        self._refill: threading.Thread | None = None
-        self._warming: threading.Thread | None = None
-        self._warm_lock = threading.Lock()
-        self._warm_gate = threading.Event()  # cleared while a release check has the warm-up paused
-        self._warm_gate.set()
-        self._warming_worker: WorkerProcess | None = None  # the worker a Warm request may be running in
-        self._paused: WorkerProcess | None = None
-        if keep_spare:
-            self._start_refill()
-
-    def take(self, env: dict[str, str] | None = None) -> WorkerProcess:
-        """A worker for a load with this environment: the spare if it can serve it (cold, or warm for the same
-        GPUs), else a fresh one."""
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None and (not spare.alive or spare.warm_env not in (None, env)):
-            spare.kill()
-            spare = None
-        worker = spare if spare is not None else WorkerProcess(self._hang_timeout)
-        if self._keep_spare:
-            self._start_refill()
-        return worker
-
-    def warm(self, requests: list[Warm] | None) -> None:
-        """Get the spare ready for these models (one GPU placement, the env of the first), in the background;
-        None: drop a warm spare for a cold one, so that no vlmux process holds device memory."""
-        if not self._keep_spare:
-            return
-        if not requests:
-            with self._lock:
-                spare = self._spare if self._spare is not None and self._spare.warm_env is not None else None
-                if spare is not None:
-                    self._spare = None
-            if spare is not None:
-                spare.kill()
-                self._start_refill()
-            return
-        warming = threading.Thread(target=self._warm, args=(requests,), name="vlmux-warm", daemon=True)
-        warming.start()
-        self._warming = warming  # started before others can see it: they may join it
-
-    def warm_for(self) -> dict[str, str] | None:
-        """The environment (GPUs) the spare holds a context for, or None if it is cold or missing."""
-        with self._lock:
-            spare = self._spare
-        return spare.warm_env if spare is not None and spare.alive and spare.warmed else None
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Whether the spare is forked and done warming, waiting up to `timeout` seconds for it."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        for thread in (self._refill, self._warming):
-            if thread is not None:
-                thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-                if thread.is_alive():
-                    return False
-        return True
-
-    def close(self) -> None:
-        self._keep_spare = False
-        for thread in (self._refill, self._warming):
-            if thread is not None:
-                thread.join()
-        with self._lock:
-            spare, self._spare = self._spare, None
-        if spare is not None:
-            spare.kill()
-
-    def _warm(self, requests: list[Warm]) -> None:
-        with self._warm_lock:
-            self._warm_spare(requests)
-
-    def _warm_spare(self, requests: list[Warm]) -> None:
-        if self._refill is not None:
-            self._refill.join()
-        with self._lock:
-            spare = self._spare
-        if spare is None or not spare.alive:
-            return
-        if spare.warm_env not in (None, requests[0].env):  # warm for other GPUs: start over with a cold one
-            self.warm(None)
-            return self._warm_spare(requests)
-        spare.warm_env = requests[0].env  # before the context exists: take() must not place it elsewhere meanwhile
-        try:
-            for request in requests:
-                if request.path in spare.warmed:
-                    continue
-                with self._lock:  # before the gate: a pause that clears the gate after this finds the worker
-                    self._warming_worker = spare
-                self._warm_gate.wait()
-                try:
-                    # a worker that loaded since skips it
-                    spare.call(Warm(request.spec, request.path, requests[0].env, request.pin_weights))
-                except WorkerDied:
-                    return
-                spare.warmed.add(request.path)
-        finally:
-            with self._lock:
-                self._warming_worker = None
-
-    def pause_warm(self) -> None:
-        """Freeze the spare's warm-up where it is (its process stopped) until `resume_warm`: a release check reads
-        the GPU's books meanwhile."""
-        self._warm_gate.clear()
-        with self._lock:
-            worker = self._warming_worker
-        if worker is not None:
-            worker.pause()
-            self._paused = worker
-
-    def resume_warm(self) -> None:
-        paused, self._paused = self._paused, None
-        if paused is not None:
-            paused.resume()
-        self._warm_gate.set()
-
-    def _start_refill(self) -> None:
-        def refill() -> None:
-            with self._lock:
-                if self._spare is not None or not self._keep_spare:
-                    return
-            worker = WorkerProcess(self._hang_timeout)
-            with self._lock:
-                if self._spare is None and self._keep_spare:
-                    self._spare, worker = worker, None
-            if worker is not None:
-                worker.kill()
-
-        thread = threading.Thread(target=refill, name="vlmux-spare", daemon=True)
-        thread.start()
-        self._refill = thread  # started before others can see it: they may join it

@@ -69,8 +69,8 @@ class UnattributedLock:
             self._changed.notify_all()
 
     @contextmanager
-    def held(self, gpus: Sequence[int], pausable: Pausable | None = None) -> Iterator[None]:
-        turn = self.acquire(gpus, pausable)
+    def held(self, gpus: Sequence[int], pausable: Pausable | None = None, preempt: bool = False) -> Iterator[None]:
+        turn = self.acquire(gpus, pausable, preempt)
         try:
             yield
         finally:

@@ -248,6 +248,11 @@ class Runner:
             self._control(first, request_timeout)
             _settle(batch[0], None)
             return
+        if isinstance(first, Chat):
+            batch = self._abortable(batch)
+            if not batch:
+                return
+            first = batch[0].payload
         if isinstance(first, Chat) and len(batch) == 1:
             on_text = batch[0].on_text
             reply = self.worker.call(first, request_timeout, None if on_text is None else lambda piece: on_text(piece.text))
@@ -278,6 +283,14 @@ class Runner:
             share = reply.tokens * request.size // max(1, len(reply.results))  # tokens are counted per worker call
             _settle(request, Captions(_with_bad(results, request.bad), reply.seconds, sum(r.error is None for r in results),
                                       share, *((reply.prepared_apart, reply.input_wait) if number == 0 else (0, 0.0))))
+
+    def _abortable(self, batch: list[Request]) -> list[Request]:
+        """The chats whose callers are still there; each one's worker is told (Abort) if its caller leaves later."""
+        worker, live = self.worker, [request for request in batch if not request.future.cancelled()]
+        for request in live:
+            request.future.add_done_callback(
+                lambda future, ident=request.payload.ident: worker.abort(ident) if future.cancelled() else None)
+        return live
 
     def _control(self, payload: Sleep | Wake, request_timeout: float | None) -> None:
         reply = self.worker.call(payload, request_timeout)

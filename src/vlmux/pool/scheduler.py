@@ -13,12 +13,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from vlmux.config import ModelSpec, PoolConfig
-from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied, WorkerStartError
 from vlmux.hub import resolve_model
 from vlmux.pool import vram
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
-from vlmux.pool.placement import WorkerPlacement
+from vlmux.pool.placement import WorkerPlacement, host_device
 from vlmux.pool.release import UnattributedLock, VerifiedRelease
 from vlmux.pool.room import GpuRoom, MustWait, Needs, charge_on, make_room
 from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State, WorkerExit
@@ -129,23 +129,24 @@ class Scheduler:
         budget = placement.charges[0] - need.weights - need.context if len(placement.gpus) == 1 else None
         request = Load(replace(runner.spec, device=placement.device, max_memory=placement.max_memory), str(runner.path),
                        placement.env, budget, self.config.max_batch_size, tokens)
-        reply, release = None, None
+        reply, release, failure = None, None, None
         for _ in range(2):
             with self._lock:
                 if runner.state is State.STOPPING:
                     break
-            cold = self.workers.warm_for() != placement.env
-            worker = self.workers.take(placement.env)
-            with self._lock:
-                runner.worker = worker
             try:
-                with self._unattributed.held(placement.gpus if cold else ()):  # a new context's share
+                worker = self.workers.take(placement.env)  # never the spare in the middle of a warm-up slice
+                cold = worker.context_env != placement.env
+                with self._lock:
+                    runner.worker = worker
+                # a new context's share; a warm-up under way is paused, not waited for
+                with self._unattributed.held(placement.gpus if cold else (), preempt=True):
                     reply, release = worker.call(request), None
                 break
             except WorkerDied as e:
-                reply, release = Failed("load", str(e)), worker.stop(0, self._check(runner))
-            except Exception as e:  # noqa: BLE001 - a request the worker could not take: the load fails cleanly
-                reply, release = Failed("load", f"{type(e).__name__}: {e}"), None
+                reply, release = Failed("load", str(e)), worker.stop(0, self._check(runner.placement.gpus))
+            except Exception as e:  # noqa: BLE001 - no worker could start, or it could not take the request
+                reply, release, failure = Failed("load", f"{type(e).__name__}: {e}"), None, e
                 break
         with self._lock:
             cancelled = runner.state is State.STOPPING
@@ -160,7 +161,8 @@ class Scheduler:
                 runner.load_error = PoolClosed("the pool was closed") if self._closed else ModelNotLoaded(
                     f"{runner.name} was unloaded while it loaded")
             else:
-                runner.load_error = ModelLoadError(f"could not load {runner.spec.model}: {reply.message}")
+                runner.load_error = failure if isinstance(failure, WorkerStartError) else ModelLoadError(
+                    f"could not load {runner.spec.model}: {reply.message}")  # no worker to load into: a 503
                 if self._runners.get(runner.name) is runner:
                     del self._runners[runner.name]
                 runner.state = State.DEAD
@@ -171,7 +173,7 @@ class Scheduler:
             self.spare.after_load(runner)
             return runner
         if release is None and runner.worker is not None:
-            release = runner.worker.stop(self.config.unload_grace, self._check(runner))
+            release = runner.worker.stop(self.config.unload_grace, self._check(runner.placement.gpus))
         self._finish_stop(runner, release or vram.Release(None, True, None, 0.0, "stopped before its worker started"))
         raise runner.load_error
 
@@ -268,7 +270,7 @@ class Scheduler:
             self._exits.forget(runner.worker.sentinel)
         grace = 0.0 if kill else self.config.unload_grace
         try:  # killed: one look at its memory, no wait
-            release = runner.worker.stop(grace, self._check(runner, 0.0 if kill else None))
+            release = runner.worker.stop(grace, self._check(runner.placement.gpus, 0.0 if kill else None))
         except BaseException as e:  # noqa: BLE001 - whoever waits for the release gets the reason
             runner.stopped.set_exception(e)
             self._forget(runner)
@@ -289,9 +291,13 @@ class Scheduler:
             self._room.notify_all()
         self.spare.after_release()
 
-    def _check(self, runner: Runner, timeout: float | None = None) -> VerifiedRelease:
-        return VerifiedRelease(self.inventory, runner.placement.gpus, self._baselines,
+    def _check(self, gpus: tuple[int, ...], timeout: float | None = None) -> VerifiedRelease:
+        return VerifiedRelease(self.inventory, gpus, self._baselines,
                                self.config.release_timeout if timeout is None else timeout, self._unattributed)
+
+    def drop_spare(self) -> vram.Release | None:
+        """Stop the spare worker, warm or cold, until the next load; its memory verified back like a model's."""
+        return self.spare.drop(self._check)
 
     # -- events from runners, timers and exits ----------------------------------------------------------------
 
@@ -337,7 +343,7 @@ class Scheduler:
             listener(WorkerExit(runner.name, runner.worker.pid, str(error), runner.requests))
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
-        self._finish_stop(runner, runner.worker.stop(0, self._check(runner)), keep=True)
+        self._finish_stop(runner, runner.worker.stop(0, self._check(runner.placement.gpus)), keep=True)
         with self._lock:
             reload = bool(runner.pending) and not runner.reloading and self._runners.get(runner.name) is runner
             runner.reloading |= reload
@@ -384,16 +390,7 @@ class Scheduler:
 
     def gpu(self, device: str) -> int | None:
         """The NVML index a spec's device names on this host, or None for the CPU."""
-        return self.inventory.physical_index(self.device(device))
-
-    def device(self, device: str) -> str:
-        """A spec's device as this host has it: auto is the first GPU if there is one."""
-        status = self.inventory.status()
-        if device == "auto":
-            return "cuda:0" if status is None else "cpu"
-        if device.startswith("cuda") and status is not None:
-            raise ModelLoadError(f"device {device} asked for, but {status}; use --device cpu")
-        return "cuda:0" if device == "cuda" else device
+        return self.inventory.physical_index(host_device(self.inventory, device))
 
     def _check_open(self) -> None:
         if self._closed:

@@ -4,6 +4,7 @@ goes cold again. The warming itself is the worker factory's (`Spawner.warm`)."""
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Protocol
 
@@ -11,8 +12,9 @@ from vlmux.config import ModelSpec, PoolConfig
 from vlmux.hub import resolve_model
 from vlmux.pool.placement import WorkerPlacement
 from vlmux.pool.release import UnattributedLock
-from vlmux.pool.runner import Runner, State
-from vlmux.pool.workers import WorkerFactory
+from vlmux.pool.runner import SERVING, Runner
+from vlmux.pool.vram import Release
+from vlmux.pool.workers import ReleaseCheck, WorkerFactory
 from vlmux.protocol import Warm
 
 RECENT_MODELS = 3  # models a warm spare gets ready for
@@ -67,7 +69,7 @@ class WarmSpare:
             # once would slow the very first answer the switch is waiting for. Not while a release is verified
             # either (a check pauses it): the spare's context and pinned pages are booked to no process, like a residue.
             loaded.answered.wait(WARM_AFTER_AT_MOST)
-            if not self._pool.closed and loaded.state is not State.DEAD:
+            if not self._pool.closed and loaded.state in SERVING:  # an unload (all) since keeps it cold
                 with self._unattributed.held(loaded.placement.gpus, pausable=self.workers):
                     self.workers.warm(requests)
                     self.workers.wait_ready()
@@ -90,6 +92,12 @@ class WarmSpare:
         self._cooling = threading.Timer(self.config.warm_spare_linger, cool)
         self._cooling.daemon = True
         self._cooling.start()
+
+    def drop(self, check_for: Callable[[tuple[int, ...]], ReleaseCheck]) -> Release | None:
+        """Stop the spare, warm or cold, until the next load (`unload all`): its release verified by `check_for`."""
+        if self._cooling is not None:
+            self._cooling.cancel()
+        return self.workers.drop_spare(check_for)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Block until the spare finished getting ready; False on timeout."""

@@ -4,6 +4,7 @@ eviction and budgets are tested on the CPU with fake GPUs and real tiny workers 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from vlmux.pool.vram import GpuMemory, Release
@@ -28,11 +29,21 @@ class Worker(Protocol):
         """A file descriptor that becomes readable once the worker has exited; None: it cannot exit by itself."""
         ...
 
+    @property
+    def context_env(self) -> dict[str, str] | None:
+        """The environment (GPUs) this worker already holds a CUDA context for (a warm spare's), or None."""
+        ...
+
     def call(self, request: Request, timeout: float | None = None,
              on_text: Callable[[ChatText], None] | None = None) -> Reply:
         """Send one request and wait for its reply; a streamed chat's pieces go to `on_text` meanwhile. Raises
         WorkerDied if the worker ends, stops answering (no heartbeat within its hang timeout) or takes longer than
         `timeout`; a worker that hung is killed first."""
+        ...
+
+    def abort(self, ident: int) -> None:
+        """Tell the worker the chat `ident` lost its caller: it stops spending on it within one step (at any time,
+        also while a call runs; nothing if the worker is gone or answered it already)."""
         ...
 
     def stop(self, grace: float, check: ReleaseCheck) -> Release:
@@ -42,6 +53,21 @@ class Worker(Protocol):
     def exit_reason(self) -> str:
         """Why the worker ended (the signal, the exit code), for errors."""
         ...
+
+
+@dataclass(frozen=True)
+class SpareStatus:
+    """The spare worker: its process, the GPUs it holds a context on (none: cold), the checkpoints it got ready for."""
+
+    pid: int
+    gpus: tuple[int, ...]
+    warming: bool
+    models: tuple[str, ...]
+
+
+def gpus_of(env: dict[str, str] | None) -> tuple[int, ...]:
+    """The GPUs a worker environment shows (CUDA_VISIBLE_DEVICES of NVML indices, as placement writes it)."""
+    return tuple(int(gpu) for gpu in (env or {}).get("CUDA_VISIBLE_DEVICES", "").split(",") if gpu)
 
 
 class WorkerFactory(Protocol):
@@ -64,6 +90,13 @@ class WorkerFactory(Protocol):
         ...
 
     def resume_warm(self) -> None: ...
+
+    def drop_spare(self, check_for: Callable[[tuple[int, ...]], ReleaseCheck]) -> Release | None:
+        """Stop the spare, warm or cold, and keep none until the next `take`; what it held is verified by the check
+        `check_for` gives for its GPUs. None when there was no spare."""
+        ...
+
+    def spare_status(self) -> SpareStatus | None: ...
 
     def close(self) -> None: ...
 

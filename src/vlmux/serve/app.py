@@ -112,7 +112,7 @@ def _management(service: Service, read_json) -> APIRouter:
     async def unload(request: Request):
         body = await read_json(request)
         name = _model(body) if not isinstance(body, dict) or body.get("model") is not None else None
-        return {"unloaded": await service.unload(name)}
+        return await service.unload(name)
 
     @router.post("/api/sleep")
     async def sleep(request: Request):

@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import replace
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -15,6 +16,8 @@ from vlmux.protocol import Chatted
 from vlmux.serve.errors import ApiError
 from vlmux.serve.history import RequestRecord
 from vlmux.serve.images import ImagePolicy, worker_messages
+from vlmux.serve.limits import check_pixels, check_request, within_deadline
+from vlmux.serve.logprobs import content, parse_logprobs
 from vlmux.serve.schema import (
     ChatRequest, StopWatch, chunk, completion, completion_id, cut_at_stop, parse_chat, usage, usage_chunk,
 )
@@ -23,6 +26,7 @@ from vlmux.serve.settings import ModelEntry
 
 UNKNOWN_MODEL = "-"  # the model label of requests refused before a served model was named
 WAITING_COMMENT_SECONDS = 5.0  # an SSE comment this often while a stream waits, so proxies keep it open
+CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
 
 def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
@@ -36,11 +40,13 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             body = await read_json(http)
             named = body.get("model") if isinstance(body, dict) else None
             entry = service.entry(named) if isinstance(named, str) and named in service.listed() else None
-            request = parse_chat(body, service.config.max_tokens_limit)
+            request = replace(parse_chat(body, service.config.max_tokens_limit), logprobs=parse_logprobs(body))
+            check_request(request, service.config.limits)
             entry = service.entry(request.model)
             service.admit()
             try:
                 messages = await asyncio.to_thread(worker_messages, request.messages, policy, request.stream)
+                check_pixels(messages, service.config.limits)
             except BaseException:
                 service.leave()
                 raise
@@ -51,7 +57,8 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             return StreamingResponse(_stream(service, entry, request, messages, started), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         try:
-            reply = await service.answer(entry, request, messages, on_loading=lambda: None)
+            reply = await _unless_gone(http, within_deadline(
+                service.answer(entry, request, messages, on_loading=lambda: None), service.config.limits))
         except ApiError as e:
             _record(service, entry, e.status, started, None, 0, False)
             raise
@@ -59,8 +66,10 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
             service.leave()
         text, finish = _finished(reply, request)
         _record(service, entry, 200, started, time.monotonic(), reply, False)
-        return JSONResponse(completion(completion_id(), entry.name, text, finish,
-                                       usage(reply.prompt_tokens, reply.completion_tokens)))
+        body = completion(completion_id(), entry.name, text, finish, usage(reply.prompt_tokens, reply.completion_tokens))
+        if reply.logprobs is not None:
+            body["choices"][0]["logprobs"] = content(reply.logprobs, text)
+        return JSONResponse(body)
 
     return router
 
@@ -70,9 +79,9 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
     ident = completion_id()
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[tuple[str, str]] = asyncio.Queue()  # ("loading", "") or ("text", piece)
-    job = asyncio.ensure_future(service.answer(
+    job = asyncio.ensure_future(within_deadline(service.answer(
         entry, request, messages, on_loading=lambda: events.put_nowait(("loading", "")),
-        on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece))))
+        on_text=lambda piece: loop.call_soon_threadsafe(events.put_nowait, ("text", piece))), service.config.limits))
     stops = StopWatch(request.stop)
     first: float | None = None
     try:
@@ -101,6 +110,10 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
         if text := stops.rest():
             first = first or time.monotonic()
             yield _event(chunk(ident, entry.name, {"role": "assistant", "content": text}))
+        if reply.logprobs is not None:  # the answer's tokens in one chunk once it is complete (the text ran ahead)
+            tokens = chunk(ident, entry.name, {"role": "assistant", "content": ""})
+            tokens["choices"][0]["logprobs"] = content(reply.logprobs, _finished(reply, request)[0])
+            yield _event(tokens)
         yield _event(chunk(ident, entry.name, {}, "stop" if stops.stopped else reply.finish_reason))
         if request.include_usage:
             yield _event(usage_chunk(ident, entry.name, usage(reply.prompt_tokens, reply.completion_tokens)))
@@ -109,7 +122,30 @@ async def _stream(service: Service, entry: ModelEntry, request: ChatRequest, mes
     finally:
         service.leave()
         if not job.done():
-            job.cancel()  # the client left; the pool finishes the request and drops the answer
+            job.cancel()  # the client left: its worker stops spending on it within one step (Abort)
+            _record(service, entry, CLIENT_GONE, started, first, 0, True)
+
+
+async def _unless_gone(http: Request, answer: Awaitable[Chatted]) -> Chatted:
+    """The answer, unless the client disconnects first: then the answer is cancelled (its worker stops spending on
+    it within one step) and the client, gone, is answered nothing (499 in the metrics, as nginx counts it)."""
+    job = asyncio.ensure_future(answer)
+    gone = asyncio.ensure_future(_disconnect(http))
+    try:
+        await asyncio.wait({job, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not job.done():
+            job.cancel()
+    if job.cancelled():
+        raise ApiError(CLIENT_GONE, "the client closed the connection before its answer", "client_gone")
+    return job.result()
+
+
+async def _disconnect(http: Request) -> None:
+    """Returns once the client has gone: with the body read, the next message is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        continue
 
 
 def _finished(reply: Chatted, request: ChatRequest) -> tuple[str, str]:

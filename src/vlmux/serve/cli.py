@@ -16,6 +16,8 @@ DEFAULT_URL = "http://127.0.0.1:8000"
 
 
 def add_commands(commands) -> None:
+    from vlmux.serve.settings import budget_option, option, parse_duration, parse_residency, whole_option
+
     serve = commands.add_parser("serve", help="an OpenAI-compatible server for many models under one VRAM budget",
                                 epilog="The API key may also come from VLMUX_API_KEY (kept out of the process list).")
     serve.add_argument("--model", action="append", default=[], metavar="NAME=MODEL",
@@ -23,18 +25,28 @@ def add_commands(commands) -> None:
     serve.add_argument("--config", type=Path, help="a TOML file of [[model]] tables (name, model, dtype, decode, "
                                                    "keep_alive, pinned, max_concurrent)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
-    serve.add_argument("--port", type=int, default=8000, help="0 picks a free port (printed at start)")
+    serve.add_argument("--port", type=option(_port), default=8000, help="0 picks a free port (printed at start)")
     serve.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    serve.add_argument("--vram-budget", default="0.8", help="what the models may use of each GPU: 0.8 of it, or 40GiB")
+    serve.add_argument("--vram-budget", default="0.8", type=option(budget_option),
+                       help="what the models may use of each GPU: 0.8 of it, 80%%, or 40GiB (a bare number is a fraction)")
     serve.add_argument("--api-key", default=os.environ.get("VLMUX_API_KEY"), help="every route but /health needs it")
-    serve.add_argument("--keep-alive", default="5m", help="how long an idle model stays loaded: 300, 5m, 0, -1 (forever)")
-    serve.add_argument("--min-residency", default="auto", metavar="SECONDS|auto",
+    serve.add_argument("--keep-alive", default="5m", type=option(parse_duration), help="how long an idle model stays loaded: 300, 5m, 0, -1 (forever)")
+    serve.add_argument("--min-residency", default="auto", type=option(parse_residency), metavar="SECONDS|auto",
                        help="how long a busy model keeps taking its own new requests after its load while another "
                             "model's load waits for its memory (an idle one is evicted at once): seconds, 0 for none, "
                             "or auto (default): as long as its own load took, so at most about half of the time goes "
                             "to switching")
-    serve.add_argument("--max-queue", type=int, default=256, help="chat requests held at once; more are answered 429")
-    serve.add_argument("--max-tokens", type=int, default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--max-queue", type=option(whole_option(1)), default=256, help="chat requests held at once; more are answered 429")
+    serve.add_argument("--max-tokens", type=option(whole_option(1)), default=256, help="max_tokens when a request gives none")
+    serve.add_argument("--max-images", type=option(whole_option(1)), default=16,
+                       help="images one chat request may hold (more: 400)")
+    serve.add_argument("--max-request-pixels", type=option(whole_option(1)), default=80_000_000,
+                       help="pixels of all of a request's images together, read from their headers (more: 400)")
+    serve.add_argument("--max-chars", type=option(whole_option(1)), default=100_000,
+                       help="characters of text one request may hold")
+    serve.add_argument("--request-timeout", metavar="DURATION", type=option(parse_duration),
+                       help="a chat request not answered within it (30, 90s, 5m) gets 504 and its generating stops; "
+                            "default none")
     serve.add_argument("--allow-any-model", action="store_true", help="requests may name any hub id or local folder")
     serve.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs")
     serve.add_argument("--allow-private-images", action="store_true",
@@ -54,9 +66,8 @@ def add_commands(commands) -> None:
 
 
 def serve_config(args: argparse.Namespace):
-    from vlmux.serve.settings import (
-        ServeConfig, model_option, models_from_toml, parse_duration, parse_residency, unique,
-    )
+    from vlmux.serve.limits import RequestLimits
+    from vlmux.serve.settings import ServeConfig, model_option, models_from_toml, unique
 
     entries = tuple(model_option(text) for text in args.model)
     if args.config is not None:
@@ -65,11 +76,12 @@ def serve_config(args: argparse.Namespace):
         raise ValueError("name at least one model (--model NAME=MODEL or --config FILE), or pass --allow-any-model")
     if args.allow_local_images is not None and not args.allow_local_images.is_dir():
         raise ValueError(f"--allow-local-images {args.allow_local_images}: not a folder")
-    budget = float(args.vram_budget) if args.vram_budget.replace(".", "", 1).isdigit() else args.vram_budget
-    return ServeConfig(args.host, args.port, args.device, budget, args.api_key or None, parse_duration(args.keep_alive),
+    return ServeConfig(args.host, args.port, args.device, args.vram_budget, args.api_key or None, args.keep_alive,
                        args.max_queue, unique(entries), args.allow_any_model, args.allow_remote_images,
                        args.allow_private_images, args.allow_local_images, default_max_tokens=args.max_tokens,
-                       min_residency=parse_residency(args.min_residency))
+                       min_residency=args.min_residency,
+                       limits=RequestLimits(args.max_images, args.max_request_pixels, args.max_chars,
+                                            args.request_timeout))
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -128,6 +140,8 @@ def _client(args: argparse.Namespace) -> int:
             print(f"{each['model']}: {each['release']}")
         if not answer["unloaded"]:
             print("nothing was loaded")
+        if answer.get("spare"):
+            print(f"spare worker: {answer['spare']['release']}")
     else:
         if args.command == "load":
             print(f"{answer['model']} loaded in {answer['seconds']:.2f} s")
@@ -155,6 +169,17 @@ def _print_ps(answer: dict) -> None:
         print(f"{m['name']:<20} {m['state']:<9} {where:<10} {held / 2**20:>7.0f} MiB {kind:<4} {m['in_flight']:>9} {expires:>10}")
     if not answer["models"]:
         print("(no model loaded)")
+    spare = answer.get("spare")
+    if spare:
+        where = ",".join(f"GPU {g}" for g in spare["gpus"]) or "cpu"
+        print(f"spare worker {spare['pid']}: {spare['state']} on {where}, {spare['vram_bytes'] / 2**20:.0f} MiB"
+              + (f", ready for {len(spare['models'])} model(s)" if spare["models"] else ""))
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 65535:
+        raise ValueError(f"a port from 0 (any free one) to 65535, not {text!r}")
+    return int(text)
 
 
 def _is_loopback(host: str) -> bool:

@@ -2,11 +2,12 @@
 the pool's exceptions mapped onto them."""
 from __future__ import annotations
 
-from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed, WorkerDied
+from vlmux.errors import (ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed, WorkerDied,
+                          WorkerStartError)
 from vlmux.hub import ModelNotFound
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable"}
+          429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
 ECHO_LIMIT = 80  # characters of a client's own text echoed back in an error
@@ -37,6 +38,8 @@ def from_pool(error: BaseException, model: str) -> ApiError:
         return ApiError(503, f"{model} cannot fit now: {error}", "cannot_fit")
     if isinstance(error, PoolClosed):
         return ApiError(503, "the server is shutting down", "shutting_down")
+    if isinstance(error, WorkerStartError):
+        return ApiError(503, f"{error}; the server's log has the whole error", "worker_start_failed")
     if isinstance(error, ModelLoadError):
         return ApiError(500, str(error), "model_load_failed")
     if isinstance(error, WorkerDied):
@@ -48,5 +51,7 @@ def from_pool(error: BaseException, model: str) -> ApiError:
             return ApiError(503, f"{model} ran out of device memory: {error}", "out_of_memory")
         if error.kind == "input":
             return ApiError(400, str(error), "invalid_request")
+        if error.kind == "context":
+            return ApiError(400, str(error), "context_length_exceeded", "messages")
         return ApiError(500, f"{model} failed: {error}", "request_failed")
     return ApiError(500, f"{type(error).__name__}: {error}", "internal_error")

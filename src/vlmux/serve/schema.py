@@ -40,6 +40,7 @@ class ChatRequest:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     keep_alive: float | None | str = UNSET  # seconds; None: forever; UNSET: the model's setting
+    logprobs: int | None = None  # None: none; n: each token's log-probability and the n likeliest (serve/logprobs.py)
 
 
 def parse_chat(body: Any, max_tokens_limit: int) -> ChatRequest:

@@ -18,7 +18,7 @@ from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.pool import ModelPool
-from vlmux.pool.budget import parse_budget
+from vlmux.budget import parse_budget
 from vlmux.pool.runner import ModelStatus, WorkerExit
 from vlmux.pool.workers import GpuInventory
 from vlmux.protocol import Chat, Chatted
@@ -130,25 +130,20 @@ class Service:
         except ModelNotLoaded:
             pass  # unloaded or evicted meanwhile: nothing to keep
 
-    async def unload(self, name: str | None) -> list[dict]:
-        names = [name] if name is not None else [s.name for s in self.pool.status()]
-        if name is not None and name not in {s.name for s in self.pool.status()}:
-            raise ApiError(404, f"model {shown(name)} is not loaded", "model_not_loaded", "model")
+    async def unload(self, name: str | None) -> dict:
+        """Unload `name`, or every model and the spare worker (None): the answer lists each verified release."""
         loop = asyncio.get_running_loop()
-        futures = []
-        for each in names:
+        spare = None
+        if name is None:  # the spare goes too, until a model is next asked for: nothing of ours stays on a GPU
+            releases, spare = await loop.run_in_executor(self._loader, self.pool.unload_all)
+        else:
             try:
-                futures.append((each, asyncio.wrap_future(self.pool.unload_async(each))))
+                releases = {name: await asyncio.wrap_future(self.pool.unload_async(name))}
             except ModelNotLoaded:
-                continue
-        answers = []
-        for each, future in futures:
-            release = await future
-            answers.append({"model": each, "verified": release.verified, "process_gone": release.process_gone,
-                            "residue_mib": release.residue_mib, "seconds": round(release.seconds, 3),
-                            "release": str(release)})
+                raise ApiError(404, f"model {shown(name)} is not loaded", "model_not_loaded", "model") from None
         await loop.run_in_executor(self._loader, self.look)
-        return answers
+        return {"unloaded": [{"model": each, **_release(release)} for each, release in releases.items()],
+                "spare": None if spare is None else _release(spare)}
 
     async def sleep(self, entry: ModelEntry) -> None:
         loop = asyncio.get_running_loop()
@@ -185,7 +180,7 @@ class Service:
                      on_text: Callable[[str], None] | None = None) -> Chatted:
         """The model's answer; `on_loading()` is called once if the request waits for its model to load; `on_text`
         (on a pool thread) gets the answer's text in pieces as it is generated."""
-        payload = Chat(messages, self.generation(request), stream=on_text is not None)
+        payload = Chat(messages, self.generation(request), stream=on_text is not None, logprobs=request.logprobs)
         limit = self._limits.setdefault(entry.name, asyncio.Semaphore(entry.max_concurrent or 1_000_000))
         async with limit:
             deadline = time.monotonic() + SUBMIT_DEADLINE
@@ -236,7 +231,20 @@ class Service:
             booked = {gpu: {s.name: held.get(s.pid, 0) for s in status if gpu in s.gpus} for gpu, held in usage.items()}
             gpus = [{"index": g.index, "name": g.name, "total": g.total, "used": g.used,
                      "budget": self._budget(g.total), "models": booked.get(g.index, {})} for g in self.inventory.gpus()]
-        return {"models": models, "gpus": gpus, "queue": self._held, "max_queue": self.config.max_queue}
+        return {"models": models, "spare": self._spare(), "gpus": gpus, "queue": self._held,
+                "max_queue": self.config.max_queue}
+
+    def _spare(self) -> dict | None:
+        """The spare worker: cold (a process only), warming or warm on its GPUs, and the checkpoints it is ready for."""
+        spare = self.pool.spare_status()
+        if spare is None:
+            return None
+        held = 0
+        if spare.gpus and self.inventory.status() is None:
+            held = sum(self.inventory.process_memory(gpu).get(spare.pid, 0) for gpu in spare.gpus)
+        state = "warming" if spare.warming else "warm" if spare.gpus else "cold"
+        return {"pid": spare.pid, "state": state, "gpus": list(spare.gpus), "models": list(spare.models),
+                "vram_bytes": held}
 
     def _budget(self, total: int) -> int:
         return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
@@ -303,3 +311,8 @@ def exit_reason(text: str) -> str:
 def _host(pid: int) -> int:
     """A worker's private host memory: the one measure of a CPU worker, as its release line reports it."""
     return hostmem.private_bytes(pid) or 0
+
+
+def _release(release) -> dict:
+    return {"verified": release.verified, "process_gone": release.process_gone, "residue_mib": release.residue_mib,
+            "seconds": round(release.seconds, 3), "release": str(release)}

@@ -2,12 +2,15 @@
 records. Durations are written like Ollama's keep_alive: 300, "90s", "5m", "1h"; 0 unloads once idle, -1 never."""
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmux.budget import check_budget
 from vlmux.config import DECODE_MODES, DTYPES
+from vlmux.serve.limits import RequestLimits
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -39,7 +42,7 @@ def parse_duration(value: str | int | float) -> float | None:
 
 def parse_residency(value: str) -> float | None:
     """--min-residency: auto (None: each model's own load time) or a duration like 30, 30s, 2m, 0."""
-    wrong = ValueError(f"--min-residency: auto or a duration like 30, 30s, 2m or 0, not {value!r}")
+    wrong = ValueError(f"auto or a duration like 30, 30s, 2m or 0, not {value!r} (--min-residency)")
     if value.strip().lower() == "auto":
         return None
     try:
@@ -49,6 +52,33 @@ def parse_residency(value: str) -> float | None:
     if seconds is None:  # a negative duration means forever elsewhere; a residency that never ends is no policy
         raise wrong
     return seconds
+
+
+def option(parse):
+    """An argparse `type` from a parser that raises ValueError: its message becomes the usage error (exit 2)."""
+    def checked(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    checked.__name__ = parse.__name__
+    return checked
+
+
+def budget_option(text: str) -> str:
+    """--vram-budget: 0.8, 80% or 40GiB, checked now; a bare number above 1 is refused ("40" is not 40 bytes)."""
+    check_budget(text, "")
+    return text
+
+
+def whole_option(least: int):
+    def whole(text: str) -> int:
+        if not text.strip().isdigit() or int(text) < least:
+            raise ValueError(f"a whole number of at least {least}, not {text!r}")
+        return int(text)
+
+    return whole
 
 
 @dataclass(frozen=True)
@@ -95,6 +125,22 @@ class ServeConfig:
     request_log: int = 200  # recent requests the dashboard lists
     history_seconds: float = 600.0  # memory over the last minutes, for the dashboard
     min_residency: float | None = None  # the pool's PoolConfig.min_residency: seconds, or None for auto
+    limits: RequestLimits = RequestLimits()  # images, pixels and text per chat request
+
+    def __post_init__(self) -> None:
+        if self.vram_budget is not None:
+            check_budget(self.vram_budget, "vram_budget")
+        for name in ("keep_alive", "min_residency"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value < math.inf):
+                raise ValueError(f"{name} {value!r}: seconds, 0 or more, or None")
+        for name in ("max_queue", "max_body_bytes", "max_image_bytes", "max_pixels", "default_max_tokens",
+                     "max_tokens_limit", "request_log"):
+            if type(getattr(self, name)) is not int or getattr(self, name) < 1:
+                raise ValueError(f"{name} {getattr(self, name)!r}: a whole number of at least 1")
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"port {self.port}: 0 (any free port) to 65535")
 
     def model_keep_alive(self, entry: ModelEntry) -> float | None:
         return self.keep_alive if entry.keep_alive == "default" else entry.keep_alive

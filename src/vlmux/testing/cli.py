@@ -7,13 +7,20 @@ import sys
 from pathlib import Path
 
 
-def start_caption(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vlmux.cli", "caption", *args, "--no-progress"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+# The `vlmux` command as its console script runs it: the current folder is not on sys.path (`python -m` would put it
+# first), so a test can run it from a folder holding a `random.py`, as a user does.
+VLMUX = [sys.executable, "-c", "import sys; del sys.path[0]; sys.argv[0] = 'vlmux'; from vlmux.cli import main; "
+         "sys.exit(main())"]
 
 
-def run_caption(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    process = start_caption(*args)
+def start_caption(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.Popen:
+    return subprocess.Popen([*VLMUX, "caption", *args, "--no-progress"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=cwd, env=env)
+
+
+def run_caption(*args: str, timeout: float = 300, cwd: Path | None = None,
+                env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    process = start_caption(*args, cwd=cwd, env=env)
     stdout, stderr = process.communicate(timeout=timeout)
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 

@@ -12,10 +12,13 @@ from pathlib import Path
 
 from vlmux.testing.processes import descendants
 
+HUNG_AT_EXIT = 1  # the exit status of a run whose tests passed but whose Python did not exit: a failed run
+
 
 def watch_interpreter_exit(status: int, seconds: float) -> None:
     """If Python has not exited `seconds` from now, print every thread's stack and the processes still under this
-    one, then exit with `status` (the session's)."""
+    one, then exit with `status` (the session's), or with HUNG_AT_EXIT where every test passed: a leaked thread or
+    pool fails the run."""
     def watch() -> None:
         time.sleep(seconds)
         out = sys.__stderr__
@@ -23,7 +26,7 @@ def watch_interpreter_exit(status: int, seconds: float) -> None:
         faulthandler.dump_traceback(file=out, all_threads=True)
         for pid in descendants(os.getpid()):
             print("still running:", pid, _command(pid), file=out, flush=True)
-        os._exit(status)
+        os._exit(status or HUNG_AT_EXIT)
 
     threading.Thread(target=watch, name="tests-exit-watch", daemon=True).start()
     # A hang that holds the GIL stops the thread above too; faulthandler's own thread needs no GIL (its exit is 1).

@@ -8,8 +8,9 @@ import time
 from dataclasses import dataclass, field, replace
 
 from vlmux.pool import vram
-from vlmux.pool.process import Spawner, WorkerProcess
-from vlmux.pool.workers import ReleaseCheck
+from vlmux.pool.process import WorkerProcess
+from vlmux.pool.spawner import Spawner
+from vlmux.pool.workers import ReleaseCheck, SpareStatus, gpus_of
 from vlmux.protocol import Load, Loaded, Reply, Request, Warm
 
 GIB = 2**30
@@ -59,6 +60,21 @@ class Event:
     at: float = field(default_factory=time.monotonic)
 
 
+class Dropping:
+    """A release check that drops what a worker booked on the fake GPUs once it is gone, then checks as told."""
+
+    def __init__(self, gpus: FakeGpus, check: ReleaseCheck) -> None:
+        self.gpus, self.check = gpus, check
+
+    def before_exit(self, pid: int) -> None:
+        self.check.before_exit(pid)
+
+    def after_exit(self, pid: int, alive: bool, host_bytes: int | None) -> vram.Release:
+        if not alive:
+            self.gpus.drop(pid)
+        return self.check.after_exit(pid, alive, host_bytes)
+
+
 class FakeGpuWorker:
     """A real worker process that loads on the CPU what the scheduler placed on a fake GPU, and books the load's
     charge there until it exits. `stop_delay`: seconds its exit takes (a slow release); `load_delay`: seconds its
@@ -67,6 +83,7 @@ class FakeGpuWorker:
     def __init__(self, inner: WorkerProcess, gpus: FakeGpus, gpu: int | None, factory: FakeGpuWorkers) -> None:
         self.inner, self.gpus, self.gpu, self.factory = inner, gpus, gpu, factory
         self.model = ""
+        self.context_env = factory.warm_for()  # the fake's warm-up is a record: the spare counts as warm for it
 
     @property
     def pid(self) -> int:
@@ -92,21 +109,14 @@ class FakeGpuWorker:
             self.factory.record("loaded", self.model, self.pid)
         return reply
 
+    def abort(self, ident: int) -> None:
+        self.inner.abort(ident)
+
     def stop(self, grace: float, check: ReleaseCheck) -> vram.Release:
         self.factory.record("stop_start", self.model, self.pid)
         time.sleep(self.factory.stop_delay.get(self.model, 0.0))
-        gpus, pid = self.gpus, self.pid
-
-        class Dropping:
-            def before_exit(self, pid: int) -> None:
-                check.before_exit(pid)
-
-            def after_exit(self, pid: int, alive: bool, host_bytes: int | None) -> vram.Release:
-                if not alive:
-                    gpus.drop(pid)
-                return check.after_exit(pid, alive, host_bytes)
-
-        release = self.inner.stop(grace, Dropping())
+        pid = self.pid
+        release = self.inner.stop(grace, Dropping(self.gpus, check))
         self.factory.record("stop_end", self.model, pid)
         return release
 
@@ -116,17 +126,19 @@ class FakeGpuWorker:
 
 class FakeGpuWorkers:
     """The `WorkerFactory` for fake GPUs: real CPU workers from a `Spawner`; `warm` only records that the next
-    worker counts as warm for that placement (no context exists to create)."""
+    worker counts as warm for that placement (no context exists to create) and books `spare_bytes` to the spare."""
 
-    def __init__(self, gpus: FakeGpus, held_bytes: int = GIB) -> None:
+    def __init__(self, gpus: FakeGpus, held_bytes: int = GIB, spare_bytes: int = 0) -> None:
         self.gpus = gpus
         self.held_bytes = held_bytes
+        self.spare_bytes = spare_bytes
         self.stop_delay: dict[str, float] = {}  # model path -> seconds its workers take to stop
         self.load_delay: dict[str, float] = {}  # model path -> seconds its loads take beyond the real ones
         self.loads: list[Load] = []
         self.events: list[Event] = []
         self._spawner = Spawner(keep_spare=True)
         self._warm_env: dict[str, str] | None = None
+        self._warmed: tuple[str, ...] = ()  # the checkpoints the spare was last warmed for
         self._lock = threading.Lock()
 
     def take(self, env: dict[str, str]) -> FakeGpuWorker:
@@ -141,6 +153,25 @@ class FakeGpuWorkers:
 
     def warm(self, requests: list[Warm] | None) -> None:
         self._warm_env = requests[0].env if requests else None
+        self._warmed = tuple(sorted(request.path for request in requests or ()))
+        spare = self._spawner.spare_status() if self._spawner.wait_ready() else None
+        if requests and spare is not None and self.spare_bytes:
+            self.gpus.hold(gpus_of(self._warm_env)[0], spare.pid, self.spare_bytes)
+
+    def drop_spare(self, check_for) -> vram.Release | None:
+        self._warm_env = None
+        held = self._held_by_spare()  # the real spare is a CPU worker: its fake GPUs are those it is booked on
+        return self._spawner.drop_spare(lambda _gpus: Dropping(self.gpus, check_for(held)))
+
+    def spare_status(self) -> SpareStatus | None:
+        spare = self._spawner.spare_status()
+        held = self._held_by_spare()
+        return None if spare is None else replace(spare, gpus=held, models=self._warmed if held else ())
+
+    def _held_by_spare(self) -> tuple[int, ...]:
+        spare = self._spawner.spare_status()
+        return () if spare is None else tuple(g.index for g in self.gpus.gpus()
+                                              if spare.pid in self.gpus.process_memory(g.index))
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         return self._spawner.wait_ready(timeout)

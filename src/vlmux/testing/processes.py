@@ -1,8 +1,10 @@
 """Process checks for tests: has a worker really gone?"""
 from __future__ import annotations
 
+import os
+import select
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from vlmux.pool.process import stat_fields
@@ -21,6 +23,30 @@ def process_gone(pid: int, within: float = 10.0) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+def still_running(pids: Iterable[int], within: float) -> list[int]:
+    """Wait for each process's end itself (a pidfd turns readable when it exits, child or not); the pids still
+    running after `within` seconds, or [] as soon as every one has ended."""
+    fds: dict[int, int] = {}
+    try:
+        for pid in set(pids):
+            try:
+                fds[os.pidfd_open(pid)] = pid
+            except ProcessLookupError:
+                continue
+        deadline = time.monotonic() + within
+        while fds:
+            ready, _, _ = select.select(list(fds), [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                break
+            for fd in ready:
+                os.close(fd)
+                del fds[fd]
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def children(pid: int) -> list[int]:

@@ -8,21 +8,24 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
+
+from vlmux.testing.cli import VLMUX
 
 LISTENING = re.compile(r"listening on (http://\S+) ")
 
 
 @contextlib.contextmanager
-def served(*args: str, timeout: float = 60.0, log: str | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
-    """`vlmux serve ARGS --port 0` as a child; yields it and its URL, then stops it (SIGTERM, then SIGKILL). With
-    `log`, the server's output is copied to that file."""
-    command = [sys.executable, "-m", "vlmux.cli", "serve", "--host", "127.0.0.1", "--port", "0", *args]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+def served(*args: str, timeout: float = 60.0, log: str | None = None, cwd: Path | None = None,
+           env: dict[str, str] | None = None) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`vlmux serve ARGS --port 0` as a child, in `cwd` with `env` (default: this process's); yields it and its
+    URL, then stops it (SIGTERM, then SIGKILL). With `log`, the server's output is copied to that file."""
+    command = [*VLMUX, "serve", "--host", "127.0.0.1", "--port", "0", *args]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd,
+                               env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     try:
         url = _wait_for_url(process, timeout, log)
         yield process, url

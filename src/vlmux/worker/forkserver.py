@@ -9,19 +9,25 @@ import traceback
 from multiprocessing.connection import Connection, wait
 
 PID_BYTES = 8
+START_REPORT_BYTES = 4  # the length of the start-up report that precedes every fork answer
 
 
 def main(control_fd: int, parent_pid: int) -> None:
     """Serve fork requests on `control_fd` until it closes or the parent dies, then kill the workers still running.
 
+    First the server reports on `control_fd` whether it started (its imports), with the error if not.
     A request is one byte with one end of a socketpair attached; the answer is the worker's pid, with the read end
     of a pipe that gets the worker's wait status (as text) once this server reaps it."""
     # Ctrl-C reaches the whole foreground process group: the parent stops the workers; before torch's import too.
     # Workers and the preparing processes they start (SIG_IGN survives exec) inherit it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    import vlmux.worker.preload  # noqa: F401 - once, here: every worker starts with it imported
-
     control = socket.socket(fileno=control_fd)
+    try:
+        import vlmux.worker.preload  # noqa: F401 - once, here: every worker starts with it imported
+    except BaseException:  # noqa: BLE001 - the parent quotes it in the error of the load that waits for us
+        _report_start(control, traceback.format_exc())
+        raise SystemExit(1) from None
+    _report_start(control, "")
     parent = _pidfd(parent_pid)
     wakeup_r, wakeup_w = os.pipe()
     os.set_blocking(wakeup_r, False)
@@ -61,6 +67,15 @@ def main(control_fd: int, parent_pid: int) -> None:
                     os.close(fds[0])
     finally:
         _kill_workers(statuses)
+
+
+def _report_start(control: socket.socket, error: str) -> None:
+    """Tell the parent whether this server started: a length, then the error text (empty: ready for forks)."""
+    data = error.encode(errors="replace")
+    try:
+        control.sendall(len(data).to_bytes(START_REPORT_BYTES, "little") + data)
+    except OSError:  # the parent is gone
+        pass
 
 
 def _run_worker(fd: int, parent_pid: int, handlers: dict, control: socket.socket, server_fds: list[int]) -> None:

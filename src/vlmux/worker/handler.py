@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from itertools import repeat
@@ -11,12 +12,13 @@ from itertools import repeat
 from PIL import Image
 
 from vlmux.backends.base import Backend, OutOfMemory, PreparedBatch
+from vlmux.backends.context import ContextExceeded
 from vlmux.estimate import MAX_AUTO_BATCH
 from vlmux.images import NOTE, ImageError, check_input, load_image
 from vlmux.worker import prep
 from vlmux.protocol import (
-    Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Done, Failed, ItemResult, Load, Loaded, Reply,
-    Request, Sleep, Wake, Warm,
+    Caption, Captions, Chat, Chats, ChatsAnswered, ChatText, Chatted, Done, Failed, Heartbeat, ItemResult, Load, Loaded,
+    Reply, Request, Sleep, Wake, Warm,
 )
 
 DECODE_THREADS = 8
@@ -46,9 +48,11 @@ class Handler:
         self._batch_size = CPU_BATCH_SIZE  # Loaded.batch_size: a Caption's size when it names none
         self._prepared_apart = 0
         self._notes: dict[int, str] = {}  # item -> what decoding changed (a padded strip), for its result
+        self.aborts = Aborts()  # filled by the worker's reader thread while a request runs
 
-    def handle(self, request: Request, send: Callable[[ChatText], None] | None = None) -> Reply:
-        """`send`: how a streamed chat's pieces reach the caller before the reply (None: they are not sent)."""
+    def handle(self, request: Request, send: Callable[[ChatText | Heartbeat], None] | None = None) -> Reply:
+        """`send`: how a streamed chat's pieces, and the count of its rows running, reach the caller before the
+        reply (None: they are not sent)."""
         start = time.perf_counter()
         if isinstance(request, Load):
             return self._load(request, start)
@@ -73,6 +77,8 @@ class Handler:
 
     def after_reply(self, request: Request) -> None:
         """Called once the reply to `request` is on its way: the backend's deferred work, after an answer."""
+        for chat in [request] if isinstance(request, Chat) else request.chats if isinstance(request, Chats) else ():
+            self.aborts.discard(chat.ident)  # answered: an Abort for it from now on changes nothing
         if self.backend is not None and isinstance(request, (Caption, Chat, Chats)):
             self.backend.after_reply()
 
@@ -252,22 +258,33 @@ class Handler:
         self._caption_chunk(chunk[:half], decoded, request, results)
         self._caption_chunk(chunk[half:], decoded, request, results)
 
-    def _chat(self, request: Chat, send: Callable[[ChatText], None] | None) -> Reply:
+    def _chat(self, request: Chat, send: Callable[[ChatText | Heartbeat], None] | None, row: int = 0) -> Reply:
+        """row: the conversation's place in its Chats request, for its streamed pieces."""
+        if request.ident in self.aborts:  # its caller left before its turn
+            return Chatted("", finish_reason="abort")
         try:
             messages, images = self._conversation(request)
-            on_text = (lambda text: send(ChatText(text))) if request.stream and send is not None else None
-            return self.backend.chat(messages, images, request.gen, on_text)
+            on_text = (lambda text: send(ChatText(text, row))) if request.stream and send is not None else None
+            return self.backend.chat(messages, images, request.gen, on_text, _Rows(self.aborts, [request.ident], send),
+                                     request.logprobs)
         except (ImageError, KeyError, TypeError) as e:
             return Failed("input", f"bad chat request: {e}")
+        except NotImplementedError as e:  # a setting this model cannot honour (logprobs)
+            return Failed("input", str(e))
+        except ContextExceeded as e:
+            return Failed("context", str(e))
         except OutOfMemory as e:
             return Failed("oom", f"out of device memory: {e}")
 
-    def _chats(self, request: Chats, send: Callable[[ChatText], None] | None) -> Reply:
-        """One batch for the conversations that parse; one that does not (a bad image) fails alone. A batch that
-        does not fit is answered one conversation at a time."""
+    def _chats(self, request: Chats, send: Callable[[ChatText | Heartbeat], None] | None) -> Reply:
+        """One batch for the conversations that parse; one that does not (a bad image) fails alone, one aborted
+        before its turn is not started. A batch that does not fit is answered one conversation at a time."""
         replies: list[Chatted | Failed | None] = [None] * len(request.chats)
         rows, conversations = [], []
         for index, chat in enumerate(request.chats):
+            if chat.ident in self.aborts:
+                replies[index] = Chatted("", finish_reason="abort")
+                continue
             try:
                 conversations.append(self._conversation(chat))
                 rows.append(index)
@@ -280,18 +297,31 @@ class Handler:
                 send(ChatText(text, streaming[row]))
 
         try:
-            if rows:
-                answers = self.backend.chat_batch(conversations, request.chats[0].gen,
-                                                  on_text if streaming and send is not None else None)
+            while rows:
+                control = _Rows(self.aborts, [request.chats[index].ident for index in rows], send)
+                try:
+                    answers = self.backend.chat_batch(conversations, request.chats[0].gen,
+                                                      on_text if streaming and send is not None else None, control,
+                                                      [request.chats[index].logprobs for index in rows])
+                except NotImplementedError:  # a setting this model cannot honour: each row alone says which
+                    for index in rows:
+                        replies[index] = self._chat(request.chats[index], send, index)
+                    return ChatsAnswered(replies)
+                except ContextExceeded as e:  # those rows fail alone; the others are asked again without them
+                    for row in e.rows:
+                        replies[rows[row]] = Failed("context", str(e))
+                    kept = [row for row in range(len(rows)) if row not in e.rows]
+                    rows, conversations = [rows[row] for row in kept], [conversations[row] for row in kept]
+                    streaming = {place: index for place, index in enumerate(rows) if request.chats[index].stream}
+                    continue
                 for index, answer in zip(rows, answers):
                     replies[index] = answer
+                break
             return ChatsAnswered(replies)
         except OutOfMemory:
             pass  # answered one at a time below, once the failed batch's frames are gone with the exception
         for index in rows:
-            streamed = request.chats[index].stream and send is not None
-            replies[index] = self._chat(request.chats[index], (lambda piece, i=index: send(ChatText(piece.text, i)))
-                                        if streamed else None)
+            replies[index] = self._chat(request.chats[index], send, index)
         return ChatsAnswered(replies)
 
     def _conversation(self, request: Chat) -> tuple[list[dict], list[Image.Image]]:
@@ -311,6 +341,47 @@ class Handler:
                     items.append(item)
             messages.append({**message, "content": items})
         return messages, images
+
+
+class Aborts:
+    """The idents of chats the parent aborted (Abort), added by the worker's reader thread at any time and read by
+    the generating thread between steps."""
+
+    KEPT = 4096  # aborts that came after their chat was answered are never discarded by it: the oldest go
+
+    def __init__(self) -> None:
+        self._idents: dict[int, None] = {}  # insertion-ordered: the oldest first
+        self._lock = threading.Lock()
+
+    def add(self, ident: int) -> None:
+        with self._lock:
+            self._idents[ident] = None
+            if len(self._idents) > self.KEPT:
+                del self._idents[next(iter(self._idents))]
+
+    def discard(self, ident: int) -> None:
+        with self._lock:
+            self._idents.pop(ident, None)
+
+    def __contains__(self, ident: int) -> bool:
+        return ident in self._idents
+
+
+class _Rows:
+    """A call's `RowControl`: row i is the chat idents[i]; the count of rows running goes to the caller as a
+    Heartbeat whenever it changes."""
+
+    def __init__(self, aborts: Aborts, idents: list[int], send: Callable[[ChatText | Heartbeat], None] | None) -> None:
+        self._aborts, self._idents, self._send = aborts, idents, send
+        self._told: int | None = None
+
+    def aborted(self, row: int) -> bool:
+        return self._idents[row] in self._aborts
+
+    def running(self, rows: int) -> None:
+        if rows != self._told and self._send is not None:
+            self._told = rows
+            self._send(Heartbeat(rows))
 
 
 def _decode(item, max_pixels: int | None) -> Image.Image | str:
