@@ -5,6 +5,7 @@ import base64
 import http.server
 import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,6 +17,7 @@ import openai
 import pytest
 from PIL import Image
 
+from vlmux.serve.service import exit_reason
 from vlmux.testing.processes import process_gone
 from vlmux.testing.server import served
 from vlmux.testing.workers import wait_until
@@ -24,10 +26,11 @@ KEY = "test-key-1234"
 
 
 @pytest.fixture(scope="module")
-def server(tiny_llava, tiny_qwen):
+def server(tiny_llava, tiny_qwen, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
     with served("--model", f"llava={tiny_llava}", "--model", f"qwen={tiny_qwen}", "--device", "cpu", "--api-key", KEY,
-                "--allow-remote-images", "--allow-private-images", "--max-tokens", "12") as (process, url):
-        yield process, url
+                "--allow-remote-images", "--allow-private-images", "--max-tokens", "12", log=str(log)) as (process, url):
+        yield process, url, log
 
 
 @pytest.fixture()
@@ -149,11 +152,18 @@ def test_ps_and_metrics_follow_loads_and_unloads_and_no_worker_is_left(server, t
     metrics = api(server, "GET", "/metrics").text
     assert 'vlmux_model_state{model="llava",state="ready"} 1.0' in metrics
     assert _value(metrics, LOADS) == loads + 1
+    # a CPU worker's one measure is its private host memory: published as such, never as VRAM, and the same
+    # figure its release line reports
+    assert _value(metrics, 'vlmux_model_host_bytes{model="llava"}') > 0
+    assert 'vlmux_model_vram_bytes{model="llava"}' not in metrics
     listed = subprocess.run([sys.executable, "-m", "vlmux.cli", "ps"], capture_output=True, text=True, env=env, timeout=60)
     assert listed.returncode == 0 and "llava" in listed.stdout and "ready" in listed.stdout
+    assert " MiB host" in listed.stdout, listed.stdout
     unloaded = subprocess.run([sys.executable, "-m", "vlmux.cli", "unload", "llava"], capture_output=True, text=True,
                               env=env, timeout=120)
     assert unloaded.returncode == 0 and f"CPU worker {model['pid']} exited" in unloaded.stdout, unloaded.stdout
+    returned = float(re.search(r"its (\d+) MiB of host memory returned", unloaded.stdout).group(1))
+    assert abs(returned - model["host_bytes"] / 2**20) <= max(5, 0.1 * returned), (returned, model["host_bytes"])
     assert process_gone(model["pid"], within=0.1)
     assert api(server, "GET", "/api/ps").json()["models"] == []
     metrics = api(server, "GET", "/metrics").text
@@ -177,25 +187,50 @@ def test_keep_alive_zero_unloads_after_the_answer_and_a_stream_announces_the_loa
 
 def test_a_worker_killed_mid_request_gives_a_clear_error_and_the_next_request_is_answered(server, client):
     api(server, "POST", "/api/load", {"model": "llava"})
-    pid = api(server, "GET", "/api/ps").json()["models"][0]["pid"]
+    ps = api(server, "GET", "/api/ps").json()["models"]
+    pid, answered = next((m["pid"], m["requests"]) for m in ps if m["name"] == "llava")
     outcome = {}
 
     def long_request():
         try:
             outcome["answer"] = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))),
-                                                               max_tokens=4096)
+                                                               max_tokens=900)
         except openai.APIStatusError as e:
             outcome["error"] = e
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    assert wait_until(lambda: api(server, "GET", "/api/ps").json()["models"][0]["in_flight"] == 1)
+    assert wait_until(lambda: any(m["name"] == "llava" and m["in_flight"] == 1
+                                  for m in api(server, "GET", "/api/ps").json()["models"]))
     os.kill(pid, signal.SIGKILL)
     thread.join(60)
     assert outcome["error"].status_code == 500 and outcome["error"].body["code"] == "worker_died"
     assert "reloads the model" in outcome["error"].message
     after = client.chat.completions.create(model="llava", messages=ask(data_url(png("red"))), max_tokens=4)
     assert after.choices[0].message.content and server[0].poll() is None
+    # the exit is in the log, counted by reason, marked on the chart; the new worker's count goes on from the old
+    assert f"llava's worker ended: worker {pid} was killed by SIGKILL" in server[2].read_text()
+    metrics = api(server, "GET", "/metrics").text
+    assert _value(metrics, 'vlmux_worker_exits_total{model="llava",reason="SIGKILL"}') == 1
+    dashboard = api(server, "GET", "/api/dashboard").json()
+    assert any(e["model"] == "llava" and e["event"] == "worker exit" for e in dashboard["events"])
+    assert "llava worker exit" in dashboard["chart"]
+    now = next(m["requests"] for m in dashboard["models"] if m["name"] == "llava")
+    assert now == answered + 1, (answered, now)  # the killed request failed; the one after it answered
+
+
+def test_refused_requests_are_counted_by_status_and_listed(server):
+    def count(series: str) -> float:
+        metrics = api(server, "GET", "/metrics").text
+        return _value(metrics, series) if series in metrics else 0.0
+
+    bad, unknown = 'vlmux_requests_total{model="llava",status="400"}', 'vlmux_requests_total{model="-",status="404"}'
+    before = count(bad), count(unknown)
+    assert api(server, "POST", "/v1/chat/completions", {"model": "llava", "messages": ask("x"), "stop": 5}).status_code == 400
+    assert api(server, "POST", "/v1/chat/completions", {"model": "nope" * 50, "messages": ask("x")}).status_code == 404
+    assert (count(bad), count(unknown)) == (before[0] + 1, before[1] + 1)
+    listed = api(server, "GET", "/api/dashboard").json()["requests"]
+    assert [(r["model"], r["status"]) for r in listed[:2]] == [("-", 404), ("llava", 400)]
 
 
 LOADS, UNLOADS = 'vlmux_loads_total{model="llava"}', 'vlmux_unloads_total{model="llava"}'
@@ -219,3 +254,18 @@ def test_sleep_keeps_the_worker_and_the_next_request_wakes_it_with_the_same_answ
     assert woken == awake
     [model] = api(server, "GET", "/api/ps").json()["models"]
     assert (model["state"], model["pid"]) == ("ready", pid)  # woken in the same worker, not loaded again
+
+
+def test_the_favicon_is_served_without_the_key_and_is_an_icon(server):
+    answer = httpx.get(server[1] + "/favicon.ico", timeout=30)
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/x-icon"
+    assert Image.open(io.BytesIO(answer.content)).format == "ICO"
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("worker 7 was killed by SIGKILL (the kernel's out-of-memory killer sends SIGKILL: check host RAM)", "SIGKILL"),
+    ("worker 7 exited with code 3", "exit_3"), ("worker 7 stopped answering for 30 s and was killed", "hang"),
+    ("worker 7 took longer than 60 s and was killed", "timeout"),
+    ("worker 7 ended; how is unknown (the fork server that started it is gone)", "unknown")])
+def test_a_worker_exit_is_labelled_by_a_short_reason(text, reason):
+    assert exit_reason(text) == reason

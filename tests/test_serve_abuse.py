@@ -134,6 +134,24 @@ def test_management_routes_answer_bodies_of_the_wrong_shape_with_400(server):
             assert answer.status_code == 400, (path, body, answer.status_code, answer.text[:300])
 
 
+def test_fields_of_the_wrong_type_and_a_truncated_streamed_image_are_400_with_openai_bodies(server):
+    """Each case of docs/RELIABILITY.md's request table that the parent refuses, through the real server."""
+    base = {"model": "qwen", "messages": [{"role": "user", "content": "hi"}]}
+    for field, value in (("seed", 2**64), ("stop", 5), ("stop", {"a": 1}), ("stream", "no"),
+                         ("response_format", {"type": "json_object"})):
+        answer = post(server, "/v1/chat/completions", {**base, field: value})
+        assert answer.status_code == 400, (field, value, answer.status_code, answer.text[:300])
+        assert answer.json()["error"]["param"] == field
+    answer = post(server, "/v1/chat/completions", {**base, "model": "x" * 1_000_000})
+    assert answer.status_code == 404 and len(answer.content) < 1000
+    buffer = io.BytesIO()
+    Image.effect_noise((64, 64), 50).convert("RGB").save(buffer, "JPEG")
+    half = "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()[: len(buffer.getvalue()) // 2]).decode()
+    streamed = post(server, "/v1/chat/completions", {**base, "stream": True, "messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": half}}, {"type": "text", "text": "Describe."}]}]})
+    assert streamed.status_code == 400 and streamed.json()["error"]["code"] == "invalid_image", streamed.text[:300]
+
+
 @pytest.mark.parametrize("value", [[], {}, "nan", "inf", float("inf"), "-inf", None, True])
 def test_a_duration_of_the_wrong_type_or_not_finite_is_a_value_error(value):
     with pytest.raises(ValueError, match="a duration like"):

@@ -2,6 +2,7 @@
 buttons change /api/ps, the memory chart and the request list fill in, and a screenshot is kept as an artifact."""
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import httpx
@@ -50,6 +51,19 @@ def test_the_dashboard_loads_and_unloads_models_from_its_buttons(tiny_llava, tin
             assert [(m["name"], m["state"]) for m in ps(url)] == [("qwen", "ready")]
             assert page.locator("#chart svg .mark").count() >= 3  # two loads and an unload marked
             assert not page.locator("#error").inner_text()
+            # a worker killed: marked on the chart, and the request it failed listed with its status
+            pid = next(m["pid"] for m in ps(url) if m["name"] == "qwen")
+            os.kill(pid, signal.SIGKILL)
+            expect(page.locator("#chart svg .mark title", has_text="qwen worker exit")).to_have_count(1, timeout=15_000)
+            refused = httpx.post(url + "/v1/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=60,
+                                 json={"model": "qwen", "messages": [{"role": "user", "content": "Hi"}], "stop": 5})
+            assert refused.status_code == 400
+            expect(page.locator("#requests tbody tr", has_text="400")).to_have_count(1, timeout=10_000)
+            artifacts = Path(os.environ.get("VLMUX_ARTIFACTS", tmp_path))  # CI keeps this folder
+            artifacts.mkdir(parents=True, exist_ok=True)
+            killed = artifacts / "dashboard-after-worker-kill.png"
+            page.screenshot(path=str(killed), full_page=True)
+            assert killed.stat().st_size > 20_000
         finally:
             browser.close()
 

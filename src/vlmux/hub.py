@@ -21,7 +21,11 @@ def resolve_model(model: str, revision: str | None = None) -> Path:
     if model in BUNDLED:
         return bundled(model)
     path = Path(model).expanduser()
-    if path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):  # a name too long for a path, or one with a NUL byte
+        raise ModelNotFound(f"{model[:80]}...: neither a folder here nor a hub id") from None
+    if exists:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"{model}: this folder has no config.json, so it is not a Hugging Face model folder")
         return path.resolve()

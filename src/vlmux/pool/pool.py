@@ -20,7 +20,7 @@ from vlmux.pool.inprocess import InProcessWorkers
 from vlmux.pool.placement import PlacementError, WorkerPlacement, place, select_gpus
 from vlmux.pool.spawner import Spawner
 from vlmux.pool.room import Needs
-from vlmux.pool.runner import ModelStatus, State
+from vlmux.pool.runner import ModelStatus, State, WorkerExit
 from vlmux.pool.scheduler import Scheduler
 from vlmux.pool.workers import GpuInventory, SpareStatus, WorkerFactory
 from vlmux.protocol import Caption, Captions, Chat, ItemResult, Sleep, Wake
@@ -44,6 +44,10 @@ class ModelPool:
     @property
     def last_release(self) -> dict[str, vram.Release]:
         return self._scheduler.last_release
+
+    def on_worker_exit(self, listener: Callable[[WorkerExit], None]) -> None:
+        """Call `listener` with each worker that ends by itself (not on unload), from the pool's thread that saw it."""
+        self._scheduler.exit_listeners.append(listener)
 
     # -- loading and unloading ---------------------------------------------------------------------------
 

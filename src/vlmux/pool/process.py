@@ -10,6 +10,7 @@ from collections.abc import Callable
 from multiprocessing.connection import wait
 from pathlib import Path
 
+from vlmux import hostmem
 from vlmux.errors import WorkerDied
 from vlmux.pool.forks import FORK_SERVER
 from vlmux.pool.vram import Release
@@ -61,11 +62,7 @@ class WorkerProcess:
     def private_bytes(self) -> int | None:
         """Host memory only this worker holds (what its exit gives back; pages shared with the fork server are
         not counted), from /proc; None where that cannot be read."""
-        try:
-            with open(f"/proc/{self.pid}/smaps_rollup") as f:
-                return sum(int(line.split()[1]) * 1024 for line in f if line.startswith(("Private_Clean:", "Private_Dirty:")))
-        except OSError:
-            return None
+        return hostmem.private_bytes(self.pid)
 
     def call(self, request: Request, timeout: float | None = None,
              on_text: Callable[[ChatText], None] | None = None) -> Reply:

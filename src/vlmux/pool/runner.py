@@ -83,6 +83,16 @@ class ModelStatus:
     host_bytes: int = 0  # pinned host memory its weights take while it sleeps
 
 
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker that ended by itself (killed, crashed, hung), as the pool's exit listeners are told of it."""
+
+    name: str
+    pid: int
+    reason: str  # WorkerDied's text: "worker 123 was killed by SIGKILL ..."
+    requests: int  # requests its worker had answered
+
+
 class Runner:
     def __init__(self, name: str, spec: ModelSpec, path: Path, placement: WorkerPlacement, estimate: Estimate,
                  lock: threading.Lock, config: PoolConfig) -> None:

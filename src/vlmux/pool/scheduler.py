@@ -21,7 +21,7 @@ from vlmux.pool.exits import ExitWatch
 from vlmux.pool.placement import WorkerPlacement, host_device
 from vlmux.pool.release import UnattributedLock, VerifiedRelease
 from vlmux.pool.room import GpuRoom, MustWait, Needs, charge_on, make_room
-from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State
+from vlmux.pool.runner import IDLE_GRACE, SERVING, Request, Runner, State, WorkerExit
 from vlmux.pool.spare import WarmSpare
 from vlmux.pool.workers import GpuInventory, WorkerFactory
 from vlmux.protocol import Caption, Chat, Failed, Load, Loaded, Sleep, Wake
@@ -35,6 +35,7 @@ class Scheduler:
         self.inventory = inventory
         self.workers = workers
         self.last_release: dict[str, vram.Release] = {}
+        self.exit_listeners: list = []  # callables told each WorkerExit, from the thread that saw it
         self._lock = threading.Lock()
         self._runners: dict[str, Runner] = {}
         self._stopping: set[Runner] = set()  # off the table, still on their GPUs until their release is verified
@@ -338,6 +339,8 @@ class Scheduler:
                 return
             runner.state = State.DEAD
             runner.changed.notify_all()
+        for listener in self.exit_listeners:
+            listener(WorkerExit(runner.name, runner.worker.pid, str(error), runner.requests))
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
         self._finish_stop(runner, runner.worker.stop(0, self._check(runner.placement.gpus)), keep=True)

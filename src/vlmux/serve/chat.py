@@ -24,6 +24,7 @@ from vlmux.serve.schema import (
 from vlmux.serve.service import Service
 from vlmux.serve.settings import ModelEntry
 
+UNKNOWN_MODEL = "-"  # the model label of requests refused before a served model was named
 WAITING_COMMENT_SECONDS = 5.0  # an SSE comment this often while a stream waits, so proxies keep it open
 CLIENT_GONE = 499  # nginx's status for a request whose client closed the connection first
 
@@ -34,16 +35,23 @@ def chat_routes(service: Service, policy: ImagePolicy, read_json) -> APIRouter:
     @router.post("/v1/chat/completions")
     async def chat_completions(http: Request):
         started = time.monotonic()
-        body = await read_json(http)
-        request = replace(parse_chat(body, service.config.max_tokens_limit), logprobs=parse_logprobs(body))
-        check_request(request, service.config.limits)
-        entry = service.entry(request.model)
-        service.admit()
+        entry = None
         try:
-            messages = await asyncio.to_thread(worker_messages, request.messages, policy)
-            check_pixels(messages, service.config.limits)
-        except BaseException:
-            service.leave()
+            body = await read_json(http)
+            named = body.get("model") if isinstance(body, dict) else None
+            entry = service.entry(named) if isinstance(named, str) and named in service.listed() else None
+            request = replace(parse_chat(body, service.config.max_tokens_limit), logprobs=parse_logprobs(body))
+            check_request(request, service.config.limits)
+            entry = service.entry(request.model)
+            service.admit()
+            try:
+                messages = await asyncio.to_thread(worker_messages, request.messages, policy, request.stream)
+                check_pixels(messages, service.config.limits)
+            except BaseException:
+                service.leave()
+                raise
+        except ApiError as e:  # refused at the door (400, 404, 413, 429): counted and listed like answered ones
+            _record(service, entry, e.status, started, None, 0, False)
             raise
         if request.stream:
             return StreamingResponse(_stream(service, entry, request, messages, started), media_type="text/event-stream",
@@ -149,17 +157,20 @@ def _event(data: dict) -> bytes:
     return f"data: {json.dumps(data)}\n\n".encode()
 
 
-def _record(service: Service, entry: ModelEntry, status: int, started: float, first: float | None,
+def _record(service: Service, entry: ModelEntry | None, status: int, started: float, first: float | None,
             reply: Chatted | int, stream: bool) -> None:
+    """`entry` None: a request refused before its model was known; its label is UNKNOWN_MODEL, never the client's
+    text (a label per made-up name would grow the metrics without bound)."""
     now = time.monotonic()
     metrics = service.metrics
-    metrics.requests.labels(entry.name, str(status)).inc()
-    metrics.latency.labels(entry.name).observe(now - started)
+    name = UNKNOWN_MODEL if entry is None else entry.name
+    metrics.requests.labels(name, str(status)).inc()
+    metrics.latency.labels(name).observe(now - started)
     completion_tokens = reply.completion_tokens if isinstance(reply, Chatted) else 0
     if isinstance(reply, Chatted):
-        metrics.first_token.labels(entry.name).observe((first or now) - started)
-        metrics.tokens.labels(entry.name, "prompt").inc(reply.prompt_tokens)
-        metrics.tokens.labels(entry.name, "completion").inc(reply.completion_tokens)
-    service.history.request(RequestRecord(time.time(), entry.name, status, round(now - started, 4),
+        metrics.first_token.labels(name).observe((first or now) - started)
+        metrics.tokens.labels(name, "prompt").inc(reply.prompt_tokens)
+        metrics.tokens.labels(name, "completion").inc(reply.completion_tokens)
+    service.history.request(RequestRecord(time.time(), name, status, round(now - started, 4),
                                           None if first is None else round(first - started, 4), completion_tokens,
                                           stream))

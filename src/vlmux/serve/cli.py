@@ -160,13 +160,13 @@ def request(url: str, path: str, body: dict | None, api_key: str | None, timeout
 
 
 def _print_ps(answer: dict) -> None:
-    print(f"{'NAME':<20} {'STATE':<9} {'WHERE':<10} {'MEMORY':>10} {'IN FLIGHT':>9} {'UNLOADS IN':>10}")
+    print(f"{'NAME':<20} {'STATE':<9} {'WHERE':<10} {'MEMORY':>15} {'IN FLIGHT':>9} {'UNLOADS IN':>10}")
     for m in answer["models"]:
         where = ",".join(f"GPU {g}" for g in m["gpus"]) or m["device"]
-        held = m["vram_bytes"] or m["host_bytes"]
+        held, kind = (m["vram_bytes"], "VRAM") if m["gpus"] else (m["host_bytes"], "host")  # host: private pages
         expires = ("never" if m["keep_alive"] is None else "" if m["expires_at"] is None
                    else f"{max(0.0, m['expires_at'] - time.time()):.0f} s")
-        print(f"{m['name']:<20} {m['state']:<9} {where:<10} {held / 2**20:>7.0f} MiB {m['in_flight']:>9} {expires:>10}")
+        print(f"{m['name']:<20} {m['state']:<9} {where:<10} {held / 2**20:>7.0f} MiB {kind:<4} {m['in_flight']:>9} {expires:>10}")
     if not answer["models"]:
         print("(no model loaded)")
     spare = answer.get("spare")

@@ -10,6 +10,14 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_f
           429: "rate_limit_error", 500: "server_error", 503: "service_unavailable", 504: "timeout"}
 
 
+ECHO_LIMIT = 80  # characters of a client's own text echoed back in an error
+
+
+def shown(text: str) -> str:
+    """A client's text for an error message: quoted, cut to a short prefix when long (a 1 MB name is not echoed)."""
+    return repr(text) if len(text) <= ECHO_LIMIT else f"{text[:ECHO_LIMIT]!r}... ({len(text)} characters)"
+
+
 class ApiError(Exception):
     def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
         super().__init__(message)
@@ -25,7 +33,7 @@ def from_pool(error: BaseException, model: str) -> ApiError:
     if isinstance(error, ApiError):
         return error
     if isinstance(error, ModelNotFound):
-        return ApiError(404, f"model {model!r} not found: {error}", "model_not_found", "model")
+        return ApiError(404, f"model {shown(model)} not found: {str(error)[:200]}", "model_not_found", "model")
     if isinstance(error, PoolFull):
         return ApiError(503, f"{model} cannot fit now: {error}", "cannot_fit")
     if isinstance(error, PoolClosed):

@@ -7,7 +7,7 @@ import time
 from collections import deque
 from dataclasses import asdict, dataclass
 
-from vlmux.chart import Mark, Series, line_chart
+from vlmux.chart import Mark, Series, line_chart, time_ticks
 
 MIB = 2**20
 
@@ -64,7 +64,8 @@ class History:
                   for device in devices]
         marks = [Mark(at - now, f"{model} {kind}", kind) for at, model, kind in events]
         start = max(-self.seconds, min((at - now for at, _ in samples), default=-60.0))
-        return line_chart(series, marks, x_range=(start, 0.0), x_label=_ago, width=width, height=height)
+        return line_chart(series, marks, x_range=(start, 0.0), x_label=_ago, x_ticks=time_ticks,
+                          width=width, height=height)
 
     def _trim(self, now: float) -> None:
         while self._samples and self._samples[0][0] < now - self.seconds:
@@ -76,4 +77,6 @@ class History:
 def _ago(seconds: float) -> str:
     if seconds == 0:
         return "now"
-    return f"{-seconds / 60:g} min ago" if seconds <= -120 else f"{-seconds:g} s ago"
+    if seconds <= -3600 and seconds % 3600 == 0:
+        return f"{-seconds / 3600:g} h ago"
+    return f"{-seconds / 60:g} min ago" if seconds <= -60 and seconds % 60 == 0 else f"{-seconds:g} s ago"

@@ -21,27 +21,36 @@ class Metrics:
                               ["model", "kind"], registry=r)
         self.queue = Gauge("vlmux_queue_depth", "Chat requests held by the server (waiting or being answered)",
                            registry=r)
-        self.vram = Gauge("vlmux_model_vram_bytes", "Device memory each loaded model's worker holds", ["model"],
-                          registry=r)
+        self.vram = Gauge("vlmux_model_vram_bytes", "Device memory each loaded model's worker holds on its GPUs",
+                          ["model"], registry=r)
+        self.host = Gauge("vlmux_model_host_bytes", "Private host memory of each CPU model's worker (what its unload "
+                          "returns)", ["model"], registry=r)
         self.state = Gauge("vlmux_model_state", "1 for a model's current state", ["model", "state"], registry=r)
         self.loads = Counter("vlmux_loads", "Models loaded", ["model"], registry=r)
         self.unloads = Counter("vlmux_unloads", "Models unloaded (asked, evicted or expired)", ["model"], registry=r)
         self.switch = Histogram("vlmux_switch_seconds", "Seconds a request waited for its model to load on demand",
                                 ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.worker_exits = Counter("vlmux_worker_exits", "Workers that ended by themselves (killed, crashed, hung), "
+                                    "by model and reason (SIGKILL, exit_N, hang, timeout, unknown)", ["model", "reason"],
+                                    registry=r)
         self._seen: set[str] = set()
+        self._on_host: set[str] = set()  # models whose worker ran on the CPU: their memory is host memory
         self.residue = Gauge("vlmux_release_residue_mib", "Device memory left behind by a model's last unload",
                              ["model"], registry=r)
 
-    def models(self, states: dict[str, str], vram: dict[str, int]) -> None:
+    def models(self, states: dict[str, str], vram: dict[str, int], host: dict[str, int]) -> None:
         """Set the per-model gauges from the pool's current view; a model gone keeps its series, at 0."""
         for name in self._seen - set(states):
-            self.vram.labels(name).set(0)
+            (self.host if name in self._on_host else self.vram).labels(name).set(0)
         for name in self._seen | set(states):
             for state in STATES:
                 self.state.labels(name, state).set(1 if states.get(name) == state else 0)
         for name, held in vram.items():
             self.vram.labels(name).set(held)
+        for name, held in host.items():
+            self.host.labels(name).set(held)
         self._seen |= set(states)
+        self._on_host |= set(host)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -11,6 +11,8 @@ from vlmux.serve.errors import ApiError
 from vlmux.serve.settings import parse_duration
 
 ROLES = ("system", "user", "assistant")
+ROLE_ALIASES = {"developer": "system"}  # newer OpenAI SDKs send "developer" where older ones sent "system"
+SEED_RANGE = (-(2**63), 2**63 - 1)  # OpenAI's seed is a 64-bit integer; torch takes no wider
 UNSET = "unset"  # keep_alive not given: the model's own
 
 
@@ -60,12 +62,10 @@ def parse_chat(body: Any, max_tokens_limit: int) -> ChatRequest:
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0)
     seed = body.get("seed")
-    if seed is not None and not _is_int(seed):
-        raise _bad("seed must be a whole number", "seed")
-    stop = body.get("stop")
-    stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
-    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise _bad("stop must be a string or a list of up to 4 non-empty strings", "stop")
+    if seed is not None and (not _is_int(seed) or not SEED_RANGE[0] <= seed <= SEED_RANGE[1]):
+        raise _bad("seed must be a whole number that fits in 64 bits (-2**63 to 2**63-1)", "seed")
+    stops = _stops(body.get("stop"))
+    _no_response_format(body.get("response_format"))
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options must be an object", "stream_options")
@@ -75,16 +75,43 @@ def parse_chat(body: Any, max_tokens_limit: int) -> ChatRequest:
             keep_alive = parse_duration(body["keep_alive"])
         except ValueError as e:
             raise _bad(str(e), "keep_alive") from None
-    return ChatRequest(model, tuple(_message(m) for m in raw), bool(body.get("stream", False)),
-                       bool(options.get("include_usage", False)), max_tokens, temperature, top_p, seed, stops, keep_alive)
+    return ChatRequest(model, tuple(_message(m) for m in raw), _flag(body, "stream"),
+                       _flag(options, "include_usage", "stream_options.include_usage"), max_tokens, temperature, top_p, seed, stops, keep_alive)
+
+
+def _stops(stop: Any) -> tuple[str, ...]:
+    stops = (stop,) if isinstance(stop, str) else tuple(stop) if isinstance(stop, list) else () if stop is None else None
+    if stops is None or len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise _bad("stop must be a string or a list of up to 4 non-empty strings", "stop")
+    return stops
+
+
+def _flag(body: dict, key: str, name: str | None = None) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _bad(f"{name or key} must be true or false (JSON booleans), not {type(value).__name__}", name or key)
+    return value
+
+
+def _no_response_format(value: Any) -> None:
+    """Only plain text is written: a request for JSON output is refused rather than answered with unchecked text."""
+    if value is None or (isinstance(value, dict) and value.get("type") == "text"):
+        return
+    kind = value.get("type") if isinstance(value, dict) else None
+    raise _bad(f"response_format {str(kind)[:40]!r} is not supported by this server: only {{\"type\": \"text\"}}; "
+               "leave response_format out and ask for JSON in the prompt", "response_format")
 
 
 def _message(raw: Any) -> Message:
-    if not isinstance(raw, dict) or raw.get("role") not in ROLES:
-        raise _bad(f"each message needs a role, one of {', '.join(ROLES)}", "messages")
+    role = raw.get("role") if isinstance(raw, dict) else None
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else None
+    if role not in ROLES:
+        raise _bad(f"each message needs a role, one of {', '.join(ROLES + tuple(ROLE_ALIASES))}", "messages")
     content = raw.get("content")
     if isinstance(content, str):
-        return Message(raw["role"], (Part(text=content),))
+        return Message(role, (Part(text=content),))
     if not isinstance(content, list):
         raise _bad("message content must be a string or a list of parts", "messages")
     parts = []
@@ -99,8 +126,8 @@ def _message(raw: Any) -> Message:
                 raise _bad("an image_url part needs image_url.url", "messages")
             parts.append(Part(image_url=url))
         else:
-            raise _bad(f"unsupported content part {kind!r}: use text or image_url", "messages")
-    return Message(raw["role"], tuple(parts))
+            raise _bad(f"unsupported content part {str(kind)[:40]!r}: use text or image_url", "messages")
+    return Message(role, tuple(parts))
 
 
 def _number(body: dict, key: str, low: float, high: float) -> float | None:

@@ -5,21 +5,24 @@ the pool's scheduler's: this module never chooses what to evict."""
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
+from collections import Counter
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from vlmux import hostmem
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.pool import ModelPool
 from vlmux.budget import parse_budget
-from vlmux.pool.runner import ModelStatus
+from vlmux.pool.runner import ModelStatus, WorkerExit
 from vlmux.pool.workers import GpuInventory
 from vlmux.protocol import Chat, Chatted
-from vlmux.serve.errors import ApiError, from_pool
+from vlmux.serve.errors import ApiError, from_pool, shown
 from vlmux.serve.history import History
 from vlmux.serve.metrics import Metrics
 from vlmux.serve.schema import UNSET, ChatRequest
@@ -42,13 +45,26 @@ class Service:
         self._loader = ThreadPoolExecutor(16, thread_name_prefix="vlmux-serve-load")
         self._reported: dict[str, object] = {}  # per model, the last release already counted
         self._seen: dict[str, str] = {}  # model -> state at the last look
+        self._requests: dict[str, tuple[int, int]] = {}  # model -> (worker pid, requests it answered) at the last look
+        self._counted_pids: set[int] = set()  # workers whose answers an exit already counted
+        self._answered_before: Counter[str] = Counter()  # per model, requests answered by its earlier workers
         self._residue_due: set[str] = set()  # unloaded models whose release is not yet reported
         self._looking = threading.Lock()
         self._stop = threading.Event()
         self._watcher = threading.Thread(target=self._watch, name="vlmux-serve-watch", daemon=True)
 
     def start(self) -> None:
+        self.pool.on_worker_exit(self._worker_exited)
         self._watcher.start()
+
+    def _worker_exited(self, gone: WorkerExit) -> None:
+        """A worker ended by itself: said in the log, counted by reason, marked on the chart; its answers kept."""
+        with self._looking:
+            self._answered_before[gone.name] += gone.requests
+            self._counted_pids.add(gone.pid)
+        self.metrics.worker_exits.labels(gone.name, exit_reason(gone.reason)).inc()
+        self.history.event(gone.name, "worker exit")
+        print(f"vlmux serve: {gone.name}'s worker ended: {gone.reason}; the next request loads it again", flush=True)
 
     def close(self) -> None:
         self._stop.set()
@@ -65,10 +81,10 @@ class Service:
             try:
                 resolve_model(model)
             except ModelNotFound as e:
-                raise ApiError(404, f"model {model!r} not found: {e}", "model_not_found", "model") from None
+                raise ApiError(404, f"model {shown(model)} not found: {str(e)[:200]}", "model_not_found", "model") from None
             return self._entries.setdefault(model, ModelEntry(model, model))
         names = ", ".join(sorted(self._entries)) or "none"
-        raise ApiError(404, f"model {model!r} is not served here; models: {names}", "model_not_found", "model")
+        raise ApiError(404, f"model {shown(model)} is not served here; models: {names}", "model_not_found", "model")
 
     def listed(self) -> list[str]:
         return list(self._entries)
@@ -124,7 +140,7 @@ class Service:
             try:
                 releases = {name: await asyncio.wrap_future(self.pool.unload_async(name))}
             except ModelNotLoaded:
-                raise ApiError(404, f"model {name!r} is not loaded", "model_not_loaded", "model") from None
+                raise ApiError(404, f"model {shown(name)} is not loaded", "model_not_loaded", "model") from None
         await loop.run_in_executor(self._loader, self.look)
         return {"unloaded": [{"model": each, **_release(release)} for each, release in releases.items()],
                 "spare": None if spare is None else _release(spare)}
@@ -203,8 +219,9 @@ class Service:
         now = time.time()
         models = [{"name": s.name, "model": s.model, "state": s.state, "device": s.device, "gpus": list(s.gpus),
                    "pid": s.pid, "vram_bytes": held.get(s.name, 0) if s.gpus else 0,
-                   "host_bytes": _rss(s.pid) if s.state == "sleeping" or not s.gpus else 0,
-                   "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight, "requests": s.requests,
+                   "host_bytes": _host(s.pid) if s.state == "sleeping" or not s.gpus else 0,
+                   "estimate_bytes": s.estimate_bytes, "in_flight": s.in_flight,
+                   "requests": s.requests + self._answered_before[s.name],
                    "keep_alive": s.keep_alive, "pinned": s.pinned,
                    "expires_at": None if s.expires_in is None else round(now + s.expires_in, 3)} for s in status]
         gpus = []
@@ -233,8 +250,8 @@ class Service:
         return total if self.config.vram_budget is None else parse_budget(self.config.vram_budget, total)
 
     def _memory(self, status: list[ModelStatus]) -> dict[str, int]:
-        """Bytes each model's worker holds: device memory on its GPUs, else its host memory."""
-        return {s.name: s.device_bytes if s.gpus else _rss(s.pid) for s in status}
+        """Bytes each model's worker holds: device memory on its GPUs, else its private host memory."""
+        return {s.name: s.device_bytes if s.gpus else _host(s.pid) for s in status}
 
     def look(self) -> None:
         """Compare the pool with the last look: loads and unloads become marks and counts; gauges are set."""
@@ -247,6 +264,10 @@ class Service:
                     self.history.event(name, "load")
                     self.metrics.loads.labels(name).inc()
                     print(f"vlmux serve: {name} loaded", flush=True)
+            pids = {s.name: s.pid for s in status}
+            for name, (pid, answered) in self._requests.items():  # a worker gone: its answers stay counted
+                if pids.get(name) != pid and pid not in self._counted_pids:
+                    self._answered_before[name] += answered
             for name, state in self._seen.items():
                 if state in ("ready", "sleeping") and states.get(name) not in ("ready", "sleeping"):
                     self.history.event(name, "unload")
@@ -260,7 +281,9 @@ class Service:
                     self._residue_due.discard(name)
                     print(f"vlmux serve: {name} unloaded: {release}", flush=True)
             self._seen = states
-            self.metrics.models(states, held)
+            self._requests = {s.name: (s.pid, s.requests) for s in status}
+            self.metrics.models(states, {s.name: held[s.name] for s in status if s.gpus},
+                                {s.name: held[s.name] for s in status if not s.gpus})
             if self.inventory.status() is None:
                 self.history.sample({f"GPU {g.index}": g.used for g in self.inventory.gpus()})
             else:
@@ -274,16 +297,22 @@ class Service:
                 continue
 
 
+def exit_reason(text: str) -> str:
+    """The `reason` label of vlmux_worker_exits_total from WorkerDied's text: SIGKILL, exit_1, hang, timeout or unknown."""
+    if match := re.search(r"killed by (SIG[A-Z0-9]+)", text):
+        return match.group(1)
+    if match := re.search(r"exited with code (-?\d+)", text):
+        return f"exit_{match.group(1)}"
+    if "took longer than" in text:
+        return "timeout"
+    return "hang" if "stopped answering" in text else "unknown"
+
+
+def _host(pid: int) -> int:
+    """A worker's private host memory: the one measure of a CPU worker, as its release line reports it."""
+    return hostmem.private_bytes(pid) or 0
+
+
 def _release(release) -> dict:
     return {"verified": release.verified, "process_gone": release.process_gone, "residue_mib": release.residue_mib,
             "seconds": round(release.seconds, 3), "release": str(release)}
-
-
-def _rss(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError):
-        pass
-    return 0
