@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 import time
 
 import pytest
@@ -96,3 +97,16 @@ def test_isolation_none_says_what_it_could_not_give_back(tiny_llava, image_dir):
 
 def test_public_names():
     assert callable(vlmux.pipeline) and vlmux.ModelPool and vlmux.Release
+
+
+def test_relative_paths_resolve_in_the_callers_current_folder(tiny_qwen, image_dir, tmp_path, monkeypatch):
+    with pipeline(str(tiny_qwen), device="cpu", max_new_tokens=4) as pipe:  # its worker runs in another folder
+        image = sorted(image_dir.iterdir())[0]
+        expected = pipe(image)
+        (tmp_path / "x.png").write_bytes(image.read_bytes())
+        monkeypatch.chdir(tmp_path)
+        assert pipe("x.png") == expected
+        assert pipe(Path("x.png")) == expected
+        messages = [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi?"}]}]
+        assert pipe.chat(messages) == pipe.chat([{**messages[0], "content": [
+            {"type": "image", "image": str(image)}, {"type": "text", "text": "Hi?"}]}])

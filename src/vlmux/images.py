@@ -39,6 +39,21 @@ def check_input(item: object) -> str | None:
     return f"not an image: {type(item).__name__}; give a path, bytes or a PIL image"
 
 
+def from_caller(item: object) -> object:
+    """`item` with a relative path made absolute here, in the caller's current folder: a worker runs in another
+    folder (the fork server's), so a path must not be resolved there. A URL is left as it is (check_input refuses it)."""
+    if isinstance(item, os.PathLike):
+        item = os.fspath(item)
+    if isinstance(item, str) and not _is_url(item):
+        return os.path.abspath(item)
+    return item
+
+
+def _is_url(text: str) -> bool:
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isalpha()
+
+
 def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
                max_pixels: int | None = MAX_PIXELS) -> Image.Image:
     """Decode one image to RGB, first frame only, EXIF rotation applied. An image that would take more than

@@ -8,11 +8,12 @@ import time
 import weakref
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+from dataclasses import replace
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded
 from vlmux.hub import resolve_model
-from vlmux.images import ImageInput
+from vlmux.images import ImageInput, from_caller
 from vlmux.pool import vram
 from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.pool.inprocess import InProcessWorkers
@@ -157,8 +158,9 @@ class ModelPool:
         """Queue a request; concurrent callers of one model are served together in batches. An item that can
         never be an image fails alone (ItemResult with bad_image); an accepted request is never failed by
         eviction or keep-alive expiry. For a `Chat(..., stream=True)`, `on_text` gets the answer's text in pieces
-        as the model generates it (on the pool's thread; they join to the Chatted record's text)."""
-        return self._scheduler.submit(name, payload, on_text)
+        as the model generates it (on the pool's thread; they join to the Chatted record's text). Relative image
+        paths are resolved here, in the caller's current folder."""
+        return self._scheduler.submit(name, _from_caller(payload), on_text)
 
     def submit_caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec,
                        batch_size: int | None = None) -> Future:
@@ -221,6 +223,24 @@ class ModelPool:
         if spec.device == "cpu" or self._scheduler.inventory.status() is not None:
             return False
         return self._scheduler.spare.is_warm_for(self._scheduler.gpu(spec.device))
+
+
+def _from_caller(payload: Caption | Chat | Sleep | Wake) -> Caption | Chat | Sleep | Wake:
+    """The request with its image paths made absolute in the caller's folder (a worker's folder is another)."""
+    if isinstance(payload, Caption):
+        return replace(payload, items=[from_caller(item) for item in payload.items])
+    if isinstance(payload, Chat):
+        return replace(payload, messages=[_message_from_caller(message) for message in payload.messages])
+    return payload
+
+
+def _message_from_caller(message: dict) -> dict:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    parts = [{**part, "image": from_caller(part["image"])} if isinstance(part, dict) and part.get("type") == "image"
+             and "image" in part else part for part in content]
+    return {**message, "content": parts}
 
 
 _POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()
