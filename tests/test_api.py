@@ -110,3 +110,10 @@ def test_relative_paths_resolve_in_the_callers_current_folder(tiny_qwen, image_d
         messages = [{"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "Hi?"}]}]
         assert pipe.chat(messages) == pipe.chat([{**messages[0], "content": [
             {"type": "image", "image": str(image)}, {"type": "text", "text": "Hi?"}]}])
+
+
+def test_keep_alive_zero_loads_for_each_call_and_answers_every_one(tiny_llava, image_dir):
+    image = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=3, keep_alive=0, spare_worker=False) as pipe:
+        captions = [pipe(image) for _ in range(3)]
+        assert len(set(captions)) == 1 and isinstance(captions[0], str)

@@ -312,7 +312,9 @@ class Scheduler:
         if runner.keep_alive is None or runner.state not in SERVING:
             runner.expiry = None
             return
-        runner.expiry = threading.Timer(runner.keep_alive, self._expire, args=(runner,))
+        # not before its loaders could ask: keep_alive=0 would unload a model before its first request
+        delay = max(runner.keep_alive, runner.fresh_until - time.monotonic())
+        runner.expiry = threading.Timer(delay, self._expire, args=(runner,))
         runner.expiry.daemon = True
         runner.expiry.start()
 
