@@ -117,3 +117,43 @@ def test_keep_alive_zero_loads_for_each_call_and_answers_every_one(tiny_llava, i
     with pipeline(str(tiny_llava), device="cpu", max_new_tokens=3, keep_alive=0, spare_worker=False) as pipe:
         captions = [pipe(image) for _ in range(3)]
         assert len(set(captions)) == 1 and isinstance(captions[0], str)
+
+
+def test_a_bad_image_fails_alone_and_the_others_captions_come_with_the_error(tiny_llava, image_dir):
+    good = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=4) as pipe:
+        alone = pipe(good)
+        with pytest.raises(ImageError, match=r"image 1: not an image.*1 of 3 images failed") as failure:
+            pipe([good, b"this is not a picture", good])
+        assert failure.value.captions == [alone, None, alone]
+        assert list(failure.value.errors) == [1]
+        assert pipe(bytearray(good.read_bytes())) == alone  # one image, not a list of byte values
+        with pytest.raises(ImageError, match="a URL"):
+            pipe("https://example.com/cat.png")
+        for not_images in (None, {"image": str(good)}):
+            with pytest.raises(TypeError, match="give an image"):
+                pipe(not_images)
+    with pytest.raises(vlmux.PoolClosed, match="closed"):
+        pipe(good)
+
+
+def test_pool_requests_are_checked_before_they_reach_a_worker(tiny_llava, image_dir):
+    good = sorted(image_dir.iterdir())[0]
+    gen = vlmux.GenerationSpec(max_new_tokens=3)
+    with vlmux.ModelPool(vlmux.PoolConfig(spare_worker=False)) as pool:
+        name = pool.load(vlmux.ModelSpec(str(tiny_llava), device="cpu"))
+        same_prompt = pool.caption(name, [good, good], "Describe it.", gen)  # one prompt for all, not its letters
+        assert [r.caption for r in same_prompt] == [r.caption for r in pool.caption(name, [good, good], ["Describe it."] * 2, gen)]
+        with pytest.raises(ValueError, match="1 prompts for 2 images"):
+            pool.caption(name, [good, good], ["Describe it."], gen)
+        with pytest.raises(ValueError, match="non-empty list"):
+            pool.chat(name, [], gen)
+        with pytest.raises(ValueError, match=r"messages\[0\]"):
+            pool.chat(name, [{"content": "hello"}], gen)
+        with pytest.raises(TypeError, match="GenerationSpec"):
+            pool.chat(name, [{"role": "user", "content": "hello"}], None)
+        started = time.monotonic()
+        with pytest.raises(ValueError, match="context of 1024 tokens"):
+            pool.caption(name, [good], "Describe it.", vlmux.GenerationSpec(max_new_tokens=10**6))
+        assert time.monotonic() - started < 1
+        assert pool.chat(name, [{"role": "user", "content": "hello"}], gen)  # still serving

@@ -3,6 +3,7 @@ verified release. The decisions are the scheduler's; this is the public face of 
 from __future__ import annotations
 
 import atexit
+import functools
 import threading
 import time
 import weakref
@@ -12,6 +13,7 @@ from dataclasses import replace
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded
+from vlmux.estimate import context_length
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput, from_caller
 from vlmux.pool import vram
@@ -160,15 +162,19 @@ class ModelPool:
         eviction or keep-alive expiry. For a `Chat(..., stream=True)`, `on_text` gets the answer's text in pieces
         as the model generates it (on the pool's thread; they join to the Chatted record's text). Relative image
         paths are resolved here, in the caller's current folder."""
+        if isinstance(payload, (Caption, Chat)):
+            _check_request(payload, self._scheduler.runner(name).path)
         return self._scheduler.submit(name, _from_caller(payload), on_text)
 
-    def submit_caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec,
+    def submit_caption(self, name: str, items: list[ImageInput], prompts: str | list[str], gen: GenerationSpec,
                        batch_size: int | None = None) -> Future:
         """Queue images for captioning; the future gives Captions: one ItemResult per image, and token counts.
-        batch_size None: the worker's own (auto, or PoolConfig.max_batch_size)."""
-        return self.submit(name, Caption(list(items), list(prompts), gen, batch_size))
+        batch_size None: the worker's own (auto, or PoolConfig.max_batch_size). One prompt string: the same for all."""
+        items = list(items)
+        return self.submit(name, Caption(items, [prompts] * len(items) if isinstance(prompts, str) else list(prompts),
+                                         gen, batch_size))
 
-    def caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec) -> list[ItemResult]:
+    def caption(self, name: str, items: list[ImageInput], prompts: str | list[str], gen: GenerationSpec) -> list[ItemResult]:
         captions: Captions = self.submit_caption(name, items, prompts, gen).result()
         return captions.results
 
@@ -223,6 +229,35 @@ class ModelPool:
         if spec.device == "cpu" or self._scheduler.inventory.status() is not None:
             return False
         return self._scheduler.spare.is_warm_for(self._scheduler.gpu(spec.device))
+
+
+def _check_request(payload: Caption | Chat, path) -> None:
+    """What a worker would fail on obscurely (or run for minutes with), refused here with what to do instead."""
+    if not isinstance(payload.gen, GenerationSpec):
+        raise TypeError(f"gen must be a vlmux.GenerationSpec, not {type(payload.gen).__name__}")
+    context = _context(path)
+    if context is not None and payload.gen.max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={payload.gen.max_new_tokens} leaves no room for the prompt in the model's "
+                         f"context of {context} tokens (its max_position_embeddings); ask for fewer")
+    if isinstance(payload, Caption):
+        if len(payload.prompts) != len(payload.items) or not all(isinstance(p, str) for p in payload.prompts):
+            raise ValueError(f"{len(payload.prompts)} prompts for {len(payload.items)} images: give one string per "
+                             "image, or one string for all")
+        return
+    if not isinstance(payload.messages, list) or not payload.messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for index, message in enumerate(payload.messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{index}] must be a dict with a 'role' string and a 'content' string or list "
+                             f"of parts, not {message!r:.80}")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image") or part["type"] not in part:
+                raise ValueError(f"messages[{index}] has a content part {part!r:.80}; a part is "
+                                 "{'type': 'text', 'text': ...} or {'type': 'image', 'image': path | bytes | PIL image}")
+
+
+_context = functools.lru_cache(maxsize=64)(context_length)
 
 
 def _from_caller(payload: Caption | Chat | Sleep | Wake) -> Caption | Chat | Sleep | Wake:
