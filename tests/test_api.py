@@ -1,4 +1,5 @@
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -157,3 +158,53 @@ def test_pool_requests_are_checked_before_they_reach_a_worker(tiny_llava, image_
             pool.caption(name, [good], "Describe it.", vlmux.GenerationSpec(max_new_tokens=10**6))
         assert time.monotonic() - started < 1
         assert pool.chat(name, [{"role": "user", "content": "hello"}], gen)  # still serving
+
+
+def interrupted(script: str) -> tuple[subprocess.CompletedProcess, float, list[int]]:
+    """Run `script` in a child Python, SIGINT it 0.5 s after it prints "waiting" (its worker is then stopped mid-
+    request by the script itself); returns the run, the seconds from the signal to its exit, and its workers."""
+    child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    line = child.stdout.readline()
+    assert line.startswith("waiting"), (line, child.communicate(timeout=60))
+    workers = [int(pid) for pid in line.split()[1:]]
+    time.sleep(0.5)
+    signalled = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    try:
+        stdout, stderr = child.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        child.kill()  # its fork server and workers follow it
+        stdout, stderr = child.communicate()
+    return subprocess.CompletedProcess(child.args, child.returncode, stdout, stderr), time.monotonic() - signalled, workers
+
+
+def test_ctrl_c_during_a_load_raises_keyboard_interrupt_at_once_and_exits(tiny_llava):
+    run, seconds, workers = interrupted(f"""
+        import os, signal, vlmux
+        from vlmux.testing.processes import children, fork_servers
+        pool = vlmux.ModelPool()
+        pool.wait_for_spare()
+        spare = children(fork_servers(os.getpid())[0])
+        for pid in spare:
+            os.kill(pid, signal.SIGSTOP)  # the load it takes never ends by itself
+        print("waiting", *spare, flush=True)
+        pool.load(vlmux.ModelSpec({str(tiny_llava)!r}, device="cpu"))
+    """)
+    assert "KeyboardInterrupt" in run.stderr and run.returncode == -signal.SIGINT, run.stderr
+    assert seconds < 2, f"{seconds:.1f} s from Ctrl-C to the exit"
+    assert workers and all(process_gone(pid, within=1) for pid in workers)
+
+
+def test_ctrl_c_during_a_caption_kills_the_worker_without_waiting_out_its_grace(tiny_llava, image_dir):
+    run, seconds, workers = interrupted(f"""
+        import os, signal, vlmux
+        with vlmux.pipeline({str(tiny_llava)!r}, device="cpu", unload_grace=20) as pipe:
+            pid = pipe.status[0].pid
+            os.kill(pid, signal.SIGSTOP)
+            print("waiting", pid, flush=True)
+            pipe({str(sorted(image_dir.iterdir())[0])!r})
+    """)
+    assert "KeyboardInterrupt" in run.stderr and run.returncode == -signal.SIGINT, run.stderr
+    assert seconds < 2, f"{seconds:.1f} s from Ctrl-C to the exit (unload_grace is 20 s)"
+    assert all(process_gone(pid, within=1) for pid in workers)

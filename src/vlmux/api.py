@@ -82,7 +82,10 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self._name = None
+            self._pool.close(kill=True)  # Ctrl-C: its worker is killed, not given unload_grace
         self.close()
 
     def __repr__(self) -> str:

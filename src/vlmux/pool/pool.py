@@ -3,11 +3,12 @@ verified release. The decisions are the scheduler's; this is the public face of 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
 
@@ -56,7 +57,8 @@ class ModelPool:
         worker sees; by default the spec's device decides. `max_new_tokens`: what its batches are sized for."""
         spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         name = name or spec.model
-        runner = self._scheduler.load(spec, name, placement, max_new_tokens)
+        with self._killed_on_interrupt():
+            runner = self._scheduler.load(spec, name, placement, max_new_tokens)
         if runner.state is State.SLEEPING:
             self.wake(name)
         return name
@@ -87,7 +89,8 @@ class ModelPool:
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
-        return self.unload_async(name).result()
+        with self._killed_on_interrupt():
+            return self.unload_async(name).result()
 
     def unload_async(self, name: str) -> Future:
         """Start unloading `name`; the future gives its Release. Loads that need the room wait for it."""
@@ -122,7 +125,8 @@ class ModelPool:
                       if r.state is State.SLEEPING and r.name != name]
             for other in to_evict(name, runner.estimate.weights, asleep, budget):
                 self.unload(other)
-        self.submit(name, Sleep()).result()
+        with self._killed_on_interrupt():
+            self.submit(name, Sleep()).result()
 
     def retain(self, name: str, keep_alive: float | None, pinned: bool = False) -> None:
         """How long the loaded model `name` stays once idle, from now or its next answer (0: unloaded as soon as it
@@ -130,7 +134,8 @@ class ModelPool:
         self._scheduler.retain(name, keep_alive, pinned)
 
     def wake(self, name: str) -> None:
-        self.submit(name, Wake()).result()
+        with self._killed_on_interrupt():
+            self.submit(name, Wake()).result()
 
     def state(self, name: str) -> str | None:
         """`name`'s state ("loading", "ready", "sleeping", "dead"), or None if the pool does not hold it (or it is
@@ -149,7 +154,8 @@ class ModelPool:
     def close(self, kill: bool = False) -> None:
         """Stop every worker (loads and unloads under way included); returns once each release is verified.
         kill=True, for work abandoned (an interrupt): kill the workers without unload_grace, return once they are
-        gone; each release is looked at once, not waited for."""
+        gone; each release is looked at once, not waited for. Ctrl-C in a call that waits on a worker (load, caption,
+        chat, unload, sleep, wake, or in a `with` block) closes the pool that way."""
         with self._closing:
             self._scheduler.close(kill)
 
@@ -175,14 +181,18 @@ class ModelPool:
                                          gen, batch_size))
 
     def caption(self, name: str, items: list[ImageInput], prompts: str | list[str], gen: GenerationSpec) -> list[ItemResult]:
-        captions: Captions = self.submit_caption(name, items, prompts, gen).result()
+        future = self.submit_caption(name, items, prompts, gen)
+        with self._killed_on_interrupt():
+            captions: Captions = future.result()
         return captions.results
 
     def chat(self, name: str, messages: list[dict], gen: GenerationSpec,
              on_text: Callable[[str], None] | None = None) -> str:
         """The answer's text, also given to `on_text` in pieces as it is generated if that is set; `submit(name,
         Chat(...))` gives the Chatted record with its token counts."""
-        return self.submit(name, Chat(messages, gen, stream=on_text is not None), on_text).result().text
+        future = self.submit(name, Chat(messages, gen, stream=on_text is not None), on_text)
+        with self._killed_on_interrupt():
+            return future.result().text
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -216,8 +226,19 @@ class ModelPool:
     def __enter__(self) -> ModelPool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(kill=kind is not None and issubclass(kind, KeyboardInterrupt))
+
+    @contextlib.contextmanager
+    def _killed_on_interrupt(self) -> Iterator[None]:
+        """Ctrl-C in a call that waits on a worker: the caller gave up, so the pool is closed with its workers
+        killed at once, as `vlmux caption` does; a worker stopped mid-load would otherwise be waited for forever,
+        and a busy one for unload_grace."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.close(kill=True)
+            raise
 
     def _loaded(self, name: str):
         loaded = self._scheduler.runner(name).loaded
