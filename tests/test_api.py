@@ -1,3 +1,4 @@
+import gc
 import os
 import signal
 import subprocess
@@ -208,3 +209,18 @@ def test_ctrl_c_during_a_caption_kills_the_worker_without_waiting_out_its_grace(
     assert "KeyboardInterrupt" in run.stderr and run.returncode == -signal.SIGINT, run.stderr
     assert seconds < 2, f"{seconds:.1f} s from Ctrl-C to the exit (unload_grace is 20 s)"
     assert all(process_gone(pid, within=1) for pid in workers)
+
+
+def test_a_pipeline_dropped_without_close_stops_its_workers(tiny_llava):
+    from vlmux.testing.processes import children, fork_servers
+
+    def workers() -> set[int]:
+        return {pid for server in fork_servers(os.getpid()) for pid in children(server)}
+
+    before = workers()
+    pipe = pipeline(str(tiny_llava), device="cpu")
+    started = workers() - before  # the model's, and the spare if it is forked yet
+    assert pipe.status[0].pid in started
+    del pipe
+    gc.collect()
+    assert all(process_gone(pid, within=10) for pid in started)

@@ -43,6 +43,8 @@ class ModelPool:
         self._scheduler = Scheduler(config, inventory or vram.NVML, workers)
         self._closing = threading.Lock()
         _POOLS.add(self)
+        # dropped without close(): its workers (and their VRAM) must not wait for the interpreter's exit
+        weakref.finalize(self, _close_dropped, self._scheduler).atexit = False
 
     @property
     def last_release(self) -> dict[str, vram.Release]:
@@ -297,6 +299,13 @@ def _message_from_caller(message: dict) -> dict:
     parts = [{**part, "image": from_caller(part["image"])} if isinstance(part, dict) and part.get("type") == "image"
              and "image" in part else part for part in content]
     return {**message, "content": parts}
+
+
+def _close_dropped(scheduler: Scheduler) -> None:
+    """A pool's finaliser: close it on a thread of its own, as the garbage collector may run this on any thread,
+    one of the pool's own included; not a daemon, so the interpreter's exit waits for it."""
+    if not scheduler.closed:
+        threading.Thread(target=scheduler.close, name="vlmux-close-dropped").start()
 
 
 _POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()
