@@ -224,3 +224,25 @@ def test_a_pipeline_dropped_without_close_stops_its_workers(tiny_llava):
     del pipe
     gc.collect()
     assert all(process_gone(pid, within=10) for pid in started)
+
+
+def test_a_forked_child_gets_a_clear_error_and_its_exit_leaves_the_parents_pipeline_alone(tiny_llava, image_dir):
+    image = str(sorted(image_dir.iterdir())[0])
+    run = run_python(f"""
+        import os, sys, vlmux
+        pipe = vlmux.pipeline({str(tiny_llava)!r}, device="cpu", max_new_tokens=3)
+        worker, first = pipe.status[0].pid, pipe({image!r})
+        child = os.fork()
+        if child == 0:
+            try:
+                pipe({image!r})
+            except vlmux.PoolClosed as e:
+                print("child:", e, flush=True)
+            sys.exit(0)  # a normal exit: atexit handlers and finalisers run
+        os.waitpid(child, 0)
+        assert pipe({image!r}) == first and pipe.status[0].pid == worker, "the child's exit stopped the parent's worker"
+        print("parent: served")
+    """, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert "child: this ModelPool belongs to process" in run.stdout and "create a pool in this process" in run.stdout
+    assert "parent: served" in run.stdout, run.stdout

@@ -60,7 +60,8 @@ class Pipeline:
         """Stop the worker; returns after NVML shows the memory back. Safe to call twice."""
         if self._name is not None:
             name, self._name = self._name, None
-            self.release = self._pool.unload(name) if name in self._pool else self._pool.last_release.get(name)
+            if self._pool.pid == os.getpid():  # a forked child's copy leaves the parent's worker alone
+                self.release = self._pool.unload(name) if name in self._pool else self._pool.last_release.get(name)
             self._pool.close()
         return self.release
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import os
 import threading
 import time
 import weakref
@@ -13,7 +14,7 @@ from concurrent.futures import Future
 from dataclasses import replace
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.errors import ModelLoadError, ModelNotLoaded
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed
 from vlmux.estimate import context_length
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput, from_caller
@@ -40,11 +41,19 @@ class ModelPool:
         if workers is None:
             in_process = config.isolation == "none"
             workers = InProcessWorkers() if in_process else Spawner(config.spare_worker, config.hang_timeout)
-        self._scheduler = Scheduler(config, inventory or vram.NVML, workers)
+        self.pid = os.getpid()  # the process it serves: a forked child's copy refuses work and never closes it
+        self._own_scheduler = Scheduler(config, inventory or vram.NVML, workers)
         self._closing = threading.Lock()
         _POOLS.add(self)
         # dropped without close(): its workers (and their VRAM) must not wait for the interpreter's exit
-        weakref.finalize(self, _close_dropped, self._scheduler).atexit = False
+        weakref.finalize(self, _close_dropped, self._own_scheduler, self.pid).atexit = False
+
+    @property
+    def _scheduler(self) -> Scheduler:
+        if os.getpid() != self.pid:  # its threads did not survive the fork, and its workers answer the parent
+            raise PoolClosed(f"this ModelPool belongs to process {self.pid}, the parent of this forked process; "
+                             "create a pool in this process (or fork before creating one)")
+        return self._own_scheduler
 
     @property
     def last_release(self) -> dict[str, vram.Release]:
@@ -157,7 +166,10 @@ class ModelPool:
         """Stop every worker (loads and unloads under way included); returns once each release is verified.
         kill=True, for work abandoned (an interrupt): kill the workers without unload_grace, return once they are
         gone; each release is looked at once, not waited for. Ctrl-C in a call that waits on a worker (load, caption,
-        chat, unload, sleep, wake, or in a `with` block) closes the pool that way."""
+        chat, unload, sleep, wake, or in a `with` block) closes the pool that way. In a forked child it does
+        nothing: the pool and its workers are the parent's."""
+        if os.getpid() != self.pid:  # a forked child's copy: the workers are its parent's
+            return
         with self._closing:
             self._scheduler.close(kill)
 
@@ -301,10 +313,10 @@ def _message_from_caller(message: dict) -> dict:
     return {**message, "content": parts}
 
 
-def _close_dropped(scheduler: Scheduler) -> None:
+def _close_dropped(scheduler: Scheduler, pid: int) -> None:
     """A pool's finaliser: close it on a thread of its own, as the garbage collector may run this on any thread,
-    one of the pool's own included; not a daemon, so the interpreter's exit waits for it."""
-    if not scheduler.closed:
+    one of the pool's own included; not a daemon, so the interpreter's exit waits for it. Never in a forked child."""
+    if os.getpid() == pid and not scheduler.closed:
         threading.Thread(target=scheduler.close, name="vlmux-close-dropped").start()
 
 
