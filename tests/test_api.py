@@ -1,4 +1,5 @@
 import gc
+import logging
 import os
 import signal
 import subprocess
@@ -246,3 +247,44 @@ def test_a_forked_child_gets_a_clear_error_and_its_exit_leaves_the_parents_pipel
     assert run.returncode == 0, run.stderr
     assert "child: this ModelPool belongs to process" in run.stdout and "create a pool in this process" in run.stdout
     assert "parent: served" in run.stdout, run.stdout
+
+
+def test_the_callers_logging_settings_reach_the_worker(tiny_llava):
+    loaded = f"""
+        with vlmux.pipeline({str(tiny_llava)!r}, device="cpu", spare_worker=False):
+            pass
+    """
+    run = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+        import logging, sys, vlmux
+        logging.getLogger("transformers").setLevel(logging.ERROR)  # what transformers.logging.set_verbosity_error() does
+        {textwrap.indent(textwrap.dedent(loaded), "        ").strip()}
+        print("== info", file=sys.stderr, flush=True)
+        logging.getLogger("transformers").setLevel(logging.INFO)
+        {textwrap.indent(textwrap.dedent(loaded), "        ").strip()}
+        print("== disabled", file=sys.stderr, flush=True)
+        logging.disable(logging.CRITICAL)
+        {textwrap.indent(textwrap.dedent(loaded), "        ").strip()}
+    """)], capture_output=True, text=True, timeout=120, env={**os.environ, "TRANSFORMERS_VERBOSITY": "info"})
+    assert run.returncode == 0, run.stderr
+    quiet, info, disabled = run.stderr.split("== ")
+    assert "loading configuration file" not in quiet, quiet  # the fork server's own verbosity (info) is overruled
+    assert "loading configuration file" in info
+    assert "loading configuration file" not in disabled
+
+
+def test_a_worker_death_and_its_reload_are_logged(tiny_llava, image_dir, caplog):
+    image = sorted(image_dir.iterdir())[0]
+    with pipeline(str(tiny_llava), device="cpu", max_new_tokens=3, spare_worker=False) as pipe:
+        worker = pipe.status[0].pid
+        with caplog.at_level(logging.INFO, logger="vlmux"):
+            os.kill(worker, signal.SIGKILL)
+            assert process_gone(worker)
+            try:
+                pipe(image)
+            except vlmux.WorkerDied:  # a request may reach the worker before its death is noticed
+                pass
+            assert isinstance(pipe(image), str)
+    said = [(record.name.split(".")[0], record.levelname, record.getMessage()) for record in caplog.records]
+    assert ("vlmux", "WARNING", f"{tiny_llava}: worker {worker} was killed by SIGKILL (the kernel's out-of-memory killer "
+            "sends SIGKILL: check host RAM)") in said, said
+    assert ("vlmux", "INFO", f"{tiny_llava}: loading it again, its worker having ended") in said, said

@@ -6,6 +6,7 @@ from typing import Any, Union
 
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import ImageInput
+from vlmux.logs import LogSettings
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Load:
     memory_budget: int | None = None
     batch_size: int | None = None  # the caller's largest batch; None: auto, the worker sizes it within its budget
     max_new_tokens: int = GenerationSpec.max_new_tokens  # what Loaded.batch_size is sized for
+    log: LogSettings | None = None  # the caller's logging and warnings settings, applied before the load
 
 
 @dataclass(frozen=True)

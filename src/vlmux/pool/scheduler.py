@@ -15,6 +15,7 @@ from pathlib import Path
 from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
 from vlmux.hub import resolve_model
+from vlmux.logs import LOGGER, LogSettings
 from vlmux.pool import vram
 from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
@@ -114,6 +115,7 @@ class Scheduler:
         runner = Runner(name, spec, path, placement, needs.smallest, self._lock, self.config)
         dead = self._runners.get(name)
         if dead is not None:  # requests queued for a worker that died go to its successor
+            LOGGER.info("%s: loading it again, its worker having ended", name)
             runner.pending, dead.pending = dead.pending, runner.pending
             runner.in_flight, dead.in_flight = len(runner.pending), dead.in_flight - len(runner.pending)
         self._runners[name] = runner
@@ -127,7 +129,7 @@ class Scheduler:
         placement, need = runner.placement, runner.estimate
         budget = placement.charges[0] - need.weights - need.context if len(placement.gpus) == 1 else None
         request = Load(replace(runner.spec, device=placement.device, max_memory=placement.max_memory), str(runner.path),
-                       placement.env, budget, self.config.max_batch_size, tokens)
+                       placement.env, budget, self.config.max_batch_size, tokens, LogSettings.here())
         reply, release = None, None
         for _ in range(2):
             with self._lock:
@@ -206,6 +208,7 @@ class Scheduler:
                 dead.stopped.result()  # its memory is verified back before its successor books any
             self.load(dead.spec, dead.name, dead.placement)
         except Exception as e:  # noqa: BLE001 - the queued requests carry the reason
+            LOGGER.warning("%s: could not load it again: %s", dead.name, e)
             with self._lock:
                 dead.fail_pending(e)
                 dead.reloading = False
@@ -337,6 +340,7 @@ class Scheduler:
                 return
             runner.state = State.DEAD
             runner.changed.notify_all()
+        LOGGER.warning("%s: %s", runner.name, error)
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
         self._finish_stop(runner, runner.worker.stop(0, self._check(runner)), keep=True)
