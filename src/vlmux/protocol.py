@@ -1,7 +1,7 @@
 """Messages between the parent and a worker. Both ends are vlmux processes of one user, so pickle is safe here."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Union
 
 from vlmux.config import GenerationSpec, ModelSpec
@@ -19,7 +19,8 @@ class Load:
     memory_budget: int | None = None
     batch_size: int | None = None  # the caller's largest batch; None: auto, the worker sizes it within its budget
     max_new_tokens: int = GenerationSpec.max_new_tokens  # what Loaded.batch_size is sized for
-    log: LogSettings | None = None  # the caller's logging and warnings settings, applied before the load
+    # the caller's logging and warnings settings when the parent makes the request, applied before the load
+    log: LogSettings | None = field(default_factory=LogSettings.here)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied
 from vlmux.hub import resolve_model
-from vlmux.logs import LOGGER, LogSettings
+from vlmux.logs import LOGGER
 from vlmux.pool import vram
 from vlmux.pool.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
@@ -43,7 +43,7 @@ class Scheduler:
         self._closed = False
         self._room = threading.Condition(self._lock)  # a runner went idle or left: a waiting load looks again
         self._awaited: Counter[str] = Counter()  # per model, the loads waiting for it to go idle
-        self._exits = ExitWatch(self._on_exit)
+        self._exits = ExitWatch(lambda runner: self._on_death(runner, WorkerDied(runner.worker.exit_reason())))
         self._unattributed = UnattributedLock()
         self.spare = WarmSpare(config, workers, self, self._unattributed)
 
@@ -115,7 +115,6 @@ class Scheduler:
         runner = Runner(name, spec, path, placement, needs.smallest, self._lock, self.config)
         dead = self._runners.get(name)
         if dead is not None:  # requests queued for a worker that died go to its successor
-            LOGGER.info("%s: loading it again, its worker having ended", name)
             runner.pending, dead.pending = dead.pending, runner.pending
             runner.in_flight, dead.in_flight = len(runner.pending), dead.in_flight - len(runner.pending)
         self._runners[name] = runner
@@ -129,7 +128,7 @@ class Scheduler:
         placement, need = runner.placement, runner.estimate
         budget = placement.charges[0] - need.weights - need.context if len(placement.gpus) == 1 else None
         request = Load(replace(runner.spec, device=placement.device, max_memory=placement.max_memory), str(runner.path),
-                       placement.env, budget, self.config.max_batch_size, tokens, LogSettings.here())
+                       placement.env, budget, self.config.max_batch_size, tokens)
         reply, release = None, None
         for _ in range(2):
             with self._lock:
@@ -208,7 +207,6 @@ class Scheduler:
                 dead.stopped.result()  # its memory is verified back before its successor books any
             self.load(dead.spec, dead.name, dead.placement)
         except Exception as e:  # noqa: BLE001 - the queued requests carry the reason
-            LOGGER.warning("%s: could not load it again: %s", dead.name, e)
             with self._lock:
                 dead.fail_pending(e)
                 dead.reloading = False
@@ -315,9 +313,7 @@ class Scheduler:
         if runner.keep_alive is None or runner.state not in SERVING:
             runner.expiry = None
             return
-        # not before its loaders could ask: keep_alive=0 would unload a model before its first request
-        delay = max(runner.keep_alive, runner.fresh_until - time.monotonic())
-        runner.expiry = threading.Timer(delay, self._expire, args=(runner,))
+        runner.expiry = threading.Timer(max(runner.keep_alive, runner.fresh_until - time.monotonic()), self._expire, (runner,))
         runner.expiry.daemon = True
         runner.expiry.start()
 
@@ -330,9 +326,6 @@ class Scheduler:
             self._retire(runner, ModelNotLoaded(f"{runner.name} expired"))
         self._stop(runner)
 
-    def _on_exit(self, runner: Runner) -> None:
-        self._on_death(runner, WorkerDied(runner.worker.exit_reason()))
-
     def _on_death(self, runner: Runner, error: WorkerDied) -> None:
         """A worker ended by itself: its memory is verified back, and queued requests get a reload at once."""
         with self._lock:
@@ -340,7 +333,7 @@ class Scheduler:
                 return
             runner.state = State.DEAD
             runner.changed.notify_all()
-        LOGGER.warning("%s: %s", runner.name, error)
+        LOGGER.warning("%s: %s; it is loaded again for its next request", runner.name, error)
         if runner.worker.sentinel is not None:
             self._exits.forget(runner.worker.sentinel)
         self._finish_stop(runner, runner.worker.stop(0, self._check(runner)), keep=True)
