@@ -134,3 +134,21 @@ def test_a_picture_without_pixels_is_an_image_error(size):
 def test_possible_images_pass_the_check_without_being_read(tmp_path):
     for item in (tmp_path / "not yet written.png", "any/path.jpg", b"", b"not decoded here", Image.new("L", (1, 1))):
         assert check_input(item) is None
+
+
+def test_a_32_bit_image_holding_8_bit_values_keeps_them_and_16_bit_values_are_scaled():
+    eight = Image.new("I", (4, 4), 200)
+    sixteen = Image.new("I", (4, 4), 50_000)
+    assert load_image(eight).getpixel((0, 0)) == (200, 200, 200)
+    assert load_image(sixteen).getpixel((0, 0)) == (195, 195, 195)
+
+
+def test_a_url_is_named_as_one_and_left_as_it_is_by_the_callers_folder(tmp_path, monkeypatch):
+    from vlmux.images import from_caller
+
+    with pytest.raises(ImageError, match="a URL .*download it"):
+        load_image("https://example.com/cat.png")
+    monkeypatch.chdir(tmp_path)
+    assert from_caller("https://example.com/cat.png") == "https://example.com/cat.png"
+    assert from_caller("cat.png") == str(tmp_path / "cat.png")
+    assert from_caller(b"bytes") == b"bytes"

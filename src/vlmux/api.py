@@ -9,8 +9,10 @@ from typing import Any, Iterable, Sequence
 from PIL import Image
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
+from vlmux.errors import PoolClosed
 from vlmux.images import ImageError, ImageInput
 from vlmux.pool import ModelPool, vram
+from vlmux.protocol import ItemResult
 
 _GENERATION_OPTIONS = {f.name for f in fields(GenerationSpec)}
 _POOL_OPTIONS = {f.name for f in fields(PoolConfig)}
@@ -33,17 +35,21 @@ class Pipeline:
     def __call__(
         self, images: ImageInput | Iterable[ImageInput], prompt: str | Sequence[str] | None = None, **options: Any
     ) -> str | list[str]:
-        """One caption per image (any iterable of them); a single image gives a single string. Images are paths,
-        bytes, open binary files or PIL images. An undecodable image raises ImageError, an image the model failed
-        on (out of memory even alone, say) RuntimeError."""
-        single = isinstance(images, (str, bytes, os.PathLike, io.IOBase, Image.Image))
+        """One caption per image (any iterable of them); a single image gives a single string. Images are paths
+        (relative to the current folder), bytes, open binary files or PIL images. An undecodable image raises
+        ImageError, an image the model failed on (out of memory even alone, say) RuntimeError, once every other image
+        is captioned: the exception's `captions` holds them (None where an image failed), `errors` the reasons by
+        position."""
+        single = _is_single(images)
+        if isinstance(images, (bytearray, memoryview)):
+            images = bytes(images)
         items = [_readable(item) for item in ([images] if single else images)]
         prompts = _prompts(prompt or self.generation.prompt, len(items))
         results = self._pool.caption(self._loaded(), items, prompts, self._generation(options))
-        for index, result in enumerate(results):
-            if result.error is not None:
-                raise (ImageError if result.bad_image else RuntimeError)(f"image {index}: {result.error}")
         captions = [result.caption for result in results]
+        failed = {index: result for index, result in enumerate(results) if result.error is not None}
+        if failed:
+            raise _failure(failed, captions)
         return captions[0] if single else captions
 
     def chat(self, messages: list[dict[str, Any]], **options: Any) -> str:
@@ -54,7 +60,8 @@ class Pipeline:
         """Stop the worker; returns after NVML shows the memory back. Safe to call twice."""
         if self._name is not None:
             name, self._name = self._name, None
-            self.release = self._pool.unload(name) if name in self._pool else self._pool.last_release.get(name)
+            if self._pool.pid == os.getpid():  # a forked child's copy leaves the parent's worker alone
+                self.release = self._pool.unload(name) if name in self._pool else self._pool.last_release.get(name)
             self._pool.close()
         return self.release
 
@@ -64,7 +71,7 @@ class Pipeline:
 
     def _loaded(self) -> str:
         if self._name is None:
-            raise RuntimeError("this pipeline is closed")
+            raise PoolClosed("this pipeline is closed")
         return self._pool.load(self.spec, self._name)  # reloads after a worker crash, else a lookup
 
     def _generation(self, options: dict[str, Any]) -> GenerationSpec:
@@ -76,7 +83,10 @@ class Pipeline:
     def __enter__(self) -> Pipeline:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        if kind is not None and issubclass(kind, KeyboardInterrupt):
+            self._name = None
+            self._pool.close(kill=True)  # Ctrl-C: its worker is killed, not given unload_grace
         self.close()
 
     def __repr__(self) -> str:
@@ -95,6 +105,25 @@ def pipeline(model: str, device: str = "auto", dtype: str = "auto", **options: A
     if unknown:
         raise TypeError(f"unknown options {sorted(unknown)}")
     return Pipeline(ModelSpec(model, device, dtype, **spec_options), PoolConfig(**pool_options), GenerationSpec(**options))
+
+
+def _is_single(images: object) -> bool:
+    """One image rather than a collection of them; what is neither is refused here, not captioned item by item."""
+    if images is None or isinstance(images, dict):
+        raise TypeError(f"images: give an image (a path, bytes, an open binary file or a PIL image) or a list of "
+                        f"them, not {type(images).__name__}")
+    return isinstance(images, (str, bytes, bytearray, memoryview, os.PathLike, io.IOBase, Image.Image))
+
+
+def _failure(failed: dict[int, ItemResult], captions: list[str | None]) -> Exception:
+    """The first failure's exception, naming every failed position, with the other images' captions attached."""
+    first, result = next(iter(failed.items()))
+    others = f" ({len(failed)} of {len(captions)} images failed: {sorted(failed)}; .captions has the rest)" \
+        if len(captions) > 1 else ""
+    error = (ImageError if result.bad_image else RuntimeError)(f"image {first}: {result.error}{others}")
+    error.captions = captions
+    error.errors = {index: r.error for index, r in failed.items()}
+    return error
 
 
 def _prompts(prompt: str | Sequence[str], count: int) -> list[str]:

@@ -68,10 +68,25 @@ class GenerationSpec:
     max_pixels: int | None = MAX_PIXELS  # decoding more is refused (a decompression bomb guard); None: no limit
 
     def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise ValueError("max_new_tokens must be at least 1")
-        if self.max_pixels is not None and self.max_pixels < 1:
-            raise ValueError("max_pixels must be at least 1, or None for no limit")
+        """Checked here, where the settings are made (as vLLM's SamplingParams): a wrong type or range never
+        reaches a worker. ValueError for a wrong type too: the CLI and the server report that as bad input."""
+        if not isinstance(self.prompt, str):
+            raise ValueError(f"prompt must be a string, not {type(self.prompt).__name__}")
+        for name in ("do_sample", "ignore_eos"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, not {getattr(self, name)!r}")
+        if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number of at least 1, not {self.max_new_tokens!r}")
+        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"temperature must be a number of 0 or more, not {self.temperature!r}")
+        if self.do_sample and self.temperature == 0:
+            raise ValueError("temperature 0 with do_sample=True: use do_sample=False for greedy decoding")
+        if not _is_number(self.top_p) or not 0 <= self.top_p <= 1:
+            raise ValueError(f"top_p must be a number from 0 to 1, not {self.top_p!r}")
+        if self.seed is not None and not _is_int(self.seed):
+            raise ValueError(f"seed must be a whole number or None, not {self.seed!r}")
+        if self.max_pixels is not None and (not _is_int(self.max_pixels) or self.max_pixels < 1):
+            raise ValueError(f"max_pixels must be a whole number of at least 1, or None for no limit, not {self.max_pixels!r}")
 
 
 @dataclass(frozen=True)
@@ -132,6 +147,14 @@ def _seconds(name: str, value: object, none: str = "", positive: bool = False) -
     if not number or not math.isfinite(value) or value < 0 or (positive and value == 0):
         least = "more than 0" if positive else "0 or more"
         raise ValueError(f"{name} {value!r}: a number of seconds, {least}" + (f", or {none}" if none else ""))
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _is_device(device: str) -> bool:

@@ -129,6 +129,13 @@ def text_config(config: dict) -> dict:
     return config.get("text_config") or config.get("llm_config") or config
 
 
+def context_length(model_dir: Path) -> int | None:
+    """Tokens the language model takes at most (its max_position_embeddings), or None where its config says none."""
+    text = text_config(read_json(Path(model_dir) / "config.json"))
+    value = text.get("max_position_embeddings")
+    return value if isinstance(value, int) and value > 0 else None
+
+
 def read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())

@@ -34,9 +34,26 @@ def check_input(item: object) -> str | None:
     if isinstance(item, Image.Image):
         width, height = item.size
         return f"empty image: a {width}x{height} PIL image has no pixels" if width == 0 or height == 0 else None
+    if isinstance(item, str) and _is_url(item):
+        return f"a URL ({item:.80}): vlmux reads files, not URLs; download it and give its path or its bytes"
     if isinstance(item, (str, bytes, os.PathLike)):
         return None
     return f"not an image: {type(item).__name__}; give a path, bytes or a PIL image"
+
+
+def from_caller(item: object) -> object:
+    """`item` with a relative path made absolute here, in the caller's current folder: a worker runs in another
+    folder (the fork server's), so a path must not be resolved there. A URL is left as it is (check_input refuses it)."""
+    if isinstance(item, os.PathLike):
+        item = os.fspath(item)
+    if isinstance(item, str) and not _is_url(item):
+        return os.path.abspath(item)
+    return item
+
+
+def _is_url(text: str) -> bool:
+    scheme, sep, _ = text.partition("://")
+    return bool(sep) and scheme.isalpha()
 
 
 def load_image(source: ImageInput, draft: tuple[int, int] | None = DRAFT_SIZE,
@@ -111,7 +128,9 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background = Image.new("RGBA", image.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, image).convert("RGB")
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        image = image.point(lambda value: value * (1 / 256)).convert("L")
+        # 16-bit samples scaled to 8; a 32-bit "I" image holding 0-255 values (numpy's int arrays) is 8-bit already
+        scale = 1 if image.mode == "I" and image.getextrema()[1] <= 255 else 1 / 256
+        image = image.point(lambda value: value * scale).convert("L")
     return image.convert("RGB")
 
 

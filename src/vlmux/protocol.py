@@ -7,6 +7,7 @@ from typing import Any, Union
 
 from vlmux.config import GenerationSpec, ModelSpec
 from vlmux.images import ImageInput
+from vlmux.logs import LogSettings
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,8 @@ class Load:
     memory_budget: int | None = None
     batch_size: int | None = None  # the caller's largest batch; None: auto, the worker sizes it within its budget
     max_new_tokens: int = GenerationSpec.max_new_tokens  # what Loaded.batch_size is sized for
+    # the caller's logging and warnings settings when the parent makes the request, applied before the load
+    log: LogSettings | None = field(default_factory=LogSettings.here)
 
 
 @dataclass(frozen=True)

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
+import os
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, wait
+from dataclasses import replace
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.errors import ModelLoadError, ModelNotLoaded
+from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed
+from vlmux.estimate import context_length
 from vlmux.hub import resolve_model
-from vlmux.images import ImageInput
+from vlmux.images import ImageInput, from_caller
 from vlmux.pool import vram
 from vlmux.pool.host_tier import host_budget, to_evict
 from vlmux.pool.inprocess import InProcessWorkers
@@ -37,9 +41,19 @@ class ModelPool:
         if workers is None:
             in_process = config.isolation == "none"
             workers = InProcessWorkers() if in_process else Spawner(config.spare_worker, config.hang_timeout)
-        self._scheduler = Scheduler(config, inventory or vram.NVML, workers)
+        self.pid = os.getpid()  # the process it serves: a forked child's copy refuses work and never closes it
+        self._own_scheduler = Scheduler(config, inventory or vram.NVML, workers)
         self._closing = threading.Lock()
         _POOLS.add(self)
+        # dropped without close(): its workers (and their VRAM) must not wait for the interpreter's exit
+        weakref.finalize(self, _close_dropped, self._own_scheduler, self.pid).atexit = False
+
+    @property
+    def _scheduler(self) -> Scheduler:
+        if os.getpid() != self.pid:  # its threads did not survive the fork, and its workers answer the parent
+            raise PoolClosed(f"this ModelPool belongs to process {self.pid}, the parent of this forked process; "
+                             "create a pool in this process (or fork before creating one)")
+        return self._own_scheduler
 
     @property
     def last_release(self) -> dict[str, vram.Release]:
@@ -58,7 +72,8 @@ class ModelPool:
         worker sees; by default the spec's device decides. `max_new_tokens`: what its batches are sized for."""
         spec = model if isinstance(model, ModelSpec) else ModelSpec(model)
         name = name or spec.model
-        runner = self._scheduler.load(spec, name, placement, max_new_tokens)
+        with self._killed_on_interrupt():
+            runner = self._scheduler.load(spec, name, placement, max_new_tokens)
         if runner.state is State.SLEEPING:
             self.wake(name)
         return name
@@ -89,7 +104,8 @@ class ModelPool:
 
     def unload(self, name: str) -> vram.Release:
         """Stop the model's worker and return once NVML shows its memory back (or the timeout says what stayed)."""
-        return self.unload_async(name).result()
+        with self._killed_on_interrupt():
+            return self.unload_async(name).result()
 
     def unload_async(self, name: str) -> Future:
         """Start unloading `name`; the future gives its Release. Loads that need the room wait for it."""
@@ -136,7 +152,8 @@ class ModelPool:
                       if r.state is State.SLEEPING and r.name != name]
             for other in to_evict(name, runner.estimate.weights, asleep, budget):
                 self.unload(other)
-        self.submit(name, Sleep()).result()
+        with self._killed_on_interrupt():
+            self.submit(name, Sleep()).result()
 
     def retain(self, name: str, keep_alive: float | None, pinned: bool = False) -> None:
         """How long the loaded model `name` stays once idle, from now or its next answer (0: unloaded as soon as it
@@ -144,7 +161,8 @@ class ModelPool:
         self._scheduler.retain(name, keep_alive, pinned)
 
     def wake(self, name: str) -> None:
-        self.submit(name, Wake()).result()
+        with self._killed_on_interrupt():
+            self.submit(name, Wake()).result()
 
     def state(self, name: str) -> str | None:
         """`name`'s state ("loading", "ready", "sleeping", "dead"), or None if the pool does not hold it (or it is
@@ -163,7 +181,11 @@ class ModelPool:
     def close(self, kill: bool = False) -> None:
         """Stop every worker (loads and unloads under way included); returns once each release is verified.
         kill=True, for work abandoned (an interrupt): kill the workers without unload_grace, return once they are
-        gone; each release is looked at once, not waited for."""
+        gone; each release is looked at once, not waited for. Ctrl-C in a call that waits on a worker (load, caption,
+        chat, unload, sleep, wake, or in a `with` block) closes the pool that way. In a forked child it does
+        nothing: the pool and its workers are the parent's."""
+        if os.getpid() != self.pid:  # a forked child's copy: the workers are its parent's
+            return
         with self._closing:
             self._scheduler.close(kill)
 
@@ -174,24 +196,33 @@ class ModelPool:
         """Queue a request; concurrent callers of one model are served together in batches. An item that can
         never be an image fails alone (ItemResult with bad_image); an accepted request is never failed by
         eviction or keep-alive expiry. For a `Chat(..., stream=True)`, `on_text` gets the answer's text in pieces
-        as the model generates it (on the pool's thread; they join to the Chatted record's text)."""
-        return self._scheduler.submit(name, payload, on_text)
+        as the model generates it (on the pool's thread; they join to the Chatted record's text). Relative image
+        paths are resolved here, in the caller's current folder."""
+        if isinstance(payload, (Caption, Chat)):
+            _check_request(payload, self._scheduler.runner(name).path)
+        return self._scheduler.submit(name, _from_caller(payload), on_text)
 
-    def submit_caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec,
+    def submit_caption(self, name: str, items: list[ImageInput], prompts: str | list[str], gen: GenerationSpec,
                        batch_size: int | None = None) -> Future:
         """Queue images for captioning; the future gives Captions: one ItemResult per image, and token counts.
-        batch_size None: the worker's own (auto, or PoolConfig.max_batch_size)."""
-        return self.submit(name, Caption(list(items), list(prompts), gen, batch_size))
+        batch_size None: the worker's own (auto, or PoolConfig.max_batch_size). One prompt string: the same for all."""
+        items = list(items)
+        return self.submit(name, Caption(items, [prompts] * len(items) if isinstance(prompts, str) else list(prompts),
+                                         gen, batch_size))
 
-    def caption(self, name: str, items: list[ImageInput], prompts: list[str], gen: GenerationSpec) -> list[ItemResult]:
-        captions: Captions = self.submit_caption(name, items, prompts, gen).result()
+    def caption(self, name: str, items: list[ImageInput], prompts: str | list[str], gen: GenerationSpec) -> list[ItemResult]:
+        future = self.submit_caption(name, items, prompts, gen)
+        with self._killed_on_interrupt():
+            captions: Captions = future.result()
         return captions.results
 
     def chat(self, name: str, messages: list[dict], gen: GenerationSpec,
              on_text: Callable[[str], None] | None = None) -> str:
         """The answer's text, also given to `on_text` in pieces as it is generated if that is set; `submit(name,
         Chat(...))` gives the Chatted record with its token counts."""
-        return self.submit(name, Chat(messages, gen, stream=on_text is not None), on_text).result().text
+        future = self.submit(name, Chat(messages, gen, stream=on_text is not None), on_text)
+        with self._killed_on_interrupt():
+            return future.result().text
 
     # -- reading ------------------------------------------------------------------------------------------
 
@@ -229,8 +260,19 @@ class ModelPool:
     def __enter__(self) -> ModelPool:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, kind, *exc) -> None:
+        self.close(kill=kind is not None and issubclass(kind, KeyboardInterrupt))
+
+    @contextlib.contextmanager
+    def _killed_on_interrupt(self) -> Iterator[None]:
+        """Ctrl-C in a call that waits on a worker: the caller gave up, so the pool is closed with its workers
+        killed at once, as `vlmux caption` does; a worker stopped mid-load would otherwise be waited for forever,
+        and a busy one for unload_grace."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.close(kill=True)
+            raise
 
     def _loaded(self, name: str):
         loaded = self._scheduler.runner(name).loaded
@@ -242,6 +284,60 @@ class ModelPool:
         if spec.device == "cpu" or self._scheduler.inventory.status() is not None:
             return False
         return self._scheduler.spare.is_warm_for(self._scheduler.gpu(spec.device))
+
+
+def _check_request(payload: Caption | Chat, path) -> None:
+    """What a worker would fail on obscurely (or run for minutes with), refused here with what to do instead."""
+    if not isinstance(payload.gen, GenerationSpec):
+        raise TypeError(f"gen must be a vlmux.GenerationSpec, not {type(payload.gen).__name__}")
+    context = _context(path)
+    if context is not None and payload.gen.max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens={payload.gen.max_new_tokens} leaves no room for the prompt in the model's "
+                         f"context of {context} tokens (its max_position_embeddings); ask for fewer")
+    if isinstance(payload, Caption):
+        if len(payload.prompts) != len(payload.items) or not all(isinstance(p, str) for p in payload.prompts):
+            raise ValueError(f"{len(payload.prompts)} prompts for {len(payload.items)} images: give one string per "
+                             "image, or one string for all")
+        return
+    if not isinstance(payload.messages, list) or not payload.messages:
+        raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    for index, message in enumerate(payload.messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str) or not isinstance(content, (str, list)):
+            raise ValueError(f"messages[{index}] must be a dict with a 'role' string and a 'content' string or list "
+                             f"of parts, not {message!r:.80}")
+        for part in content if isinstance(content, list) else ():
+            if not isinstance(part, dict) or part.get("type") not in ("text", "image") or part["type"] not in part:
+                raise ValueError(f"messages[{index}] has a content part {part!r:.80}; a part is "
+                                 "{'type': 'text', 'text': ...} or {'type': 'image', 'image': path | bytes | PIL image}")
+
+
+_context = functools.lru_cache(maxsize=64)(context_length)
+
+
+def _from_caller(payload: Caption | Chat | Sleep | Wake) -> Caption | Chat | Sleep | Wake:
+    """The request with its image paths made absolute in the caller's folder (a worker's folder is another)."""
+    if isinstance(payload, Caption):
+        return replace(payload, items=[from_caller(item) for item in payload.items])
+    if isinstance(payload, Chat):
+        return replace(payload, messages=[_message_from_caller(message) for message in payload.messages])
+    return payload
+
+
+def _message_from_caller(message: dict) -> dict:
+    content = message.get("content") if isinstance(message, dict) else None
+    if not isinstance(content, list):
+        return message
+    parts = [{**part, "image": from_caller(part["image"])} if isinstance(part, dict) and part.get("type") == "image"
+             and "image" in part else part for part in content]
+    return {**message, "content": parts}
+
+
+def _close_dropped(scheduler: Scheduler, pid: int) -> None:
+    """A pool's finaliser: close it on a thread of its own, as the garbage collector may run this on any thread,
+    one of the pool's own included; not a daemon, so the interpreter's exit waits for it. Never in a forked child."""
+    if os.getpid() == pid and not scheduler.closed:
+        threading.Thread(target=scheduler.close, name="vlmux-close-dropped").start()
 
 
 _POOLS: weakref.WeakSet[ModelPool] = weakref.WeakSet()

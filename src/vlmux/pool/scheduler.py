@@ -15,6 +15,7 @@ from pathlib import Path
 from vlmux.config import ModelSpec, PoolConfig
 from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, WorkerDied, WorkerStartError
 from vlmux.hub import resolve_model
+from vlmux.logs import LOGGER
 from vlmux.pool import vram
 from vlmux.budget import parse_budget
 from vlmux.pool.exits import ExitWatch
@@ -319,7 +320,7 @@ class Scheduler:
         if runner.keep_alive is None or runner.state not in SERVING:
             runner.expiry = None
             return
-        runner.expiry = threading.Timer(runner.keep_alive, self._expire, args=(runner,))
+        runner.expiry = threading.Timer(max(runner.keep_alive, runner.fresh_until - time.monotonic()), self._expire, (runner,))
         runner.expiry.daemon = True
         runner.expiry.start()
 
@@ -339,6 +340,7 @@ class Scheduler:
                 return
             runner.state = State.DEAD
             runner.changed.notify_all()
+        LOGGER.warning("%s: %s; it is loaded again for its next request", runner.name, error)
         for listener in self.exit_listeners:
             listener(WorkerExit(runner.name, runner.worker.pid, str(error), runner.requests))
         if runner.worker.sentinel is not None:

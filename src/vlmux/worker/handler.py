@@ -92,6 +92,8 @@ class Handler:
 
     def _load(self, request: Load, start: float) -> Reply:
         os.environ.update(request.env)
+        if request.log is not None:
+            request.log.apply()
         from vlmux.backends.choice import backend_for  # the heavy import happens here, not in the parent
 
         try:
