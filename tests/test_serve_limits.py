@@ -55,6 +55,8 @@ def test_each_limit_answers_400_naming_its_flag_and_the_next_request_is_served(c
     context = refused(client, images((48, 40)), max_tokens=1020)
     assert context.body["code"] == "context_length_exceeded" and "context length of 1,024 tokens" in context.message
     assert "max_tokens 1,020" in context.message and "--max-tokens" in context.message
+    whole = refused(client, images((48, 40)), max_tokens=1024)  # the pool refuses it before a worker sees it
+    assert whole.status_code == 400 and whole.body["code"] == "context_length_exceeded" and "1024" in whole.message
     with pytest.raises(openai.APIError, match="context length"):  # streamed: the error event, then the stream ends
         list(client.chat.completions.create(model="qwen", messages=images((48, 40)), max_tokens=1020,
                                             stream=True))
@@ -67,4 +69,4 @@ def test_a_limit_that_is_not_a_positive_whole_number_is_refused_naming_its_flag(
             RequestLimits(**wrong)
     run = subprocess.run([sys.executable, "-m", "vlmux.cli", "serve", "--model", "x=y", "--max-images", "0"],
                          capture_output=True, text=True, timeout=60)
-    assert run.returncode != 0 and "--max-images must be a whole number of at least 1" in run.stderr
+    assert run.returncode == 2 and "--max-images: a whole number of at least 1" in run.stderr

@@ -34,3 +34,7 @@ class RequestFailed(RuntimeError):
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+class ContextExceeded(ValueError):
+    """A request's max_new_tokens leaves no room in the model's context; raised before any worker sees it."""

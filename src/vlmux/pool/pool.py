@@ -14,7 +14,7 @@ from concurrent.futures import Future, wait
 from dataclasses import replace
 
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
-from vlmux.errors import ModelLoadError, ModelNotLoaded, PoolClosed
+from vlmux.errors import ContextExceeded, ModelLoadError, ModelNotLoaded, PoolClosed
 from vlmux.estimate import context_length
 from vlmux.hub import resolve_model
 from vlmux.images import ImageInput, from_caller
@@ -292,7 +292,7 @@ def _check_request(payload: Caption | Chat, path) -> None:
         raise TypeError(f"gen must be a vlmux.GenerationSpec, not {type(payload.gen).__name__}")
     context = _context(path)
     if context is not None and payload.gen.max_new_tokens >= context:
-        raise ValueError(f"max_new_tokens={payload.gen.max_new_tokens} leaves no room for the prompt in the model's "
+        raise ContextExceeded(f"max_new_tokens={payload.gen.max_new_tokens} leaves no room for the prompt in the model's "
                          f"context of {context} tokens (its max_position_embeddings); ask for fewer")
     if isinstance(payload, Caption):
         if len(payload.prompts) != len(payload.items) or not all(isinstance(p, str) for p in payload.prompts):
