@@ -12,6 +12,7 @@ import vlmux
 from vlmux import (GenerationSpec, ImageError, ModelNotLoaded, ModelPool, ModelSpec, PoolClosed, PoolConfig, WorkerDied,
                    pipeline)
 from vlmux.testing.processes import children, process_gone
+from vlmux.testing.workers import wait_until
 
 GEN = GenerationSpec(max_new_tokens=4)
 LONG = GenerationSpec(max_new_tokens=300, ignore_eos=True)
@@ -19,15 +20,6 @@ LONG = GenerationSpec(max_new_tokens=300, ignore_eos=True)
 
 def cpu_pool(**config) -> ModelPool:
     return ModelPool(PoolConfig(spare_worker=False, **config))
-
-
-def wait_until(condition, seconds: float) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.002)
-    return condition()
 
 
 def test_the_public_exceptions_are_exported_and_print_plainly():
