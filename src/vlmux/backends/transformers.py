@@ -42,7 +42,7 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda:0" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; use --device cpu")
+        raise RuntimeError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu' (--device cpu)")
     return "cuda:0" if device == "cuda" else device
 
 

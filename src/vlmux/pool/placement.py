@@ -56,7 +56,7 @@ def host_device(inventory: GpuInventory, device: str) -> str:
     if device == "auto":
         return "cuda:0" if status is None else "cpu"
     if device.startswith("cuda") and status is not None:
-        raise ModelLoadError(f"device {device} asked for, but {status}; use --device cpu")
+        raise ModelLoadError(f"device {device} asked for, but {status}; use device='cpu' (--device cpu)")
     return "cuda:0" if device == "cuda" else device
 
 
