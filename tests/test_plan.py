@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlmux import pipeline
+from vlmux.caption.sinks import written
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -21,7 +22,7 @@ def captions(path: Path) -> dict[tuple[str, str], str]:
 
 def expected(model: Path, images: list[Path], prompt_for, max_new_tokens: int) -> dict[tuple[str, str], str]:
     with pipeline(str(model), device="cpu", max_new_tokens=max_new_tokens) as pipe:
-        return {(image.name, str(model)): pipe(image, prompt=prompt_for(image)) for image in images}
+        return {(image.name, str(model)): written(pipe(image, prompt=prompt_for(image))) for image in images}
 
 
 def test_options_after_a_model_apply_to_that_model_only(tmp_path, image_dir, tiny_llava, tiny_qwen):
@@ -213,5 +214,5 @@ def test_sampling_with_a_seed_repeats_its_captions_from_the_command_line_and_the
     with pipeline(str(tiny_llava), device="cpu") as pipe:
         first, again, other = (pipe(images, seed=seed, **sampling) for seed in (1, 1, 2))
         greedy = pipe(images, max_new_tokens=6)
-    assert captions(out) == {(image.name, str(tiny_llava)): caption for image, caption in zip(images, first)}
+    assert captions(out) == {(image.name, str(tiny_llava)): written(caption) for image, caption in zip(images, first)}
     assert first == again and other != first and greedy != first

@@ -37,7 +37,12 @@ class Record:
 
     def __post_init__(self) -> None:
         if self.caption is not None and CONTROL.search(self.caption):
-            object.__setattr__(self, "caption", CONTROL.sub("", self.caption))
+            object.__setattr__(self, "caption", written(self.caption))
+
+
+def written(caption: str) -> str:
+    """A caption as every output holds it: without control characters but tab, line feed and carriage return."""
+    return CONTROL.sub("", caption)
 
 
 class Sink(Protocol):
