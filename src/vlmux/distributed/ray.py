@@ -21,7 +21,7 @@ from tqdm import tqdm
 from vlmux.pool import vram
 from vlmux.caption.job import CaptionJob, Event, ModelReport, record, results_or_halves, run_models
 from vlmux.caption.plan import ModelPlan, render_prompt
-from vlmux.caption.sinks import model_tag
+from vlmux.caption.sinks import model_tag, written
 from vlmux.caption.sources import ImageRef, UsageError
 from vlmux.config import GenerationSpec, ModelSpec, PoolConfig
 from vlmux.protocol import Captions
@@ -110,7 +110,8 @@ class Captioner:
                                             self.batch_size)
 
         captions: Captions = results_or_halves(submit, pairs, submit(pairs))
-        table = table.append_column(columns.caption, pa.array([r.caption for r in captions.results], pa.string()))
+        texts = [None if r.caption is None else written(r.caption) for r in captions.results]  # as every output
+        table = table.append_column(columns.caption, pa.array(texts, pa.string()))
         table = table.append_column(columns.error, pa.array([r.error for r in captions.results], pa.string()))
         if columns.tokens:
             table = table.append_column(columns.tokens, pa.array([captions.tokens] + [0] * (len(items) - 1), pa.int64()))

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from vlmux.pool.forks import SERVER_COMMAND
 from vlmux.pool.process import stat_fields
 
 
@@ -86,6 +87,7 @@ def fork_servers(parent_pid: int) -> list[int]:
         except OSError:
             continue
         pid = int(cmdline.parent.name)
-        if args[1:3] == ["-m", "vlmux.worker"] and args[-1] == str(parent_pid) and not process_gone(pid, within=0):
+        started = args[1:1 + len(SERVER_COMMAND)] == SERVER_COMMAND
+        if started and args[-1] == str(parent_pid) and not process_gone(pid, within=0):
             found.append(pid)
     return found
