@@ -2,8 +2,8 @@
 the pool's exceptions mapped onto them."""
 from __future__ import annotations
 
-from vlmux.errors import (ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed, WorkerDied,
-                          WorkerStartError)
+from vlmux.errors import (ContextExceeded, ModelLoadError, ModelNotLoaded, PoolClosed, PoolFull, RequestFailed,
+                          WorkerDied, WorkerStartError)
 from vlmux.hub import ModelNotFound
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 413: "invalid_request_error",
@@ -32,6 +32,8 @@ def from_pool(error: BaseException, model: str) -> ApiError:
     """What a client is told when the pool raised `error` for `model`."""
     if isinstance(error, ApiError):
         return error
+    if isinstance(error, ContextExceeded):  # the pool's own check, before any worker sees the request
+        return ApiError(400, f"{error} (max_tokens)", "context_length_exceeded", "max_tokens")
     if isinstance(error, ModelNotFound):
         return ApiError(404, f"model {shown(model)} not found: {str(error)[:200]}", "model_not_found", "model")
     if isinstance(error, PoolFull):

@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from vlmux import hostmem
 from vlmux.config import GenerationSpec, ModelSpec
-from vlmux.errors import ContextExceeded, ModelNotLoaded
+from vlmux.errors import ModelNotLoaded
 from vlmux.hub import ModelNotFound, resolve_model
 from vlmux.pool import ModelPool
 from vlmux.budget import parse_budget
@@ -199,8 +199,6 @@ class Service:
                         on_loading()
                     waited = await self.load(entry)
                     self.metrics.switch.labels(entry.name).observe(waited)
-                except ContextExceeded as e:  # the pool's own check, before any worker sees the request
-                    raise ApiError(400, f"{e} (max_tokens)", "context_length_exceeded", "max_tokens") from None
                 except Exception as e:  # noqa: BLE001
                     raise from_pool(e, entry.name) from None
             if not told and self.pool.state(entry.name) == "loading":
