@@ -286,3 +286,12 @@ def test_two_tabs_deciding_at_once_lose_nothing(tmp_path):
     again = ReviewSession(output)
     assert set(again.journal.decided()) == set(keys)
     again.close()
+
+
+def test_a_caption_holding_a_line_separator_reads_as_one_record(tmp_path):
+    """JSON leaves U+2028 unescaped; reading the output must split at line feeds only, as caption's own sinks do."""
+    out = tmp_path / "c.jsonl"
+    out.write_text(json.dumps({"file": "x.png", "model": "m", "caption": "left\u2028right", "error": None},
+                              ensure_ascii=False) + "\n", encoding="utf-8")
+    [item] = read_output(out)
+    assert item.key == "x.png" and item.candidates[0].caption == "left\u2028right"

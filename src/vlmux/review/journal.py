@@ -53,7 +53,7 @@ class Journal:
             data = data[: data.rfind(b"\n") + 1]
             if self.writable:
                 atomic_write(self.path, data)
-        for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
+        for number, line in enumerate(data.decode("utf-8").split("\n"), 1):  # not splitlines: U+2028 in an edit
             if not line.strip():
                 continue
             try:

@@ -110,7 +110,8 @@ def _sidecar_rows(folder: Path) -> list[tuple[str, Candidate]]:
 
 def _jsonl(path: Path) -> list[dict]:
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    text = path.read_bytes().decode("utf-8")
+    lines = text.removesuffix("\n").split("\n")  # at line feeds only, as caption's sinks.json_lines splits
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
